@@ -1,0 +1,44 @@
+# Set-up and entry points. `make test` and `make demo` work on a fresh clone.
+PYTHON_SYS ?= python3
+VENV       ?= .venv
+PY         := $(VENV)/bin/python
+PIP        := $(PY) -m pip
+# The CPU build of torch keeps the set-up small; override for a CUDA build, e.g.
+#   make test TORCH_SPEC='torch==2.14.1'
+TORCH_SPEC ?= torch==2.13.0
+export MAX_JOBS ?= 2
+
+KERNEL_SOURCES := $(shell find csrc -type f) setup.py
+
+.PHONY: test demo build bench info clean
+
+$(VENV)/.deps: pyproject.toml
+	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q ninja pybind11 pytest pytest-benchmark hypothesis \
+		diffusers safetensors numpy scipy pandas pyarrow matplotlib tqdm scikit-image pillow
+	touch $@
+
+$(VENV)/.built: $(VENV)/.deps $(KERNEL_SOURCES)
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(VENV)/.built
+
+info: build
+	$(PY) -m diffcirc.info
+
+test: build
+	$(PY) -m diffcirc.info
+	$(PY) -m pytest -q tests
+
+demo: build
+	$(PY) -m diffcirc.info
+	$(PY) benchmarks/bench_attention.py --quick
+
+bench: build
+	$(PY) benchmarks/bench_attention.py
+
+clean:
+	rm -rf build *.egg-info diffcirc/_C*.so

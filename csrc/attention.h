@@ -1,0 +1,53 @@
+// The fused attention op: argument checks (written once, used by every backend) and the
+// backend entry points. Schema and registration live in attention.cpp.
+#pragma once
+
+#include <tuple>
+#include <vector>
+
+#include <ATen/ATen.h>
+
+namespace diffcirc {
+
+// out (B, H, Nq, Dv) in q's dtype (memory laid out as (B, Nq, H, Dv), so merging heads back into
+// diffusers' (B, N, H * Dv) is a free view), lse (B, H, Nq) float32, then entropy, distance and
+// label_mass, each (B, H, Nq) float32 when asked for, else an empty (0,) tensor.
+using AttentionResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// Validates what the kernels rely on; errors name the argument, the expected and the actual shape.
+// q: (B, H, Nq, D), k: (B, H, Nk, D), v: (B, H, Nk, Dv), same dtype (f32/f16/bf16) and device,
+// last dim contiguous; key_padding_mask bool (B, Nk); head_scale float32 (B, H);
+// head_replacement float32 (B, H, Nq, Dv) (broadcast views allowed); grid [hq, wq, hk, wk] or [];
+// labels int32 (B, Nq) and (B, Nk).
+void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const std::optional<at::Tensor>& key_padding_mask,
+                            const std::optional<at::Tensor>& head_scale,
+                            const std::optional<at::Tensor>& head_replacement, at::IntArrayRef grid,
+                            const std::optional<at::Tensor>& q_labels, const std::optional<at::Tensor>& k_labels,
+                            bool want_distance, bool want_label_mass);
+
+// Allocates the outputs described above.
+AttentionResult allocate_attention_outputs(const at::Tensor& q, const at::Tensor& v, bool want_entropy,
+                                           bool want_distance, bool want_label_mass);
+
+// Token-grid centres in [0, 1]^2 (row, col) of an (h, w) row-major grid, as two float32 (h * w,) tensors.
+std::pair<at::Tensor, at::Tensor> grid_centres(int64_t h, int64_t w, const at::TensorOptions& options);
+
+AttentionResult attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                              const std::optional<at::Tensor>& key_padding_mask,
+                              const std::optional<at::Tensor>& head_scale,
+                              const std::optional<at::Tensor>& head_replacement, at::IntArrayRef grid,
+                              const std::optional<at::Tensor>& q_labels, const std::optional<at::Tensor>& k_labels,
+                              bool want_entropy, bool want_distance, bool want_label_mass);
+
+namespace cpu {
+// Instruction set of the CPU row kernels: "avx512", "avx2" or "scalar".
+std::string isa_name();
+// Caps the instruction set (for tests and comparisons); returns the one now in use.
+std::string set_isa(const std::string& name);
+}  // namespace cpu
+
+// CUDA architectures the extension was compiled for (empty without CUDA).
+std::vector<std::string> cuda_archs();
+
+}  // namespace diffcirc

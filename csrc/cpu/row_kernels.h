@@ -1,0 +1,39 @@
+// Per-block row work of the CPU kernel: online softmax + statistics over one (query block,
+// key block) tile of logits, in three instruction-set variants chosen at run time.
+#pragma once
+
+#include <cstdint>
+
+#include "../row_state.h"
+
+namespace diffcirc::cpu {
+
+enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// One tile: rows of logits (already multiplied by the softmax scale) against cols keys.
+struct BlockArgs {
+  const float* s;          // (rows, ld_s) logits
+  int64_t ld_s;
+  void* p;                 // (rows, ld_p) out: e^{s - m_new}, float32 or bfloat16 (see p_bf16)
+  int64_t ld_p;
+  bool p_bf16;
+  int64_t rows, cols;
+  const float* key_bias;   // (cols) 0 or -inf for masked keys; nullptr = no mask
+  const float* kx;         // (cols) key grid coordinates, for distance; else nullptr
+  const float* ky;
+  const float* qx;         // (rows) query grid coordinates
+  const float* qy;
+  const int32_t* k_label;  // (cols) key labels, for label mass; else nullptr
+  const int32_t* q_label;  // (rows)
+  bool entropy;
+  RowState* state;         // (rows) updated in place
+  float* alpha;            // (rows) out: factor to rescale each output-accumulator row by
+};
+
+using ProcessBlockFn = void (*)(const BlockArgs&);
+
+void process_block_scalar(const BlockArgs& a);
+void process_block_avx2(const BlockArgs& a);
+void process_block_avx512(const BlockArgs& a);
+
+}  // namespace diffcirc::cpu

@@ -1,0 +1,84 @@
+// Online-softmax row state with in-kernel statistics, shared by the CPU and the CUDA kernels.
+//
+// For one query row the kernels stream over key blocks. With s_j the scaled logits and m the
+// running max, the state holds
+//   l    = sum_j e^{s_j - m}
+//   ent  = sum_j e^{s_j - m} (s_j - m)            (<= 0; entropy = ln l - ent / l, no cancellation)
+//   dist = sum_j e^{s_j - m} ||g_q - g_k(j)||
+//   lab  = sum_j e^{s_j - m} [label_k(j) == label_q]
+// A block's partial sums are taken relative to the new max before they are added, so merging is
+// a rescale by alpha = e^{m_old - m_new} followed by an add. Every formula is written with
+// selects, never 0 * (-inf), so masked keys and fully masked rows produce no NaN.
+#pragma once
+
+#include <math.h>
+
+#if defined(__CUDACC__)
+#define DC_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define DC_HOST_DEVICE inline
+#endif
+
+namespace diffcirc {
+
+// Exponents below this give exactly 0 in float32 (e^-104 is under the smallest subnormal), so
+// shifted logits are clamped here: masked keys (-inf) then contribute p = 0 and p * z = 0.
+constexpr float kMinShiftedLogit = -104.0f;
+
+struct RowState {
+  float m;     // running max of the logits (-inf while no key was seen)
+  float l;     // sum of e^{s - m}
+  float ent;   // sum of e^{s - m} (s - m)
+  float dist;  // sum of e^{s - m} * distance
+  float lab;   // sum of e^{s - m} * same-label
+};
+
+struct RowStats {
+  float inv_l;       // 1 / l, or 0 for a fully masked row (so out = 0)
+  float lse;         // m + ln l, or -inf
+  float entropy;     // nats, >= 0
+  float distance;
+  float label_mass;
+};
+
+DC_HOST_DEVICE RowState row_state_init() { return RowState{-INFINITY, 0.f, 0.f, 0.f, 0.f}; }
+
+// Moves the state to a new running max m_new >= m and returns alpha = e^{m - m_new}, the
+// factor by which the caller must rescale its output accumulator. A state that has seen no key
+// (l == 0) has nothing to rescale and returns 0.
+DC_HOST_DEVICE float row_state_rescale(RowState& st, float m_new) {
+  const bool empty = !(st.l > 0.f);
+  const float delta = empty ? 0.f : st.m - m_new;  // <= 0
+  const float alpha = empty ? 0.f : expf(delta);
+  st.ent = alpha * (st.ent + delta * st.l);
+  st.l *= alpha;
+  st.dist *= alpha;
+  st.lab *= alpha;
+  st.m = m_new;
+  return alpha;
+}
+
+// Adds a block's sums, each already taken relative to the current max st.m.
+DC_HOST_DEVICE void row_state_add(RowState& st, float sum_p, float sum_pz, float sum_pd, float sum_pl) {
+  st.l += sum_p;
+  st.ent += sum_pz;
+  st.dist += sum_pd;
+  st.lab += sum_pl;
+}
+
+// Shifted logit z = s - m clamped so that e^z is exactly 0 for masked keys (see kMinShiftedLogit).
+DC_HOST_DEVICE float shifted_logit(float s, float m) {
+  const float z = s - m;
+  return z > kMinShiftedLogit ? z : kMinShiftedLogit;
+}
+
+DC_HOST_DEVICE RowStats row_state_finalize(const RowState& st) {
+  if (!(st.l > 0.f)) return RowStats{0.f, -INFINITY, 0.f, 0.f, 0.f};
+  const float inv_l = 1.f / st.l;
+  const float log_l = logf(st.l);
+  float entropy = log_l - st.ent * inv_l;
+  entropy = entropy > 0.f ? entropy : 0.f;  // rounding can dip below the true minimum of 0
+  return RowStats{inv_l, st.m + log_l, entropy, st.dist * inv_l, st.lab * inv_l};
+}
+
+}  // namespace diffcirc

@@ -1,0 +1,5 @@
+import sys
+
+from diffcirc.cli import main
+
+sys.exit(main())

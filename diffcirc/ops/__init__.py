@@ -1,0 +1,7 @@
+"""The fused attention op: ``attention`` (kernels in ``csrc/``), its float64 ``reference_attention``."""
+
+from .attention import attention
+from .reference import grid_coordinates, reference_attention
+from .types import STAT_NAMES, AttentionOutput
+
+__all__ = ["attention", "reference_attention", "grid_coordinates", "AttentionOutput", "STAT_NAMES"]

@@ -1,0 +1,42 @@
+"""torch.compile and autograd support for the compiled op ``torch.ops.diffcirc.attention``.
+
+Schema (defined in ``csrc/attention.cpp``):
+    attention(q, k, v, scale, key_padding_mask?, head_scale?, head_replacement?, grid[],
+              q_labels?, k_labels?, entropy, distance, label_mass)
+        -> (out (B, H, Nq, Dv), lse (B, H, Nq), entropy, distance, label_mass)
+A statistic that was not asked for comes back as an empty (0,) float32 tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .backward import attention_backward
+
+_OP = "diffcirc::attention"
+
+
+@torch.library.register_fake(_OP)
+def _attention_fake(q, k, v, scale, key_padding_mask, head_scale, head_replacement, grid, q_labels, k_labels,
+                    entropy, distance, label_mass):
+    B, H, Nq, _ = q.shape
+    out = q.new_empty((B, H, Nq, v.shape[3]))
+    stat = lambda on: q.new_empty((B, H, Nq) if on else (0,), dtype=torch.float32)  # noqa: E731
+    return out, stat(True), stat(entropy), stat(distance), stat(label_mass)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale, key_padding_mask, head_scale, head_replacement = inputs[:7]
+    ctx.scale = scale
+    ctx.save_for_backward(q, k, v, key_padding_mask, head_scale, head_replacement, output[1])
+
+
+def _backward(ctx, grad_out, *_grad_stats):
+    q, k, v, key_padding_mask, head_scale, head_replacement, lse = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:3] + (ctx.needs_input_grad[5], ctx.needs_input_grad[6])
+    dq, dk, dv, ds, dr = attention_backward(grad_out, q, k, v, ctx.scale, key_padding_mask, head_scale,
+                                            head_replacement, lse, needs)
+    return dq, dk, dv, None, None, ds, dr, None, None, None, None, None, None
+
+
+torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)

@@ -8,7 +8,7 @@
 // Tasks run in parallel through at::parallel_for (OpenMP).
 #include <cstdlib>
 #include <cstring>
-#include <mutex>
+#include <algorithm>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -107,128 +107,207 @@ struct Problem {
   float* lab;
 };
 
-// How a dtype reaches the GEMMs: float32 directly, bfloat16 through the native bf16 GEMM, or
-// (float16, or bfloat16 without it) widened to float32 one block at a time.
+// How a dtype reaches the GEMMs: float32 through sgemm; bfloat16 (even head dim) through the
+// bf16 micro-kernel on K and V packed once per (batch, head); anything else widened to float32
+// one block at a time.
+enum class GemmPath { kF32, kBf16Packed, kWiden };
+
 template <typename T>
-struct Path {
-  static bool native() {
-    if constexpr (std::is_same_v<T, float>) return true;
-    else if constexpr (std::is_same_v<T, c10::BFloat16>) return has_native_bf16_gemm();
-    else return false;
+GemmPath gemm_path(const Problem& pb) {
+  if constexpr (std::is_same_v<T, float>) return GemmPath::kF32;
+  if constexpr (std::is_same_v<T, c10::BFloat16>)
+    if (pb.D % 2 == 0 && has_brgemm_bf16()) return GemmPath::kBf16Packed;
+  return GemmPath::kWiden;
+}
+
+constexpr int64_t kPackBudgetBytes = int64_t{32} << 20;  // packed K and V of one chunk of (batch, head)
+
+// Packed K^T and V of (batch, head) pairs [bh0, bh0 + count), key block by key block.
+struct PackedKV {
+  int64_t bh0 = 0, n_kblocks = 0, k_block_elems = 0, v_block_elems = 0;
+  std::vector<c10::BFloat16> k, v;
+  const c10::BFloat16* k_block(int64_t bh, int64_t jb) const {
+    return k.data() + ((bh - bh0) * n_kblocks + jb) * k_block_elems;
+  }
+  const c10::BFloat16* v_block(int64_t bh, int64_t jb) const {
+    return v.data() + ((bh - bh0) * n_kblocks + jb) * v_block_elems;
   }
 };
 
-template <typename T>
-void run(const Problem& pb, const T* q, const T* k, const T* v) {
-  const int64_t n_qblocks = (pb.Nq + kQueryBlock - 1) / kQueryBlock;
-  const int64_t n_tasks = pb.B * pb.H * n_qblocks;
-  const int64_t kb_max = std::min<int64_t>(kKeyBlock, std::max<int64_t>(pb.Nk, 1));
-  const bool native = Path<T>::native();
-  const bool bf16_p = native && std::is_same_v<T, c10::BFloat16>;
-  const ProcessBlockFn process = row_kernel();
-
-  at::parallel_for(0, n_tasks, 1, [&](int64_t begin, int64_t end) {
-    // Per-thread tiles, reused across this thread's tasks.
-    std::vector<float> s_tile(kQueryBlock * kb_max), o_acc(kQueryBlock * pb.Dv), alpha(kQueryBlock);
-    std::vector<c10::BFloat16> p_bf16(bf16_p ? kQueryBlock * kb_max : 0);
-    std::vector<float> qw(native ? 0 : kQueryBlock * pb.D), kw(native ? 0 : kb_max * pb.D),
-        vw(native ? 0 : kb_max * pb.Dv);
-    std::vector<RowState> state(kQueryBlock);
-
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t qblock = task % n_qblocks, bh = task / n_qblocks, h = bh % pb.H, b = bh / pb.H;
-      const int64_t i0 = qblock * kQueryBlock, rows = std::min(kQueryBlock, pb.Nq - i0);
-      const T* qp = q + b * pb.q_stride[0] + h * pb.q_stride[1] + i0 * pb.q_stride[2];
-      const T* kp = k + b * pb.k_stride[0] + h * pb.k_stride[1];
-      const T* vp = v + b * pb.v_stride[0] + h * pb.v_stride[1];
-      if (!native) widen(qp, pb.q_stride[2], rows, pb.D, qw.data());
-
-      std::fill(state.begin(), state.begin() + rows, row_state_init());
-      std::fill(o_acc.begin(), o_acc.begin() + rows * pb.Dv, 0.f);
-
-      for (int64_t j0 = 0; j0 < pb.Nk; j0 += kKeyBlock) {
-        const int64_t cols = std::min(kKeyBlock, pb.Nk - j0);
-        const T* kj = kp + j0 * pb.k_stride[2];
-        const T* vj = vp + j0 * pb.v_stride[2];
-        if constexpr (std::is_same_v<T, float>) {
-          gemm_f32(false, true, rows, cols, pb.D, pb.scale, qp, pb.q_stride[2], kj, pb.k_stride[2], 0.f,
-                   s_tile.data(), kb_max);
-        } else if (native) {
-          gemm_bf16(false, true, rows, cols, pb.D, pb.scale, reinterpret_cast<const c10::BFloat16*>(qp),
-                    pb.q_stride[2], reinterpret_cast<const c10::BFloat16*>(kj), pb.k_stride[2], 0.f, s_tile.data(),
-                    kb_max);
-        } else {
-          widen(kj, pb.k_stride[2], cols, pb.D, kw.data());
-          gemm_f32(false, true, rows, cols, pb.D, pb.scale, qw.data(), pb.D, kw.data(), pb.D, 0.f, s_tile.data(),
-                   kb_max);
-        }
-
-        BlockArgs a{};
-        a.s = s_tile.data();
-        a.ld_s = kb_max;
-        a.p = bf16_p ? static_cast<void*>(p_bf16.data()) : static_cast<void*>(s_tile.data());
-        a.ld_p = kb_max;
-        a.p_bf16 = bf16_p;
-        a.rows = rows;
-        a.cols = cols;
-        a.key_bias = pb.key_bias ? pb.key_bias + b * pb.Nk + j0 : nullptr;
-        if (pb.k_row) {
-          a.kx = pb.k_row + j0;
-          a.ky = pb.k_col + j0;
-          a.qx = pb.q_row + i0;
-          a.qy = pb.q_col + i0;
-        }
-        if (pb.k_label) {
-          a.k_label = pb.k_label + b * pb.Nk + j0;
-          a.q_label = pb.q_label + b * pb.Nq + i0;
-        }
-        a.entropy = pb.entropy;
-        a.state = state.data();
-        a.alpha = alpha.data();
-        process(a);
-
-        for (int64_t r = 0; r < rows; ++r) {
-          if (alpha[r] == 1.f) continue;
-          float* o = o_acc.data() + r * pb.Dv;
-          for (int64_t c = 0; c < pb.Dv; ++c) o[c] *= alpha[r];
-        }
-        if constexpr (std::is_same_v<T, float>) {
-          gemm_f32(false, false, rows, pb.Dv, cols, 1.f, s_tile.data(), kb_max, vj, pb.v_stride[2], 1.f,
-                   o_acc.data(), pb.Dv);
-        } else if (native) {
-          gemm_bf16(false, false, rows, pb.Dv, cols, 1.f, p_bf16.data(), kb_max,
-                    reinterpret_cast<const c10::BFloat16*>(vj), pb.v_stride[2], 1.f, o_acc.data(), pb.Dv);
-        } else {
-          widen(vj, pb.v_stride[2], cols, pb.Dv, vw.data());
-          gemm_f32(false, false, rows, pb.Dv, cols, 1.f, s_tile.data(), kb_max, vw.data(), pb.Dv, 1.f,
-                   o_acc.data(), pb.Dv);
-        }
-      }
-
-      // Epilogue: normalise, apply the head intervention, write out and the statistics.
-      const float hs = pb.head_scale ? pb.head_scale[b * pb.hs_stride[0] + h * pb.hs_stride[1]] : 1.f;
-      T* out = static_cast<T*>(pb.out);
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t i = i0 + r;
-        const RowStats rs = row_state_finalize(state[r]);
-        const int64_t stat_index = (b * pb.H + h) * pb.Nq + i;
-        pb.lse[stat_index] = rs.lse;
-        if (pb.ent) pb.ent[stat_index] = rs.entropy;
-        if (pb.dist) pb.dist[stat_index] = rs.distance;
-        if (pb.lab) pb.lab[stat_index] = rs.label_mass;
-        const float* o = o_acc.data() + r * pb.Dv;
-        T* dst = out + ((b * pb.Nq + i) * pb.H + h) * pb.Dv;
-        if (pb.replacement) {
-          const float* rep = pb.replacement + b * pb.rep_stride[0] + h * pb.rep_stride[1] + i * pb.rep_stride[2];
-          for (int64_t c = 0; c < pb.Dv; ++c)
-            dst[c] = static_cast<T>(hs * (o[c] * rs.inv_l) + (1.f - hs) * rep[c * pb.rep_stride[3]]);
-        } else {
-          const float f = hs * rs.inv_l;
-          for (int64_t c = 0; c < pb.Dv; ++c) dst[c] = static_cast<T>(o[c] * f);
-        }
-      }
+void pack_chunk(const Problem& pb, const c10::BFloat16* k, const c10::BFloat16* v, int64_t bh0, int64_t count,
+                PackedKV& packed) {
+  packed.bh0 = bh0;
+  packed.n_kblocks = (pb.Nk + kKeyBlock - 1) / kKeyBlock;
+  packed.k_block_elems = kKeyBlock * pb.D;
+  packed.v_block_elems = kKeyBlock * pb.Dv;  // kKeyBlock is even: room for an odd block's zero row
+  packed.k.resize(count * packed.n_kblocks * packed.k_block_elems);
+  packed.v.resize(count * packed.n_kblocks * packed.v_block_elems);
+  at::parallel_for(0, count * packed.n_kblocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t jb = item % packed.n_kblocks, bh = bh0 + item / packed.n_kblocks;
+      const int64_t b = bh / pb.H, h = bh % pb.H, j0 = jb * kKeyBlock, cols = std::min(kKeyBlock, pb.Nk - j0);
+      const c10::BFloat16* kj = k + b * pb.k_stride[0] + h * pb.k_stride[1] + j0 * pb.k_stride[2];
+      const c10::BFloat16* vj = v + b * pb.v_stride[0] + h * pb.v_stride[1] + j0 * pb.v_stride[2];
+      pack_vnni_transposed(kj, pb.k_stride[2], cols, pb.D, const_cast<c10::BFloat16*>(packed.k_block(bh, jb)));
+      pack_vnni(vj, pb.v_stride[2], cols, pb.Dv, const_cast<c10::BFloat16*>(packed.v_block(bh, jb)));
     }
   });
+}
+
+// Per-thread tiles, reused across the thread's tasks.
+struct Tiles {
+  int64_t ld;  // row stride of the score / probability tiles (even, for the bf16 packing)
+  std::vector<float> s, o, alpha;
+  std::vector<c10::BFloat16> p_bf16;
+  std::vector<float> qw, kw, vw;  // widened blocks (GemmPath::kWiden)
+  std::vector<RowState> state;
+  Tiles(const Problem& pb, GemmPath path, int64_t kb_max) : ld(kb_max + (kb_max & 1)) {
+    s.resize(kQueryBlock * ld);
+    o.resize(kQueryBlock * pb.Dv);
+    alpha.resize(kQueryBlock);
+    state.resize(kQueryBlock);
+    if (path == GemmPath::kBf16Packed) p_bf16.resize(kQueryBlock * ld);
+    if (path == GemmPath::kWiden) {
+      qw.resize(kQueryBlock * pb.D);
+      kw.resize(kb_max * pb.D);
+      vw.resize(kb_max * pb.Dv);
+    }
+  }
+};
+
+// Writes out, lse and the statistics of rows [i0, i0 + rows) of head (b, h).
+template <typename T>
+void finish_rows(const Problem& pb, int64_t b, int64_t h, int64_t i0, int64_t rows, const Tiles& t) {
+  const float hs = pb.head_scale ? pb.head_scale[b * pb.hs_stride[0] + h * pb.hs_stride[1]] : 1.f;
+  T* out = static_cast<T*>(pb.out);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = i0 + r;
+    const RowStats rs = row_state_finalize(t.state[r]);
+    const int64_t stat_index = (b * pb.H + h) * pb.Nq + i;
+    pb.lse[stat_index] = rs.lse;
+    if (pb.ent) pb.ent[stat_index] = rs.entropy;
+    if (pb.dist) pb.dist[stat_index] = rs.distance;
+    if (pb.lab) pb.lab[stat_index] = rs.label_mass;
+    const float* o = t.o.data() + r * pb.Dv;
+    T* dst = out + ((b * pb.Nq + i) * pb.H + h) * pb.Dv;
+    if (pb.replacement) {
+      const float* rep = pb.replacement + b * pb.rep_stride[0] + h * pb.rep_stride[1] + i * pb.rep_stride[2];
+      for (int64_t c = 0; c < pb.Dv; ++c)
+        dst[c] = static_cast<T>(hs * (o[c] * rs.inv_l) + (1.f - hs) * rep[c * pb.rep_stride[3]]);
+    } else {
+      const float f = hs * rs.inv_l;
+      for (int64_t c = 0; c < pb.Dv; ++c) dst[c] = static_cast<T>(o[c] * f);
+    }
+  }
+}
+
+// One task: rows [i0, i0 + rows) of head (b, h), streamed over every key block.
+template <typename T>
+void run_task(const Problem& pb, GemmPath path, const T* q, const T* k, const T* v, const PackedKV& packed,
+              int64_t b, int64_t h, int64_t i0, int64_t rows, Tiles& t, ProcessBlockFn process) {
+  const T* qp = q + b * pb.q_stride[0] + h * pb.q_stride[1] + i0 * pb.q_stride[2];
+  const T* kp = k + b * pb.k_stride[0] + h * pb.k_stride[1];
+  const T* vp = v + b * pb.v_stride[0] + h * pb.v_stride[1];
+  if (path == GemmPath::kWiden) widen(qp, pb.q_stride[2], rows, pb.D, t.qw.data());
+  std::fill(t.state.begin(), t.state.begin() + rows, row_state_init());
+  std::fill(t.o.begin(), t.o.begin() + rows * pb.Dv, 0.f);
+
+  for (int64_t j0 = 0, jb = 0; j0 < pb.Nk; j0 += kKeyBlock, ++jb) {
+    const int64_t cols = std::min(kKeyBlock, pb.Nk - j0);
+    const T* kj = kp + j0 * pb.k_stride[2];
+    const T* vj = vp + j0 * pb.v_stride[2];
+
+    // S = Q K^T (unscaled; the row kernel applies the scale)
+    if (path == GemmPath::kBf16Packed) {
+      brgemm_bf16_vnni(rows, cols, pb.D, reinterpret_cast<const c10::BFloat16*>(qp), pb.q_stride[2],
+                       packed.k_block(b * pb.H + h, jb), t.s.data(), t.ld, false);
+    } else if (path == GemmPath::kF32) {
+      gemm_f32(false, true, rows, cols, pb.D, 1.f, reinterpret_cast<const float*>(qp), pb.q_stride[2],
+               reinterpret_cast<const float*>(kj), pb.k_stride[2], 0.f, t.s.data(), t.ld);
+    } else {
+      widen(kj, pb.k_stride[2], cols, pb.D, t.kw.data());
+      gemm_f32(false, true, rows, cols, pb.D, 1.f, t.qw.data(), pb.D, t.kw.data(), pb.D, 0.f, t.s.data(), t.ld);
+    }
+
+    BlockArgs a{};
+    a.s = t.s.data();
+    a.ld_s = t.ld;
+    a.scale = pb.scale;
+    a.p_bf16 = path == GemmPath::kBf16Packed;
+    a.p = a.p_bf16 ? static_cast<void*>(t.p_bf16.data()) : static_cast<void*>(t.s.data());
+    a.ld_p = t.ld;
+    a.rows = rows;
+    a.cols = cols;
+    a.key_bias = pb.key_bias ? pb.key_bias + b * pb.Nk + j0 : nullptr;
+    if (pb.k_row) {
+      a.kx = pb.k_row + j0;
+      a.ky = pb.k_col + j0;
+      a.qx = pb.q_row + i0;
+      a.qy = pb.q_col + i0;
+    }
+    if (pb.k_label) {
+      a.k_label = pb.k_label + b * pb.Nk + j0;
+      a.q_label = pb.q_label + b * pb.Nq + i0;
+    }
+    a.entropy = pb.entropy;
+    a.state = t.state.data();
+    a.alpha = t.alpha.data();
+    process(a);
+
+    for (int64_t r = 0; r < rows; ++r) {
+      if (t.alpha[r] == 1.f) continue;
+      float* o = t.o.data() + r * pb.Dv;
+      for (int64_t c = 0; c < pb.Dv; ++c) o[c] *= t.alpha[r];
+    }
+
+    // O += P V
+    if (path == GemmPath::kBf16Packed) {
+      const int64_t cols_even = cols + (cols & 1);
+      if (cols & 1)  // the packed V pairs an odd last key with a zero row: give it a zero column
+        for (int64_t r = 0; r < rows; ++r) t.p_bf16[r * t.ld + cols] = c10::BFloat16(0.f);
+      brgemm_bf16_vnni(rows, pb.Dv, cols_even, t.p_bf16.data(), t.ld, packed.v_block(b * pb.H + h, jb), t.o.data(),
+                       pb.Dv, true);
+    } else if (path == GemmPath::kF32) {
+      gemm_f32(false, false, rows, pb.Dv, cols, 1.f, t.s.data(), t.ld, reinterpret_cast<const float*>(vj),
+               pb.v_stride[2], 1.f, t.o.data(), pb.Dv);
+    } else {
+      widen(vj, pb.v_stride[2], cols, pb.Dv, t.vw.data());
+      gemm_f32(false, false, rows, pb.Dv, cols, 1.f, t.s.data(), t.ld, t.vw.data(), pb.Dv, 1.f, t.o.data(), pb.Dv);
+    }
+  }
+  finish_rows<T>(pb, b, h, i0, rows, t);
+}
+
+template <typename T>
+void run(const Problem& pb, const T* q, const T* k, const T* v) {
+  const GemmPath path = gemm_path<T>(pb);
+  const int64_t n_qblocks = (pb.Nq + kQueryBlock - 1) / kQueryBlock;
+  const int64_t kb_max = std::min<int64_t>(kKeyBlock, std::max<int64_t>(pb.Nk, 1));
+  const ProcessBlockFn process = row_kernel();
+
+  // The packed path works through (batch, head) pairs in chunks whose packed K and V fit the
+  // budget; the other paths take all pairs at once.
+  int64_t chunk = pb.B * pb.H;
+  if (path == GemmPath::kBf16Packed) {
+    const int64_t per_bh = ((pb.Nk + kKeyBlock - 1) / kKeyBlock) * kKeyBlock * (pb.D + pb.Dv) * 2;
+    chunk = std::clamp<int64_t>(kPackBudgetBytes / std::max<int64_t>(per_bh, 1), 1, pb.B * pb.H);
+  }
+  PackedKV packed;
+  for (int64_t bh0 = 0; bh0 < pb.B * pb.H; bh0 += chunk) {
+    const int64_t count = std::min(chunk, pb.B * pb.H - bh0);
+    if (path == GemmPath::kBf16Packed)
+      pack_chunk(pb, reinterpret_cast<const c10::BFloat16*>(k), reinterpret_cast<const c10::BFloat16*>(v), bh0,
+                 count, packed);
+    at::parallel_for(0, count * n_qblocks, 1, [&](int64_t begin, int64_t end) {
+      Tiles tiles(pb, path, kb_max);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t bh = bh0 + task / n_qblocks, i0 = (task % n_qblocks) * kQueryBlock;
+        run_task<T>(pb, path, q, k, v, packed, bh / pb.H, bh % pb.H, i0, std::min(kQueryBlock, pb.Nq - i0), tiles,
+                    process);
+      }
+      if (path == GemmPath::kBf16Packed) brgemm_release();
+    });
+  }
 }
 
 // BLAS takes 32-bit leading dimensions no smaller than the row length: other layouts (e.g. a

@@ -2,30 +2,21 @@
 
 #include <dlfcn.h>
 
+#include <cstring>
+
 #include <ATen/ATen.h>
+#include <ATen/native/CPUBlas.h>
 
 namespace diffcirc::cpu {
 namespace {
 
-// Fortran sgemm (column-major) and MKL's cblas bf16 GEMM, as exported by libtorch_cpu.
+// Fortran sgemm (column-major), as exported by the BLAS inside libtorch_cpu (MKL on x86-64).
 using SgemmFn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
                          const int*, const float*, const int*, const float*, float*, const int*);
-using Bf16GemmFn = void (*)(int, int, int, int, int, int, float, const uint16_t*, int, const uint16_t*, int, float,
-                            float*, int);
-constexpr int kCblasRowMajor = 101, kCblasNoTrans = 111, kCblasTrans = 112;
 
-struct Symbols {
-  SgemmFn sgemm = nullptr;
-  Bf16GemmFn bf16 = nullptr;
-  Symbols() {
-    sgemm = reinterpret_cast<SgemmFn>(dlsym(RTLD_DEFAULT, "sgemm_"));
-    bf16 = reinterpret_cast<Bf16GemmFn>(dlsym(RTLD_DEFAULT, "cblas_gemm_bf16bf16f32"));
-  }
-};
-
-const Symbols& symbols() {
-  static const Symbols s;
-  return s;
+SgemmFn sgemm() {
+  static const SgemmFn f = reinterpret_cast<SgemmFn>(dlsym(RTLD_DEFAULT, "sgemm_"));
+  return f;
 }
 
 // Views the row-major operand as a (rows, cols) tensor without copying.
@@ -49,7 +40,7 @@ void gemm_aten(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, c
 void gemm_f32(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
               const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
-  if (auto f = symbols().sgemm) {
+  if (auto f = sgemm()) {
     // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands.
     const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
     const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
@@ -60,20 +51,49 @@ void gemm_f32(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, co
   gemm_aten(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, at::kFloat);
 }
 
-void gemm_bf16(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const c10::BFloat16* a, int64_t lda,
-               const c10::BFloat16* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  if (auto f = symbols().bf16) {
-    f(kCblasRowMajor, ta ? kCblasTrans : kCblasNoTrans, tb ? kCblasTrans : kCblasNoTrans, static_cast<int>(m),
-      static_cast<int>(n), static_cast<int>(k), alpha, reinterpret_cast<const uint16_t*>(a), static_cast<int>(lda),
-      reinterpret_cast<const uint16_t*>(b), static_cast<int>(ldb), beta, c, static_cast<int>(ldc));
-    return;
-  }
-  gemm_aten(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, at::kBFloat16);
+void brgemm_bf16_vnni(int64_t m, int64_t n, int64_t k, const c10::BFloat16* a, int64_t lda, const c10::BFloat16* b,
+                      float* c, int64_t ldc, bool accumulate) {
+  at::native::cpublas::brgemm(m, n, k, lda, n, ldc, accumulate, a, b, c, /*is_vnni=*/true);
 }
 
-bool has_native_bf16_gemm() { return symbols().bf16 != nullptr; }
+void brgemm_release() { at::native::cpublas::brgemm_release(/*is_vnni=*/true); }
 
-const char* blas_backend() { return symbols().sgemm != nullptr ? "mkl" : "aten"; }
+bool has_brgemm_bf16() {
+  static const bool ok = [] {
+    // [1 2; 3 4] x [5 6; 7 8] = [19 22; 43 50], B packed as ((5, 7), (6, 8)).
+    const c10::BFloat16 a[4] = {1.f, 2.f, 3.f, 4.f}, b[4] = {5.f, 7.f, 6.f, 8.f};
+    float c[4] = {0.f, 0.f, 0.f, 0.f};
+    try {
+      brgemm_bf16_vnni(2, 2, 2, a, 2, b, c, 2, false);
+      brgemm_release();
+    } catch (const std::exception&) {
+      return false;
+    }
+    return c[0] == 19.f && c[1] == 22.f && c[2] == 43.f && c[3] == 50.f;
+  }();
+  return ok;
+}
+
+void pack_vnni_transposed(const c10::BFloat16* k, int64_t ld, int64_t cols, int64_t d, c10::BFloat16* dst) {
+  // Each (k[n][2p], k[n][2p+1]) pair moves as one 32-bit word: a transpose of (cols, d / 2) words.
+  for (int64_t n = 0; n < cols; ++n) {
+    const c10::BFloat16* row = k + n * ld;
+    for (int64_t p = 0; p < d / 2; ++p) std::memcpy(dst + 2 * (p * cols + n), row + 2 * p, 4);
+  }
+}
+
+void pack_vnni(const c10::BFloat16* v, int64_t ld, int64_t rows, int64_t dv, c10::BFloat16* dst) {
+  for (int64_t p = 0; p < (rows + 1) / 2; ++p) {
+    const c10::BFloat16* r0 = v + 2 * p * ld;
+    const bool has_r1 = 2 * p + 1 < rows;
+    c10::BFloat16* out = dst + 2 * p * dv;
+    for (int64_t c = 0; c < dv; ++c) {
+      out[2 * c] = r0[c];
+      out[2 * c + 1] = has_r1 ? r0[ld + c] : c10::BFloat16(0.f);
+    }
+  }
+}
+
+const char* blas_backend() { return sgemm() != nullptr ? "sgemm from the linked BLAS" : "aten mm"; }
 
 }  // namespace diffcirc::cpu

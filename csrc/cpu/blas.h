@@ -1,8 +1,9 @@
-// Row-major GEMMs for the CPU kernel's tiles: C = alpha * op(A) op(B) + beta * C, float32 out.
+// GEMMs for the CPU kernel's tiles, float32 out.
 //
-// The BLAS linked into libtorch (MKL in the x86-64 wheels) is looked up at run time, so the
-// tiles go to the tuned sgemm / bf16 GEMM without a copy of the strided inputs; builds of torch
-// without those symbols fall back to ATen's mm on the same memory.
+// float32: the sgemm of the BLAS linked into libtorch (MKL in the x86-64 wheels), looked up at
+// run time and called on the strided inputs without copies; ATen's mm where it is missing.
+// bfloat16: oneDNN's brgemm micro-kernel, several times faster than MKL's bf16 GEMM on CPUs that
+// are not Intel's, on pair-interleaved packed B operands.
 #pragma once
 
 #include <cstdint>
@@ -15,15 +16,23 @@ namespace diffcirc::cpu {
 void gemm_f32(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
               int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
 
-// bfloat16 inputs, float32 accumulation and output.
-void gemm_bf16(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
-               const c10::BFloat16* a, int64_t lda, const c10::BFloat16* b, int64_t ldb, float beta, float* c,
-               int64_t ldc);
+// oneDNN's bf16 micro-kernel (through ATen's cpublas::brgemm), the fastest bf16 path on CPUs
+// with AVX-512: C (M, N) (+)= A (M, K) B (K, N), float32 C; A row-major with row stride lda,
+// K even; B packed pair-interleaved ("VNNI"): (K / 2, N, 2), see pack_vnni_* below.
+void brgemm_bf16_vnni(int64_t m, int64_t n, int64_t k, const c10::BFloat16* a, int64_t lda, const c10::BFloat16* b,
+                      float* c, int64_t ldc, bool accumulate);
+// Must be called by each thread after its last brgemm_bf16_vnni call.
+void brgemm_release();
+// Whether brgemm_bf16_vnni works on this CPU (probed once on a tiny product).
+bool has_brgemm_bf16();
 
-// Whether gemm_bf16 runs a native bf16 GEMM (else inputs should be widened to float32 first).
-bool has_native_bf16_gemm();
+// Packs K^T for scores = Q K^T: k rows (cols, d) with row stride ld, d even -> (d / 2, cols, 2).
+void pack_vnni_transposed(const c10::BFloat16* k, int64_t ld, int64_t cols, int64_t d, c10::BFloat16* dst);
+// Packs V for O += P V: v rows (rows, dv) with row stride ld -> (ceil(rows / 2), dv, 2), an odd
+// last row paired with zeros.
+void pack_vnni(const c10::BFloat16* v, int64_t ld, int64_t rows, int64_t dv, c10::BFloat16* dst);
 
-// "mkl" when the tuned BLAS was found, else "aten".
+// Which float32 GEMM the tiles use.
 const char* blas_backend();
 
 }  // namespace diffcirc::cpu

@@ -28,21 +28,23 @@ DC_TARGET void process_rows(const BlockArgs& a) {
     float* pf = static_cast<float*>(a.p) + r * a.ld_p;
     uint16_t* pb = static_cast<uint16_t*>(a.p) + r * a.ld_p;
     const float* bias = a.key_bias;
+    const float scale = a.scale;
 
-    // 1. block max (masked keys read as -inf)
+    // 1. block max of the logits scale * s (masked keys read as -inf)
     float mb = -INFINITY;
     int64_t j = 0;
     if constexpr (V::W > 0) {
+      const auto vscale = V::set1(scale);
       auto vm = V::set1(-INFINITY);
       for (; j + V::W <= cols; j += V::W) {
-        auto x = V::load(s + j);
+        auto x = V::mul(V::load(s + j), vscale);
         if (bias) x = V::add(x, V::load(bias + j));
         vm = V::max(vm, x);
       }
       mb = V::hmax(vm);
     }
     for (; j < cols; ++j) {
-      const float x = s[j] + (bias ? bias[j] : 0.f);
+      const float x = s[j] * scale + (bias ? bias[j] : 0.f);
       mb = x > mb ? x : mb;
     }
 
@@ -62,11 +64,11 @@ DC_TARGET void process_rows(const BlockArgs& a) {
     float sum_p = 0.f, sum_pz = 0.f, sum_pd = 0.f, sum_pl = 0.f;
     j = 0;
     if constexpr (V::W > 0) {
-      const auto vmnew = V::set1(m_new), vmin = V::set1(diffcirc::kMinShiftedLogit);
+      const auto vmnew = V::set1(m_new), vmin = V::set1(diffcirc::kMinShiftedLogit), vscale = V::set1(scale);
       const auto vqx = V::set1(qx), vqy = V::set1(qy);
       auto acc_p = V::zero(), acc_pz = V::zero(), acc_pd = V::zero(), acc_pl = V::zero();
       for (; j + V::W <= cols; j += V::W) {
-        auto x = V::load(s + j);
+        auto x = V::mul(V::load(s + j), vscale);
         if (bias) x = V::add(x, V::load(bias + j));
         const auto z = V::max(V::sub(x, vmnew), vmin);
         const auto p = V::exp(z);
@@ -86,7 +88,7 @@ DC_TARGET void process_rows(const BlockArgs& a) {
       sum_pl = V::hsum(acc_pl);
     }
     for (; j < cols; ++j) {
-      const float z = diffcirc::shifted_logit(s[j] + (bias ? bias[j] : 0.f), m_new);
+      const float z = diffcirc::shifted_logit(s[j] * scale + (bias ? bias[j] : 0.f), m_new);
       const float p = z > -87.33654f ? std::exp(z) : 0.f;  // same underflow rule as V::exp
       sum_p += p;
       sum_pz += p * z;

@@ -10,10 +10,11 @@ namespace diffcirc::cpu {
 
 enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 
-// One tile: rows of logits (already multiplied by the softmax scale) against cols keys.
+// One tile: rows of query-key dot products against cols keys.
 struct BlockArgs {
-  const float* s;          // (rows, ld_s) logits
+  const float* s;          // (rows, ld_s) raw dot products q.k
   int64_t ld_s;
+  float scale;             // softmax scale applied to s here (the GEMMs stay scale-free)
   void* p;                 // (rows, ld_p) out: e^{s - m_new}, float32 or bfloat16 (see p_bf16)
   int64_t ld_p;
   bool p_bf16;

@@ -134,10 +134,9 @@ def check_and_normalise(q, k, v, *, scale, key_padding_mask, head_scale, head_re
 
     q_labels = k_labels = None
     if labels is not None:
-        try:
-            q_labels, k_labels = labels
-        except (TypeError, ValueError):
-            raise ValueError("labels must be a pair (q_labels (B, Nq), k_labels (B, Nk))") from None
+        if not isinstance(labels, (tuple, list)) or len(labels) != 2:
+            raise ValueError(f"labels must be a pair (q_labels (B, Nq), k_labels (B, Nk)), got {type(labels).__name__}")
+        q_labels, k_labels = labels
         for name, t, n in (("q_labels", q_labels, Nq), ("k_labels", k_labels, Nk)):
             if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool \
                     or tuple(t.shape) != (B, n):

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-import functools
+import os
 import warnings
 
+_NOT_TRIED = object()
+_module = _NOT_TRIED
 
-@functools.lru_cache(maxsize=None)
-def load():
-    """Returns the ``diffcirc._C`` module, or None (and warns once) when it was not built."""
+
+def _import():
+    if os.environ.get("DIFFCIRC_DISABLE_EXTENSION") == "1":
+        warnings.warn("DIFFCIRC_DISABLE_EXTENSION=1: using the slow float64 reference implementation",
+                      RuntimeWarning, stacklevel=4)
+        return None
     try:
         from diffcirc import _C  # noqa: F401  (importing registers torch.ops.diffcirc.*)
     except ImportError as err:
@@ -16,12 +21,23 @@ def load():
             f"diffcirc._C is not built ({err}); using the slow float64 reference implementation. "
             "Build it with `pip install --no-build-isolation -e .` or `make build`.",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
         return None
     from . import registration  # noqa: F401  (fake impl and autograd for the compiled op)
 
     return _C
+
+
+def load():
+    """Returns the ``diffcirc._C`` module, or None (and warns once) when it was not built.
+
+    DIFFCIRC_DISABLE_EXTENSION=1 forces the reference path (for comparisons and debugging).
+    """
+    global _module
+    if _module is _NOT_TRIED:
+        _module = _import()
+    return _module
 
 
 def available() -> bool:

@@ -3,7 +3,7 @@
 Schema (defined in ``csrc/attention.cpp``):
     attention(q, k, v, scale, key_padding_mask?, head_scale?, head_replacement?, grid[],
               q_labels?, k_labels?, entropy, distance, label_mass)
-        -> (out (B, H, Nq, Dv), lse (B, H, Nq), entropy, distance, label_mass)
+        -> (out (B, H, Nq, Dv), laid out as (B, Nq, H, Dv), lse (B, H, Nq), entropy, distance, label_mass)
 A statistic that was not asked for comes back as an empty (0,) float32 tensor.
 """
 
@@ -20,7 +20,7 @@ _OP = "diffcirc::attention"
 def _attention_fake(q, k, v, scale, key_padding_mask, head_scale, head_replacement, grid, q_labels, k_labels,
                     entropy, distance, label_mass):
     B, H, Nq, _ = q.shape
-    out = q.new_empty((B, H, Nq, v.shape[3]))
+    out = q.new_empty((B, Nq, H, v.shape[3])).transpose(1, 2)  # the kernels' (B, Nq, H, Dv) layout
     stat = lambda on: q.new_empty((B, H, Nq) if on else (0,), dtype=torch.float32)  # noqa: E731
     return out, stat(True), stat(entropy), stat(distance), stat(label_mass)
 

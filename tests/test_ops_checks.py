@@ -1,0 +1,103 @@
+"""Every bad input of the op's contract raises a clear error that names the argument."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from diffcirc.ops import attention, extension
+
+B, H, NQ, NK, D = 2, 3, 6, 10, 8
+
+
+def qkv(dtype=torch.float32):
+    return torch.randn(B, H, NQ, D, dtype=dtype), torch.randn(B, H, NK, D, dtype=dtype), torch.randn(B, H, NK, D, dtype=dtype)
+
+
+q, k, v = qkv()
+
+BAD = {
+    "q rank": (lambda: attention(q[0], k, v), "q must be 4-D"),
+    "k rank": (lambda: attention(q, k[0], v), "k must be 4-D"),
+    "int dtype": (lambda: attention(q.long(), k.long(), v.long()), "q must be float32, float16 or bfloat16"),
+    "float64": (lambda: attention(q.double(), k.double(), v.double()), "q must be float32, float16 or bfloat16"),
+    "mixed dtypes": (lambda: attention(q, k.half(), v), "q, k, v must share a dtype"),
+    "batch mismatch": (lambda: attention(q, k[:1], v[:1]), "must share (B, H)"),
+    "head dim mismatch": (lambda: attention(q, k[..., :4], v), "k must have head dim D = 8"),
+    "v rows": (lambda: attention(q, k, v[:, :, :5]), "v must have Nk = 10"),
+    "head dim too large": (lambda: attention(*(torch.randn(1, 1, 2, 513) for _ in range(3))), "head dim D must be in [1, 512]"),
+    "scale nan": (lambda: attention(q, k, v, scale=float("nan")), "scale must be finite"),
+    "mask dtype": (lambda: attention(q, k, v, key_padding_mask=torch.ones(B, NK)), "key_padding_mask must be bool of shape (B, Nk) = (2, 10), got float32 (2, 10)"),
+    "mask shape": (lambda: attention(q, k, v, key_padding_mask=torch.ones(B, NQ, dtype=torch.bool)), "key_padding_mask must be bool of shape (B, Nk) = (2, 10)"),
+    "head_scale shape": (lambda: attention(q, k, v, head_scale=torch.ones(B, H, 1)), "head_scale must be floating of shape (B, H) = (2, 3) or (H,) = (3,)"),
+    "head_scale int": (lambda: attention(q, k, v, head_scale=torch.ones(B, H, dtype=torch.long)), "head_scale must be floating"),
+    "replacement shape": (lambda: attention(q, k, v, head_replacement=torch.zeros(B, H, NQ, 3)), "head_replacement must be floating of shape (B|1, H, Nq|1, Dv)"),
+    "replacement rank": (lambda: attention(q, k, v, head_replacement=torch.zeros(H, NQ, D)), "head_replacement must be floating"),
+    "unknown stat": (lambda: attention(q, k, v, stats=("entropy", "kurtosis")), "unknown statistic(s) ['kurtosis']"),
+    "distance without grid": (lambda: attention(q, k, v, stats=("distance",)), "stats 'distance' needs grid"),
+    "grid mismatch": (lambda: attention(q, k, v, stats=("distance",), grid=((2, 2), (2, 5))), "does not match Nq = 6, Nk = 10"),
+    "grid malformed": (lambda: attention(q, k, v, grid=(2, 3)), "grid must be ((hq, wq), (hk, wk))"),
+    "label_mass without labels": (lambda: attention(q, k, v, stats=("label_mass",)), "stats 'label_mass' needs labels"),
+    "labels shape": (lambda: attention(q, k, v, stats=("label_mass",), labels=(torch.zeros(B, NK, dtype=torch.long), torch.zeros(B, NK, dtype=torch.long))), "q_labels must be an integer tensor of shape (2, 6)"),
+    "labels float": (lambda: attention(q, k, v, stats=("label_mass",), labels=(torch.zeros(B, NQ), torch.zeros(B, NK))), "q_labels must be an integer tensor"),
+    "labels single": (lambda: attention(q, k, v, labels=torch.zeros(B, NQ, dtype=torch.long)), "labels must be a pair"),
+    "not a tensor": (lambda: attention(q.numpy(), k, v), "q must be a torch.Tensor"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_raises_clear_error(case):
+    fn, message = BAD[case]
+    with pytest.raises((ValueError, TypeError)) as err:
+        fn()
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("args,message", [
+    ((q, k, v, 1.0, torch.ones(B, NK), None, None, [], None, None, False, False, False), "key_padding_mask must be bool"),
+    ((q, k, v, 1.0, None, torch.ones(B, H, dtype=torch.float64), None, [], None, None, False, False, False), "head_scale must be float32"),
+    ((q, k, v, 1.0, None, None, None, [], None, None, False, True, False), "stats 'distance' needs grid"),
+    ((q, k, v, 1.0, None, None, None, [2, 3, 2, 4], None, None, False, True, False), "does not match Nq = 6, Nk = 10"),
+    ((q, k, v, 1.0, None, None, None, [], torch.zeros(B, NQ, dtype=torch.long), torch.zeros(B, NK, dtype=torch.long), False, False, True), "must be int32"),
+    ((q, k, v, 1.0, None, None, None, [], None, None, False, False, True), "needs q_labels and k_labels"),
+    ((q.transpose(2, 3), k, v, 1.0, None, None, None, [], None, None, False, False, False), "contiguous last dim"),
+])
+def test_direct_op_calls_are_checked_not_crashing(args, message):
+    assert extension.load() is not None  # registers torch.ops.diffcirc.*
+    with pytest.raises((ValueError, RuntimeError)) as err:
+        torch.ops.diffcirc.attention(*args)
+    assert message in str(err.value)
+
+
+def test_last_dim_stride_is_handled_by_the_wrapper():
+    qt = torch.randn(B, H, D, NQ).transpose(2, 3)  # last dim not contiguous
+    r = attention(qt, k, v)
+    assert torch.allclose(r.out, attention(qt.contiguous(), k, v).out)
+
+
+def test_fallback_without_extension_warns_once_and_agrees():
+    code = (
+        "import warnings, torch\n"
+        "warnings.simplefilter('always')\n"
+        "from diffcirc.ops import attention\n"
+        "torch.manual_seed(0)\n"
+        "q, k, v = (torch.randn(1, 2, 9, 8) for _ in range(3))\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    a = attention(q, k, v, stats=('entropy',)); b = attention(q, k, v)\n"
+        "print(sum('reference' in str(x.message) for x in w))\n"
+        "print(torch.allclose(a.out, torch.nn.functional.scaled_dot_product_attention(q, k, v), atol=1e-6))\n"
+        "print(a.entropy.dtype)\n"
+    )
+    env = dict(os.environ, DIFFCIRC_DISABLE_EXTENSION="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout.split()
+    assert out == ["1", "True", "torch.float32"]
+
+
+def test_info_reports_the_build():
+    out = subprocess.run([sys.executable, "-m", "diffcirc.info"], capture_output=True, text=True, check=True).stdout
+    assert "extension (_C)" in out and "loaded" in out
+    assert "cpu isa" in out and any(isa in out for isa in ("avx512", "avx2", "scalar"))
+    assert "cuda kernels compiled for" in out

@@ -1,0 +1,25 @@
+"""diffusers integration: the drop-in ``FusedAttnProcessor``, ``Session`` (layers, trace, intervene),
+``Recorder`` (streaming statistics), per-head interventions, batched conditions and attribution.
+
+Modules: processor (the processor), masks (diffusers masks -> key padding masks), grid (token
+grids, label resampling), session, recorder, interventions, conditions (run_conditions),
+attribution (head_attribution).
+"""
+
+from .attribution import head_attribution
+from .conditions import run_conditions
+from .interventions import (Intervention, Mean, Patch, Scale, Uniform, Zero, cache_head_outputs, head_arguments,
+                            mean_head_outputs)
+from .processor import AttentionCall, FusedAttnProcessor, OpRequest
+from .recorder import Recorder
+from .session import LayerInfo, Session
+
+__all__ = [
+    "FusedAttnProcessor", "AttentionCall", "OpRequest",
+    "Session", "LayerInfo",
+    "Recorder",
+    "Intervention", "Zero", "Scale", "Mean", "Patch", "Uniform", "head_arguments",
+    "cache_head_outputs", "mean_head_outputs",
+    "run_conditions",
+    "head_attribution",
+]

@@ -1,0 +1,177 @@
+"""``FusedAttnProcessor``: diffusers' ``AttnProcessor2_0``, step for step, on diffcirc's fused op.
+
+Used alone it is a drop-in attention processor::
+
+    unet.set_attn_processor(FusedAttnProcessor())
+
+A ``Session`` installs one per layer with a *controller*, an object that is asked before each
+call which statistics and interventions the op should apply (``before``) and is handed the
+result (``after``). Without a controller the processor calls the op with exactly the arguments
+SDPA gets, so it adds nothing to the hot path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Protocol
+
+import torch
+
+from diffusers.utils import deprecate
+
+from ..ops import AttentionOutput, attention
+from .masks import key_padding_mask_from_attention_mask
+
+
+@dataclass
+class AttentionCall:
+    """One call of one attention layer, as a controller sees it before the op runs.
+
+    spatial is the (h, w) feature map when the layer got a 4-D input, else None (3-D tokens).
+    key_padding_mask: bool (B, Nk) or None; value: (B, H, Nk, Dv) (a view, do not modify).
+    """
+
+    layer: str
+    kind: str  # "self" | "cross", from whether encoder_hidden_states was passed
+    spatial: Optional[tuple]
+    batch: int
+    heads: int
+    n_queries: int
+    n_keys: int
+    key_padding_mask: Optional[torch.Tensor]
+    value: torch.Tensor
+
+
+@dataclass
+class OpRequest:
+    """Extra arguments of ``diffcirc.ops.attention`` a controller asks for (see the op's docstring)."""
+
+    stats: tuple = ()
+    grid: Optional[tuple] = None
+    labels: Optional[tuple] = None
+    head_scale: Optional[torch.Tensor] = None
+    head_replacement: Optional[torch.Tensor] = None
+
+
+class Controller(Protocol):
+    def before(self, call: AttentionCall) -> Optional[OpRequest]: ...
+
+    def after(self, call: AttentionCall, result: AttentionOutput) -> None: ...
+
+
+class FusedAttnProcessor:
+    """Drop-in replacement for ``AttnProcessor2_0`` computing attention with ``diffcirc.ops.attention``.
+
+    Args:
+        layer: module path of the ``Attention`` it serves (only used to address controllers).
+        controller: see ``Controller``; None for plain attention.
+
+    Differences from ``AttnProcessor2_0``, all outside what SDPA-based diffusers models use:
+    attention masks must be per-key padding masks (see ``masks``; others raise ValueError), and
+    a layer built with ``scale_qk=False`` uses ``attn.scale`` (= 1) like ``AttnProcessor``, the
+    processor diffusers picks for such layers, where ``AttnProcessor2_0`` would use D ** -0.5.
+    """
+
+    def __init__(self, layer: Optional[str] = None, controller: Optional[Controller] = None):
+        self.layer = layer
+        self.controller = controller
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        temb: Optional[torch.Tensor] = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
+        """hidden_states: (B, C, h, w) or (B, N, C); encoder_hidden_states: (B, Nk, C_cross) or None.
+
+        Returns the layer output in the input's layout, like ``AttnProcessor2_0``.
+        """
+        if len(args) > 0 or kwargs.get("scale", None) is not None:
+            deprecate("scale", "1.0.0", "The `scale` argument is deprecated and will be ignored (as in AttnProcessor2_0).")
+
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+
+        key_padding_mask = None
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+            key_padding_mask = key_padding_mask_from_attention_mask(attention_mask, batch_size, attn.heads, sequence_length)
+
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+
+        is_cross = encoder_hidden_states is not None
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+
+        # (B, N, H*D) -> (B, H, N, D) views: the op reads any strides with a contiguous last dim.
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        # None = D ** -0.5, what SDPA uses in AttnProcessor2_0 (and attn.scale when scale_qk).
+        scale = None if attn.scale_qk else attn.scale
+
+        controller = self.controller
+        if controller is None:
+            out = attention(query, key, value, scale=scale, key_padding_mask=key_padding_mask).out
+        else:
+            call = AttentionCall(
+                layer=self.layer, kind="cross" if is_cross else "self",
+                spatial=(height, width) if input_ndim == 4 else None, batch=batch_size, heads=attn.heads,
+                n_queries=query.shape[2], n_keys=key.shape[2], key_padding_mask=key_padding_mask, value=value)
+            request = controller.before(call)
+            if request is None:
+                out = attention(query, key, value, scale=scale, key_padding_mask=key_padding_mask).out
+            else:
+                result = attention(query, key, value, scale=scale, key_padding_mask=key_padding_mask,
+                                   head_scale=request.head_scale, head_replacement=request.head_replacement,
+                                   stats=request.stats, grid=request.grid, labels=request.labels)
+                controller.after(call, result)
+                out = result.out
+
+        hidden_states = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+
+        # linear proj, then dropout
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+
+        hidden_states = hidden_states / attn.rescale_output_factor
+        return hidden_states

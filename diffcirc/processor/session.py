@@ -1,0 +1,258 @@
+"""``Session``: a diffusers model's attention layers, and contexts that trace and intervene on them.
+
+    session = Session(unet)                 # UNet2DModel, UNet2DConditionModel, Transformer2DModel, ...
+    session.layers                          # [LayerInfo(name, kind, heads, head_dim, grid), ...]
+    with session.trace(recorder, labels=part_masks), session.intervene([Zero("mid_block.attentions.0", 2)]):
+        unet(x, t)
+
+Each context installs a ``FusedAttnProcessor`` (with this session as its controller) on every
+``Attention`` module, through ``Attention.set_processor`` (UNet2DModel has no
+``set_attn_processor``), when the first context opens, and puts back the previous processors
+when the last one closes, also when the body raises. Contexts nest in any order.
+
+Token grids: a layer fed a 4-D feature map (B, C, h, w) has grid (h, w). A layer fed 3-D tokens
+(transformer blocks) gets its grid from the model input (H, W) (the first positional argument,
+or ``sample`` / ``hidden_states``, seen by a forward pre-hook; else ``config.sample_size``) by
+the rule of ``grid.infer_grid``: the power-of-two down-sampling (ceil(H / 2^k), ceil(W / 2^k))
+with h * w = N; if none fits, statistics that need the grid raise ValueError.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from diffusers.models.attention_processor import Attention
+
+from .grid import infer_grid, labels_to_grid, sample_size_hw, tile_batch
+from .interventions import Intervention, head_arguments
+from .processor import AttentionCall, FusedAttnProcessor, OpRequest
+from .recorder import Recorder
+
+
+@dataclass
+class LayerInfo:
+    """name: module path; kind: "self" | "cross"; grid: (h, w) of the queries, None until seen."""
+
+    name: str
+    kind: str
+    heads: int
+    head_dim: int
+    grid: Optional[tuple] = None
+
+
+class _Trace:
+    def __init__(self, recorder: Recorder, labels: Optional[torch.Tensor]):
+        self.recorder = recorder
+        self.labels = labels
+        self.token_labels: dict = {}  # (grid, batch) -> (B, N) int64, computed once per shape
+
+
+class Session:
+    """Attention layers of a diffusers model, with ``trace``, ``intervene``, ``capture`` and ``gate`` contexts."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self._modules = {name: m for name, m in model.named_modules() if isinstance(m, Attention)}
+        if not self._modules:
+            raise ValueError(f"{type(model).__name__} has no diffusers Attention modules")
+        self.layers = [
+            LayerInfo(name, "cross" if m.is_cross_attention else "self", m.heads, m.inner_dim // m.heads)
+            for name, m in self._modules.items()
+        ]
+        self._info = {info.name: info for info in self.layers}
+        self._depth = 0
+        self._saved: dict = {}
+        self._hook = None
+        self._input_hw = None
+        self._grid_cache: dict = {}
+        self._traces: list = []
+        self._interventions: list = []  # one list per open intervene context
+        self._captures: list = []
+        self._gates: list = []  # (gates {layer: (H,)}, baseline mapping or None)
+
+    # ---- addressing --------------------------------------------------------------------------
+    @property
+    def layer_names(self) -> list:
+        return [info.name for info in self.layers]
+
+    def layer(self, name: str) -> LayerInfo:
+        if name not in self._info:
+            raise KeyError(f"no attention layer {name!r}; layers: {self.layer_names}")
+        return self._info[name]
+
+    def heads(self) -> list:
+        """Every (layer name, head index)."""
+        return [(info.name, h) for info in self.layers for h in range(info.heads)]
+
+    # ---- contexts ------------------------------------------------------------------------------
+    @contextmanager
+    def _installed(self):
+        if self._depth == 0:
+            self._saved = {name: m.processor for name, m in self._modules.items()}
+            try:
+                self._hook = self.model.register_forward_pre_hook(self._see_input, with_kwargs=True)
+                for name, m in self._modules.items():
+                    m.set_processor(FusedAttnProcessor(name, self))
+            except BaseException:
+                self._restore()
+                raise
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if self._depth == 0:
+                self._restore()
+
+    def _restore(self):
+        for name, processor in self._saved.items():
+            self._modules[name].set_processor(processor)
+        self._saved = {}
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    @contextmanager
+    def _pushed(self, stack: list, entry):
+        with self._installed():
+            stack.append(entry)
+            try:
+                yield
+            finally:
+                stack[:] = [e for e in stack if e is not entry]
+
+    @contextmanager
+    def trace(self, recorder: Recorder, labels: Optional[torch.Tensor] = None):
+        """Record statistics into recorder for every forward pass in the block.
+
+        labels: (B, S_h, S_w) integer region ids at image resolution for label_mass, resampled to
+        each self-attention layer's grid by ``grid.labels_to_grid`` (nearest, token centres); B
+        may divide the forward batch (tiled). Yields the recorder.
+        """
+        if labels is not None:
+            if not isinstance(labels, torch.Tensor) or labels.dim() != 3 or labels.is_floating_point():
+                raise ValueError(f"labels must be an integer tensor (B, S_h, S_w), got {getattr(labels, 'shape', labels)}")
+            others = [t.labels for t in self._traces if t.labels is not None]
+            if any(o is not labels for o in others):
+                raise ValueError("nested traces must share one label map (the op takes one set of labels per call)")
+        entry = _Trace(recorder, labels)
+        with self._pushed(self._traces, entry):
+            yield recorder
+
+    @contextmanager
+    def intervene(self, interventions):
+        """Apply interventions (an ``Intervention`` or a sequence of them) to every forward pass in the block."""
+        if isinstance(interventions, Intervention):
+            interventions = [interventions]
+        interventions = list(interventions)
+        by_layer: dict = {}
+        for iv in interventions:
+            if not isinstance(iv, Intervention):
+                raise TypeError(f"intervene expects Intervention objects (Zero, Scale, ...), got {type(iv).__name__}")
+            self.layer(iv.layer)  # unknown names fail here, not in the middle of a forward pass
+            by_layer.setdefault(iv.layer, []).append(iv)
+        with self._pushed(self._interventions, by_layer):
+            yield
+
+    @contextmanager
+    def capture(self, callback: Callable[[str, torch.Tensor], None]):
+        """Call callback(layer, out) with each layer's head outputs out (B, H, Nq, Dv) (pre-to_out, after interventions)."""
+        with self._pushed(self._captures, callback):
+            yield
+
+    @contextmanager
+    def gate(self, gates: dict, baseline: Optional[dict] = None):
+        """Multiply head outputs by gates {layer: (H,) tensor} (on top of Zero/Scale interventions),
+        mixing in baseline {layer: (H, Nq, Dv) or (Bc, H, Nq, Dv)} as out = g*attn + (1-g)*baseline
+        (0 when None). Used by ``head_attribution``."""
+        for layer in gates:
+            self.layer(layer)
+        with self._pushed(self._gates, (gates, baseline)):
+            yield
+
+    # ---- controller protocol (called by FusedAttnProcessor) ------------------------------------
+    def _see_input(self, module, args, kwargs):
+        x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        if isinstance(x, torch.Tensor) and x.dim() == 4:
+            self._input_hw = (int(x.shape[-2]), int(x.shape[-1]))
+
+    def _grid(self, info: LayerInfo, call: AttentionCall, required: bool):
+        if call.spatial is not None:
+            info.grid = tuple(call.spatial)
+            return info.grid
+        hw = self._input_hw or sample_size_hw(getattr(self.model, "config", None))
+        key = (call.n_queries, hw)
+        if key not in self._grid_cache:
+            try:
+                self._grid_cache[key] = infer_grid(call.n_queries, hw, info.name)
+            except ValueError as err:
+                self._grid_cache[key] = err
+        grid = self._grid_cache[key]
+        if isinstance(grid, ValueError):
+            if required:
+                raise grid
+            return None
+        info.grid = grid
+        return grid
+
+    def _stats_for(self, trace: _Trace, call: AttentionCall) -> tuple:
+        if call.kind == "cross":
+            return tuple(s for s in trace.recorder.stats if s == "entropy")
+        return tuple(s for s in trace.recorder.stats if s != "label_mass" or trace.labels is not None)
+
+    def before(self, call: AttentionCall) -> Optional[OpRequest]:
+        info = self._info[call.layer]
+        needs_grid = any(s in ("distance", "label_mass") for t in self._traces for s in self._stats_for(t, call))
+        grid = self._grid(info, call, required=needs_grid)
+        if not (self._traces or self._interventions or self._captures or self._gates):
+            return None
+        request = OpRequest()
+        if self._traces:
+            stats = {s for t in self._traces for s in self._stats_for(t, call)}
+            request.stats = tuple(sorted(stats))
+            if "distance" in stats:
+                request.grid = (grid, grid)
+            if "label_mass" in stats:
+                trace = next(t for t in self._traces if t.labels is not None)
+                key = (grid, call.batch)
+                if key not in trace.token_labels:
+                    lab = labels_to_grid(trace.labels.to(call.value.device), grid)
+                    trace.token_labels[key] = tile_batch(lab, call.batch, "labels")
+                request.labels = (trace.token_labels[key], trace.token_labels[key])
+        ivs = [iv for level in self._interventions for iv in level.get(call.layer, ())]
+        scale, rep = head_arguments(ivs, call)
+        for gates, baseline in self._gates:
+            g = gates.get(call.layer)
+            if g is None:
+                continue
+            if rep is not None:
+                raise NotImplementedError(
+                    f"layer {call.layer}: gates (attribution) cannot be combined with Mean/Patch/Uniform interventions")
+            g = g.to(call.value.device)
+            scale = g if scale is None else scale * g
+            if baseline is not None:
+                rep = _baseline(baseline, call)
+        request.head_scale, request.head_replacement = scale, rep
+        return request
+
+    def after(self, call: AttentionCall, result) -> None:
+        if self._traces:
+            info = self._info[call.layer]
+            for trace in self._traces:
+                values = {s: getattr(result, s) for s in self._stats_for(trace, call)}
+                trace.recorder.record(call.layer, call.n_keys, info.grid, values)
+        for callback in self._captures:
+            callback(call.layer, result.out)
+
+
+def _baseline(baseline: dict, call: AttentionCall) -> torch.Tensor:
+    """(B|1, H, Nq, Dv) replacement from a mean (H, Nq, Dv) or cached (Bc, H, Nq, Dv) head-output table."""
+    if call.layer not in baseline:
+        raise KeyError(f"baseline has no entry for layer {call.layer!r}")
+    b = baseline[call.layer].to(call.value.device)
+    if b.dim() == 3:
+        return b.unsqueeze(0)
+    return tile_batch(b, call.batch, f"baseline[{call.layer!r}]")

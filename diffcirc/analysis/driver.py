@@ -1,0 +1,399 @@
+"""The experiment driver: runs the model on both datasets and writes the study's tables.
+
+    config = AnalysisConfig(model="bundled", synthetic=64, natural="lfw", out="runs/demo")
+    run_analysis(config)          # writes the tables of ``diffcirc.analysis.summary`` + report
+
+Phases, each writing its tables into ``config.out`` (atomically):
+  1. trace       per-(model, dataset, timestep, layer, head) entropy / distance / label-mass
+                 aggregates, histograms, per-image means, per-query maps of a few sample images
+                 (model = "trained" and the "random"-weights control of the same architecture)
+  2. features    correlations of each head's entropy map with edge / texture maps of the image
+  3. ablations   every single head zero- and mean-ablated at each ablation timestep (batched)
+  4. attribution one backward pass per (dataset, timestep) scores every head
+  5. roles       role assignment, then role ablations against size-matched random head sets
+  6. circuit     greedy minimal circuit per dataset under a degradation threshold
+Noise is seeded per (seed, dataset, image, timestep), so any row can be recomputed alone.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..data import load_dataset
+from ..models import load, random_like
+from ..processor import Mean, Recorder, Session, Zero, head_attribution, mean_head_outputs, run_conditions
+from . import image_maps
+from .tables import write_json, write_table
+
+DATASETS = ("synthetic", "natural")
+
+
+def default_timesteps(n: int = 10, T: int = 1000) -> list[int]:
+    """n evenly spaced timesteps, the centres of n equal bins of [0, T): 50, 150, ..., 950 for n = 10."""
+    return [int((i + 0.5) * T / n) for i in range(n)]
+
+
+@dataclass
+class AnalysisConfig:
+    """Everything a run depends on; written to meta.json so a folder says how it was made."""
+
+    out: str = "runs/analysis"
+    model: str = "bundled"
+    synthetic: int = 64                   # held-out synthetic faces
+    synthetic_spec: str = "synthetic-gray"  # grayscale to match LFW; "synthetic" with CelebA
+    natural: str = "lfw"                  # lfw | photos | celeba:PATH | folder:PATH
+    natural_n: int | None = None          # default: every held-out image (LFW: 20)
+    timesteps: list = field(default_factory=default_timesteps)
+    ablation_timesteps: list | None = None  # default: every third trace timestep
+    ablation_modes: tuple = ("zero", "mean")
+    ablation_images: int = 32             # per dataset, the first ones
+    circuit_threshold: float = 10.0       # percent degradation the pruned circuit may cost
+    circuit_timestep: int | None = None   # default: the middle ablation timestep
+    role_control_reps: int = 5            # size-matched random head sets per role
+    sample_maps: int = 4                  # images per dataset whose per-query maps are kept
+    random_control: bool = True
+    batch_size: int = 64
+    max_batch: int = 512                  # batch elements per forward pass of batched conditions
+    bins: int = 64
+    seed: int = 0
+    bootstrap: int = 2000
+    device: str = "cpu"
+
+    def resolved_ablation_timesteps(self) -> list[int]:
+        return list(self.ablation_timesteps) if self.ablation_timesteps else list(self.timesteps[1::3]) or list(self.timesteps)
+
+
+def noise_for(seed: int, dataset: int, images, t: int, shape) -> torch.Tensor:
+    """Gaussian noise (B, *shape) with image i's noise fixed by (seed, dataset, image id, t)."""
+    out = []
+    for i in images:
+        state = np.random.SeedSequence([seed, dataset, int(i), int(t)]).generate_state(2)
+        g = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+        out.append(torch.randn(shape, generator=g))
+    return torch.stack(out)
+
+
+class _Data:
+    """One dataset's images (N, 3, S, S), label maps (N, S, S) and ids, in memory."""
+
+    def __init__(self, name, index, dataset):
+        items = [dataset[i] for i in range(len(dataset))]
+        if not items:
+            raise ValueError(f"dataset {name!r} is empty")
+        self.name, self.index = name, index
+        self.images = torch.stack([it["image"] for it in items]).float()
+        self.labels = torch.stack([torch.as_tensor(it["labels"]) for it in items]).long()
+        self.ids = list(range(len(items)))
+        self.sources = [it.get("source", "") for it in items]
+
+    def batches(self, batch_size, n=None):
+        n = len(self.ids) if n is None else min(n, len(self.ids))
+        for i in range(0, n, batch_size):
+            j = min(i + batch_size, n)
+            yield self.ids[i:j], self.images[i:j], self.labels[i:j]
+
+
+class Experiment:
+    def __init__(self, config: AnalysisConfig):
+        self.c = config
+        self.out = Path(config.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.unet, self.scheduler = load(config.model, device=config.device)
+        self.size = int(self.unet.config.sample_size)
+        self.alphas = self.scheduler.alphas_cumprod.to(torch.float32)
+        self.data = {
+            "synthetic": _Data("synthetic", 0, load_dataset(config.synthetic_spec, size=self.size, n=config.synthetic,
+                                                            seed=config.seed, split="heldout")),
+            "natural": _Data("natural", 1, load_dataset(config.natural, size=self.size, n=config.natural_n,
+                                                        seed=config.seed, split="heldout")),
+        }
+        self.session = Session(self.unet)
+        self.heads = [(layer.name, h) for layer in self.session.layers for h in range(layer.heads)]
+
+    # -- helpers ---------------------------------------------------------------------------
+    def noisy(self, d: _Data, ids, x0, t):
+        eps = noise_for(self.c.seed, d.index, ids, t, x0.shape[1:])
+        a = self.alphas[t]
+        return a.sqrt() * x0 + (1 - a).sqrt() * eps, eps
+
+    def forward(self, unet, x, t):
+        tt = torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
+        return unet(x.to(self.c.device), tt).sample.float().cpu()
+
+    def x0_from_eps(self, x_t, eps_hat, t):
+        a = self.alphas[t]
+        return (x_t - (1 - a).sqrt() * eps_hat) / a.sqrt()
+
+    # -- 1. trace ----------------------------------------------------------------------------
+    def trace(self):
+        models = [("trained", self.unet)]
+        if self.c.random_control:
+            models.append(("random", random_like(self.unet, seed=self.c.seed)))
+        aggregates, histograms, per_image, maps = [], [], [], []
+        samples = {name: d.ids[: self.c.sample_maps] for name, d in self.data.items()}
+        total = len(models) * sum(len(d.ids) for d in self.data.values()) * len(self.c.timesteps)
+        bar = tqdm(total=total, desc="trace", unit="img")
+        for model_name, unet in models:
+            session = self.session if unet is self.unet else Session(unet)
+            for name, d in self.data.items():
+                rec = Recorder(stats=("entropy", "distance", "label_mass"), bins=self.c.bins, per_image=True,
+                               maps={"images": samples[name], "stats": ["entropy"]})
+                for t in self.c.timesteps:
+                    for ids, x0, labels in d.batches(self.c.batch_size):
+                        x_t, _ = self.noisy(d, ids, x0, t)
+                        rec.set_tags(model=model_name, dataset=name, timestep=int(t), image_ids=ids)
+                        with torch.no_grad(), session.trace(rec, labels=labels):
+                            self.forward(unet, x_t, t)
+                        bar.update(len(ids))
+                aggregates.append(rec.to_frame())
+                histograms.append(rec.histograms())
+                per_image.append(rec.per_image_frame())
+                maps.append(rec.maps_frame())
+        bar.close()
+        layers = self.layer_table()
+        aggregates.append(self.uniform_label_mass(layers))
+        self.tables = {
+            "layers": layers,
+            "aggregates": pd.concat(aggregates, ignore_index=True),
+            "histograms": pd.concat(histograms, ignore_index=True),
+            "per_image": pd.concat(per_image, ignore_index=True),
+            "maps": pd.concat(maps, ignore_index=True).rename(columns={"value": "entropy"}).drop(columns=["stat"]),
+        }
+        for name in self.tables:
+            write_table(self.tables[name], self.out / f"{name}.parquet")
+        self.save_samples(samples)
+
+    def layer_table(self) -> pd.DataFrame:
+        rows = []
+        for layer in self.session.layers:
+            h, w = layer.grid if layer.grid else (None, None)
+            n_keys = h * w if layer.kind == "self" and h else None
+            rows.append({"layer": layer.name, "kind": layer.kind, "heads": layer.heads, "head_dim": layer.head_dim,
+                         "n_keys": n_keys, "grid_h": h, "grid_w": w})
+        return pd.DataFrame(rows)
+
+    def uniform_label_mass(self, layers: pd.DataFrame) -> pd.DataFrame:
+        """Expected same-label mass under uniform attention, per dataset and layer: the mean over
+        images and queries of the share of keys with the query's label (sum_c (n_c / N)^2)."""
+        from ..processor.grid import labels_to_grid
+
+        rows = []
+        for name, d in self.data.items():
+            for layer in layers.itertuples():
+                if layer.kind != "self" or not layer.grid_h:
+                    continue
+                tok = labels_to_grid(d.labels, (int(layer.grid_h), int(layer.grid_w)))  # (N, n)
+                n = tok.shape[1]
+                shares = torch.stack([torch.bincount(row).double().div(n).square().sum() for row in tok])
+                for model in ("trained", "random") if self.c.random_control else ("trained",):
+                    for t in self.c.timesteps:
+                        for h in range(int(layer.heads)):
+                            rows.append({"model": model, "dataset": name, "timestep": int(t), "layer": layer.layer,
+                                         "head": h, "stat": "label_mass_uniform", "count": len(shares),
+                                         "mean": float(shares.mean()), "std": float(shares.std()) if len(shares) > 1 else 0.0,
+                                         "m2": float(((shares - shares.mean()) ** 2).sum())})
+        return pd.DataFrame(rows)
+
+    def save_samples(self, samples):
+        from PIL import Image
+
+        folder = self.out / "samples"
+        folder.mkdir(exist_ok=True)
+        for name, ids in samples.items():
+            d = self.data[name]
+            for i in ids:
+                img = ((d.images[i].permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8)
+                Image.fromarray(img).save(folder / f"{name}_{i}.png")
+
+    # -- 2. features from maps -----------------------------------------------------------------
+    def map_features(self):
+        maps = self.tables["maps"]
+        rows = []
+        for (model, name, t, layer, head), g in maps.groupby(["model", "dataset", "timestep", "layer", "head"]):
+            d = self.data[name]
+            corr_e, corr_t = [], []
+            for image, gi in g.groupby("image"):
+                gi = gi.sort_values("query")
+                if (gi["row"] < 0).any():
+                    continue
+                grid = (int(gi["row"].max()) + 1, int(gi["col"].max()) + 1)
+                ent = torch.tensor(gi["entropy"].to_numpy(), dtype=torch.float64)[None]
+                img = d.images[int(image)][None].double()
+                corr_e.append(float(image_maps.pearson_rows(ent, image_maps.to_grid(image_maps.edge_magnitude(img), grid))))
+                corr_t.append(float(image_maps.pearson_rows(ent, image_maps.to_grid(image_maps.texture_energy(img), grid))))
+            if corr_e:
+                rows.append({"model": model, "dataset": name, "timestep": int(t), "layer": layer, "head": int(head),
+                             "edge_corr": float(np.mean(corr_e)), "texture_corr": float(np.mean(corr_t))})
+        self.tables["features_maps"] = pd.DataFrame(rows)
+        write_table(self.tables["features_maps"], self.out / "features_maps.parquet")
+
+    # -- 3. single-head ablations ------------------------------------------------------------
+    def run_batched(self, conditions, x_t, t):
+        out = run_conditions(self.session, lambda x: self.forward(self.unet, x, t), x_t, conditions,
+                             max_batch=max(self.c.max_batch, x_t.shape[0]))
+        return out  # (C, B, 3, S, S)
+
+    def ablations(self):
+        rows = []
+        steps = [(name, t) for name in DATASETS for t in self.c.resolved_ablation_timesteps()]
+        for name, t in tqdm(steps, desc="ablations", unit="step"):
+            d = self.data[name]
+            ids, x0, _ = next(d.batches(self.c.ablation_images, self.c.ablation_images))
+            x_t, eps = self.noisy(d, ids, x0, t)
+            conditions, labels = [[]], [None]
+            if "zero" in self.c.ablation_modes:
+                conditions += [[Zero(layer, h)] for layer, h in self.heads]
+                labels += [("zero", layer, h) for layer, h in self.heads]
+            if "mean" in self.c.ablation_modes:
+                with torch.no_grad():
+                    means = mean_head_outputs(self.session, lambda x: self.forward(self.unet, x, t), [x_t])
+                conditions += [[Mean(layer, h, means=means)] for layer, h in self.heads]
+                labels += [("mean", layer, h) for layer, h in self.heads]
+            with torch.no_grad():
+                eps_hat = self.run_batched(conditions, x_t, t)
+            loss = (eps_hat - eps[None]).square().flatten(2).mean(-1)  # (C, B)
+            for c, lab in enumerate(labels[1:], start=1):
+                mode, layer, h = lab
+                for b, image in enumerate(ids):
+                    rows.append({"dataset": name, "timestep": int(t), "layer": layer, "head": h, "mode": mode,
+                                 "image": int(image), "loss_clean": float(loss[0, b]), "loss_ablated": float(loss[c, b])})
+        self.tables["ablations"] = pd.DataFrame(rows)
+        write_table(self.tables["ablations"], self.out / "ablations.parquet")
+
+    # -- 4. attribution ----------------------------------------------------------------------
+    def attribution(self):
+        frames = []
+        for name in DATASETS:
+            d = self.data[name]
+            ids, x0, _ = next(d.batches(self.c.ablation_images, self.c.ablation_images))
+            for t in self.c.resolved_ablation_timesteps():
+                x_t, eps = self.noisy(d, ids, x0, t)
+                scores = head_attribution(self.session, lambda: (self.forward(self.unet, x_t, t) - eps).square().mean())
+                scores.insert(0, "timestep", int(t))
+                scores.insert(0, "dataset", name)
+                frames.append(scores)
+        self.tables["attribution"] = pd.concat(frames, ignore_index=True)
+        write_table(self.tables["attribution"], self.out / "attribution.parquet")
+
+    # -- 5. roles and role ablations ------------------------------------------------------------
+    def role_ablations(self):
+        from .roles import assign_roles, head_features
+
+        features = head_features(self.tables["aggregates"], self.tables["layers"], self.tables.get("features_maps"),
+                                 model="trained")
+        roles = assign_roles(features)
+        rng = np.random.default_rng(self.c.seed)
+        role_sets = {}
+        for role, g in roles.groupby("role"):
+            if role == "unassigned":
+                continue
+            role_sets[role] = [(r.layer, int(r.head)) for r in g.itertuples()]
+        rows = []
+        steps = [(name, t) for name in DATASETS for t in self.c.resolved_ablation_timesteps()]
+        for name, t in tqdm(steps, desc="role ablations", unit="step"):
+            d = self.data[name]
+            ids, x0, labels = next(d.batches(self.c.ablation_images, self.c.ablation_images))
+            x_t, eps = self.noisy(d, ids, x0, t)
+            conditions, tags = [[]], [None]
+            for role, heads in role_sets.items():
+                conditions.append([Zero(layer, h) for layer, h in heads])
+                tags.append((role, "role", 0))
+                for rep in range(self.c.role_control_reps):
+                    pick = rng.choice(len(self.heads), size=len(heads), replace=False)
+                    conditions.append([Zero(*self.heads[i]) for i in pick])
+                    tags.append((role, "random", rep))
+            with torch.no_grad():
+                eps_hat = self.run_batched(conditions, x_t, t)
+            x0_hat = self.x0_from_eps(x_t[None], eps_hat, t)
+            errors = [self.errors(eps_hat[c], eps, x0_hat[c], x0, labels) for c in range(len(conditions))]
+            for c, tag in enumerate(tags[1:], start=1):
+                role, control, rep = tag
+                for err_name in errors[0]:
+                    for b, image in enumerate(ids):
+                        rows.append({"dataset": name, "timestep": int(t), "role": role, "control": control, "rep": rep,
+                                     "image": int(image), "error_name": err_name,
+                                     "err_clean": float(errors[0][err_name][b]),
+                                     "err_ablated": float(errors[c][err_name][b])})
+        self.tables["roles"] = roles
+        self.tables["role_ablations"] = pd.DataFrame(rows)
+        write_table(self.tables["role_ablations"], self.out / "role_ablations.parquet")
+
+    @staticmethod
+    def errors(eps_hat, eps, x0_hat, x0, labels) -> dict:
+        out = {"eps_mse": (eps_hat - eps).square().flatten(1).mean(1)}
+        out.update(image_maps.role_errors(x0_hat.clamp(-1, 1), x0, labels))
+        return out
+
+    # -- 6. minimal circuit ----------------------------------------------------------------------
+    def circuit(self):
+        from .circuit import greedy_minimal_circuit
+
+        steps = self.c.resolved_ablation_timesteps()
+        t = self.c.circuit_timestep if self.c.circuit_timestep is not None else steps[len(steps) // 2]
+        abl = self.tables["ablations"]
+        frames = []
+        for name in DATASETS:
+            d = self.data[name]
+            ids, x0, _ = next(d.batches(self.c.ablation_images, self.c.ablation_images))
+            x_t, eps = self.noisy(d, ids, x0, t)
+            with torch.no_grad():
+                clean = (self.forward(self.unet, x_t, t) - eps).square().mean().item()
+
+            def degradation_of(removed: frozenset) -> float:
+                with torch.no_grad(), self.session.intervene([Zero(layer, h) for layer, h in removed]):
+                    loss = (self.forward(self.unet, x_t, t) - eps).square().mean().item()
+                return 100.0 * (loss - clean) / clean
+
+            single = abl[(abl.dataset == name) & (abl.timestep == t) & (abl["mode"] == "zero")]
+            effect = single.groupby(["layer", "head"])["loss_ablated"].mean()
+            order = sorted(self.heads, key=lambda lh: effect.get(lh, np.inf)) if len(effect) else None
+            _, trace = greedy_minimal_circuit(self.heads, degradation_of, self.c.circuit_threshold, order=order)
+            trace.insert(0, "dataset", name)
+            frames.append(trace)
+        self.tables["circuit"] = pd.concat(frames, ignore_index=True)
+        write_table(self.tables["circuit"], self.out / "circuit.parquet")
+
+
+def run_analysis(config: AnalysisConfig) -> Path:
+    """Runs every phase and writes tables, summary.json, report.html and report.md into config.out."""
+    from ..report import render
+    from .summary import summarise
+
+    start = time.time()
+    torch.manual_seed(config.seed)
+    exp = Experiment(config)
+    exp.trace()
+    exp.map_features()
+    exp.ablations()
+    exp.attribution()
+    exp.role_ablations()
+    exp.circuit()
+    meta = {
+        "config": asdict(config),
+        "model": config.model,
+        "data": {name: {"spec": config.synthetic_spec if name == "synthetic" else config.natural,
+                        "n": len(d.ids), "image_size": exp.size} for name, d in exp.data.items()},
+        "layers": len(exp.session.layers),
+        "heads": len(exp.heads),
+        "timesteps": list(config.timesteps),
+        "ablation_timesteps": config.resolved_ablation_timesteps(),
+        "seed": config.seed,
+        "versions": {"diffcirc": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        "wall_time_s": round(time.time() - start, 1),
+    }
+    write_json(meta, exp.out / "meta.json")
+    summary = summarise(exp.out, n_resamples=config.bootstrap, seed=config.seed)
+    render(exp.out, summary=summary, n_resamples=config.bootstrap, seed=config.seed)
+    return exp.out, summary
+
+
+__all__ = ["AnalysisConfig", "Experiment", "default_timesteps", "noise_for", "run_analysis"]

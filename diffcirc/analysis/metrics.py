@@ -1,0 +1,327 @@
+"""Metrics on the driver's saved tables (DESIGN.md, "Metrics"): pure functions of DataFrames.
+
+Definitions (entropy in nats throughout):
+
+- Head entropy H(h, t, d): the mean per-query attention entropy of head h at timestep t over
+  all queries of all images of dataset d (``aggregates``: stat "entropy", column ``mean``).
+  Its spread ``entropy_sd`` is the population sd of the per-query values, sqrt(m2 / count).
+  ``normalised`` = H / ln(n_keys) (1 = uniform attention over all keys, 0 = one key);
+  ``effective_span`` = exp(H), the number of keys a uniform distribution of equal entropy covers.
+- Jensen-Shannon divergence of two histograms P, Q (counts, normalised to probabilities):
+  JS = 1/2 KL(P || M) + 1/2 KL(Q || M), M = (P + Q) / 2, in nats; 0 for equal histograms,
+  ln 2 for disjoint ones; empty bins contribute 0 (0 ln 0 = 0).
+- Entropy divergence at timestep t: JS between the synthetic and natural histograms of
+  per-query entropy, per head; pooled per layer (the heads' histograms of one layer summed, per
+  dataset -- layers have different bin ranges [0, ln n_keys], so histograms are only summed
+  within a layer) and per timestep as the mean over layers of the pooled per-layer JS. Also
+  the difference of means H(natural) - H(synthetic), per head and averaged over heads.
+- Complexity ratio: each image contributes the mean of its per-image entropy over all heads and
+  timesteps; ratio = mean over natural images / mean over synthetic images (= mean over heads
+  and timesteps of H(natural) over the same for synthetic when every image has every cell).
+  Interval: bootstrap over images, both datasets resampled independently; p-value: permutation
+  of dataset labels over images (two-sided, statistic: the ratio).
+- Degradation of an ablation: 100 x (mean L_ablated - mean L_clean) / mean L_clean over the
+  images (paired: same images, noise and timestep). Interval: paired bootstrap over images of
+  that percent; p-value: Wilcoxon signed-rank on (L_ablated, L_clean); Holm and
+  Benjamini-Hochberg adjusted across heads within each (dataset, timestep, mode).
+- Attribution agreement: Spearman rho between the attribution score (absolute value by
+  default) and the measured zero-ablation degradation of the same heads.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+from scipy import special as _special
+from scipy import stats as _st
+
+from . import stats
+
+__all__ = [
+    "complete_layers", "entropy_profile", "js_divergence", "entropy_divergence", "complexity_ratio", "complexity_ratio_point",
+    "degradation", "degradation_range", "attribution_agreement",
+]
+
+HEAD = ["layer", "head"]
+
+
+def _select(frame: pd.DataFrame, **equal) -> pd.DataFrame:
+    """Rows whose columns equal the given values (columns missing from the frame are ignored)."""
+    mask = np.ones(len(frame), dtype=bool)
+    for col, value in equal.items():
+        if value is not None and col in frame.columns:
+            mask &= (frame[col] == value).to_numpy()
+    return frame[mask]
+
+
+# --------------------------------------------------------------------------- entropy profile
+
+def complete_layers(layers: Optional[pd.DataFrame], histograms: Optional[pd.DataFrame] = None) -> Optional[pd.DataFrame]:
+    """``layers`` with numeric n_keys, filled where missing from the entropy histograms: per-query
+    entropy is binned over [0, ln n_keys], so n_keys = round(exp(top bin edge)). Layers only in
+    the histograms are added (other columns NaN). None when neither table gives anything."""
+    if layers is not None and len(layers):
+        out = layers.drop_duplicates("layer").copy()
+        out["n_keys"] = pd.to_numeric(out["n_keys"], errors="coerce") if "n_keys" in out.columns else np.nan
+    else:
+        out = pd.DataFrame({"layer": pd.Series(dtype=object), "n_keys": pd.Series(dtype=np.float64)})
+    if histograms is not None and len(histograms) and {"layer", "hi"} <= set(histograms.columns):
+        h = _select(histograms, stat="entropy")
+        top = h.groupby("layer", sort=True)["hi"].max()
+        from_hist = np.round(np.exp(top.astype(np.float64)))
+        known = set(out["layer"])
+        extra = [layer for layer in from_hist.index if layer not in known]
+        if extra:
+            out = pd.concat([out, pd.DataFrame({"layer": extra})], ignore_index=True)
+        missing = out["n_keys"].isna()
+        out.loc[missing, "n_keys"] = out.loc[missing, "layer"].map(from_hist).to_numpy(dtype=np.float64)
+    return out.reset_index(drop=True) if len(out) else None
+
+
+def entropy_profile(aggregates: pd.DataFrame, layers: Optional[pd.DataFrame] = None) -> pd.DataFrame:
+    """Per (model, dataset, timestep, layer, head): count, entropy_mean, entropy_sd (sqrt(m2/count)),
+    n_keys, normalised (entropy_mean / ln n_keys; NaN without ``layers`` or with n_keys < 2) and
+    effective_span (exp entropy_mean). Rows sorted by the key columns."""
+    keys = [c for c in ("model", "dataset", "timestep") if c in aggregates.columns] + HEAD
+    agg = _select(aggregates, stat="entropy")
+    out = agg[keys].copy()
+    out["count"] = agg["count"].to_numpy()
+    out["entropy_mean"] = agg["mean"].to_numpy(dtype=np.float64)
+    count = agg["count"].to_numpy(dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out["entropy_sd"] = np.sqrt(agg["m2"].to_numpy(dtype=np.float64) / count)
+    if layers is not None and len(layers):
+        n_keys = pd.to_numeric(layers.drop_duplicates("layer").set_index("layer")["n_keys"], errors="coerce")
+        out["n_keys"] = out["layer"].map(n_keys).to_numpy(dtype=np.float64)
+    else:
+        out["n_keys"] = np.nan
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_keys = np.log(out["n_keys"].to_numpy(dtype=np.float64))
+        out["normalised"] = np.where(log_keys > 0, out["entropy_mean"] / log_keys, np.nan)
+    out["effective_span"] = np.exp(out["entropy_mean"])
+    return out.sort_values(keys, kind="stable").reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------- divergence
+
+def js_divergence(p_counts, q_counts) -> np.ndarray | float:
+    """Jensen-Shannon divergence (nats) between histograms along the last axis.
+
+    Counts are normalised to probabilities; empty bins are fine. Result in [0, ln 2]: 0 for
+    identical histograms, ln 2 for disjoint ones; NaN where either histogram is all zero.
+    Returns a float for 1-D inputs, an array of the leading shape otherwise.
+    """
+    p = np.asarray(p_counts, dtype=np.float64)
+    q = np.asarray(q_counts, dtype=np.float64)
+    if p.shape != q.shape:
+        raise ValueError(f"histograms need equal shapes, got {p.shape} and {q.shape}")
+    sp, sq = p.sum(axis=-1, keepdims=True), q.sum(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p, q = p / sp, q / sq
+        m = 0.5 * (p + q)
+        js = 0.5 * _special.rel_entr(p, m).sum(axis=-1) + 0.5 * _special.rel_entr(q, m).sum(axis=-1)
+    js = np.where((sp[..., 0] > 0) & (sq[..., 0] > 0), np.clip(js, 0.0, math.log(2.0)), np.nan)
+    return float(js) if js.ndim == 0 else js
+
+
+def _js_long(frame: pd.DataFrame, keys: list, a: str, b: str) -> pd.DataFrame:
+    """JS per group of ``keys`` from a long frame with one row per bin and count columns a, b."""
+    f = frame[keys].copy()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = frame[a] / frame.groupby(keys, sort=False)[a].transform("sum")
+        q = frame[b] / frame.groupby(keys, sort=False)[b].transform("sum")
+        m = 0.5 * (p + q)
+        f["js"] = 0.5 * _special.rel_entr(p.to_numpy(), m.to_numpy()) + 0.5 * _special.rel_entr(q.to_numpy(), m.to_numpy())
+    f["_pa"], f["_pb"] = frame[a].to_numpy(), frame[b].to_numpy()
+    g = f.groupby(keys, sort=True).agg(js=("js", "sum"), _pa=("_pa", "sum"), _pb=("_pb", "sum")).reset_index()
+    g["js"] = np.where((g["_pa"] > 0) & (g["_pb"] > 0), g["js"].clip(0.0, math.log(2.0)), np.nan)
+    return g.drop(columns=["_pa", "_pb"])
+
+
+def entropy_divergence(histograms: pd.DataFrame, aggregates: Optional[pd.DataFrame] = None, model: str = "trained",
+                       datasets: tuple = ("synthetic", "natural"), stat: str = "entropy") -> dict:
+    """Entropy divergence between two datasets for one model (definitions in the module docstring).
+
+    Returns a dict of
+    - ``per_head``: DataFrame (timestep, layer, head, js, mean_diff),
+    - ``per_layer``: DataFrame (timestep, layer, js) -- heads' histograms summed within a layer,
+    - ``per_timestep``: DataFrame (timestep, js, mean_diff) -- js = mean over layers of the
+      per-layer pooled JS; mean_diff = mean over heads of H(natural) - H(synthetic),
+    - ``min`` / ``max``: range of the per-timestep pooled JS (NaN when there is none).
+    mean_diff needs ``aggregates`` (NaN otherwise). ``datasets`` = (reference, other).
+    """
+    ref, other = datasets
+    h = _select(histograms, model=model, stat=stat)
+    h = h[h["dataset"].isin(datasets)]
+    wide = (h.pivot_table(index=["timestep", "layer", "head", "bin"], columns="dataset", values="count",
+                          aggfunc="sum", fill_value=0)
+            .reindex(columns=list(datasets), fill_value=0).reset_index())
+    wide.columns.name = None
+    per_head = _js_long(wide, ["timestep", "layer", "head"], ref, other)
+    per_layer = _js_long(wide.groupby(["timestep", "layer", "bin"], sort=True)[[ref, other]].sum().reset_index(),
+                         ["timestep", "layer"], ref, other)
+    per_timestep = per_layer.groupby("timestep", sort=True)["js"].mean().reset_index()
+
+    per_head["mean_diff"] = np.nan
+    per_timestep["mean_diff"] = np.nan
+    if aggregates is not None and len(aggregates):
+        a = _select(aggregates, model=model, stat=stat)
+        means = a.pivot_table(index=["timestep", "layer", "head"], columns="dataset", values="mean", aggfunc="mean")
+        if ref in means.columns and other in means.columns:
+            diff = (means[other] - means[ref]).rename("mean_diff").reset_index()
+            per_head = per_head.drop(columns="mean_diff").merge(diff, on=["timestep", "layer", "head"], how="left")
+            by_t = diff.groupby("timestep")["mean_diff"].mean()
+            per_timestep["mean_diff"] = per_timestep["timestep"].map(by_t).to_numpy(dtype=np.float64)
+    js = per_timestep["js"].to_numpy(dtype=np.float64)
+    finite = js[np.isfinite(js)]
+    return {
+        "per_head": per_head.reset_index(drop=True),
+        "per_layer": per_layer.reset_index(drop=True),
+        "per_timestep": per_timestep.reset_index(drop=True),
+        "min": float(finite.min()) if finite.size else math.nan,
+        "max": float(finite.max()) if finite.size else math.nan,
+    }
+
+
+# --------------------------------------------------------------------------- complexity ratio
+
+def _image_means(per_image: pd.DataFrame, model: str, stat: str) -> pd.DataFrame:
+    p = _select(per_image, model=model, stat=stat)
+    return p.groupby(["dataset", "image"], sort=True)["mean"].mean().reset_index()
+
+
+def complexity_ratio(per_image: pd.DataFrame, model: str = "trained", n_resamples: int = 2000, seed: int = 0,
+                     confidence: float = 0.95, datasets: tuple = ("synthetic", "natural"), stat: str = "entropy",
+                     control: Optional[str] = "random") -> dict:
+    """Complexity ratio H(natural) / H(synthetic) over images (definition in the module docstring).
+
+    Returns {value, ci_low, ci_high, p_value, cohens_d (natural vs synthetic image means, pooled
+    sd), n_synthetic, n_natural, confidence, random_control} where
+    random_control is the same dict, without its own control, for the
+    model named ``control`` when per_image has rows for it, else None. ``datasets`` is
+    (denominator, numerator). Values are NaN when a dataset has no images.
+    """
+    den, num = datasets
+    images = _image_means(per_image, model, stat)
+    a = images.loc[images["dataset"] == num, "mean"].to_numpy(dtype=np.float64)
+    b = images.loc[images["dataset"] == den, "mean"].to_numpy(dtype=np.float64)
+    ci = stats.ratio_of_means_ci(a, b, n_resamples=n_resamples, confidence=confidence, seed=seed)
+    test = stats.permutation_test(a, b, statistic="mean_ratio", n_resamples=n_resamples, seed=seed)
+    out = {"value": ci.value, "ci_low": ci.ci_low, "ci_high": ci.ci_high, "p_value": test.p_value,
+           "cohens_d": stats.cohens_d(a, b), f"n_{den}": int(b.size), f"n_{num}": int(a.size),
+           "confidence": confidence}
+    if control is not None and control != model:
+        has = "model" in per_image.columns and bool((per_image["model"] == control).any())
+        out["random_control"] = (complexity_ratio(per_image, control, n_resamples, seed, confidence, datasets, stat,
+                                                  control=None) if has else None)
+    return out
+
+
+def complexity_ratio_point(aggregates: pd.DataFrame, model: str = "trained",
+                           datasets: tuple = ("synthetic", "natural"), stat: str = "entropy") -> float:
+    """The complexity ratio from aggregates alone (no images, so no interval): mean over
+    (timestep, layer, head) cells of H(natural) / the same mean for synthetic."""
+    den, num = datasets
+    a = _select(aggregates, model=model, stat=stat)
+    h_num = a.loc[a["dataset"] == num, "mean"].astype(float)
+    h_den = a.loc[a["dataset"] == den, "mean"].astype(float)
+    if h_num.empty or h_den.empty or h_den.mean() == 0:
+        return math.nan
+    return float(h_num.mean() / h_den.mean())
+
+
+# --------------------------------------------------------------------------- degradation
+
+def _percent(clean, ablated, axis=-1):
+    c = np.mean(clean, axis=axis)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return 100.0 * (np.mean(ablated, axis=axis) - c) / c
+
+
+def degradation(ablations: pd.DataFrame, n_resamples: int = 2000, confidence: float = 0.95,
+                seed: int = 0) -> pd.DataFrame:
+    """Per (dataset, timestep, layer, head, mode): n_images, loss_clean, loss_ablated (means over
+    images), percent, ci_low, ci_high (paired bootstrap over images of the percent), p_value
+    (Wilcoxon signed-rank, paired), p_holm and p_bh (adjusted across heads within each
+    (dataset, timestep, mode)). The bootstrap of the i-th group (in sorted key order) uses seed + i;
+    n_resamples=0 skips it (ci_low, ci_high NaN), e.g. for plots.
+    """
+    keys = ["dataset", "timestep", "layer", "head", "mode"]
+    cols = keys + ["n_images", "loss_clean", "loss_ablated", "percent", "ci_low", "ci_high", "p_value", "p_holm", "p_bh"]
+    if ablations is None or ablations.empty:
+        return pd.DataFrame(columns=cols)
+    rows = []
+    for i, (key, g) in enumerate(ablations.groupby(keys, sort=True)):
+        g = g.groupby("image", sort=True)[["loss_clean", "loss_ablated"]].mean()
+        clean = g["loss_clean"].to_numpy(dtype=np.float64)
+        abl = g["loss_ablated"].to_numpy(dtype=np.float64)
+        if n_resamples > 0:
+            ci = stats.paired_bootstrap_ci(clean, abl, _percent, n_resamples=n_resamples, confidence=confidence,
+                                           seed=seed + i)
+        else:
+            ci = stats.Interval(float(_percent(clean, abl)), math.nan, math.nan, confidence)
+        test = stats.wilcoxon_paired(abl, clean)
+        rows.append((*key, len(g), float(np.mean(clean)), float(np.mean(abl)), ci.value, ci.ci_low, ci.ci_high,
+                     test.p_value))
+    out = pd.DataFrame(rows, columns=cols[:-2])
+    family = out.groupby(["dataset", "timestep", "mode"], sort=False)["p_value"]
+    out["p_holm"] = family.transform(lambda p: stats.holm(p.to_numpy()))
+    out["p_bh"] = family.transform(lambda p: stats.benjamini_hochberg(p.to_numpy()))
+    return out
+
+
+def degradation_range(table: pd.DataFrame, mode: Optional[str] = "zero", top: int = 10) -> dict:
+    """Range and top heads of a ``degradation`` table for one ablation mode (all modes if None
+    or if the mode is absent): {mode, min, max, top: list of row dicts sorted by percent desc}."""
+    t = table
+    if mode is not None and "mode" in t.columns and (t["mode"] == mode).any():
+        t = t[t["mode"] == mode]
+    else:
+        mode = None
+    pct = t["percent"].to_numpy(dtype=np.float64) if len(t) else np.array([])
+    finite = pct[np.isfinite(pct)]
+    best = t.assign(_p=pct).sort_values(["_p", "dataset", "timestep", "layer", "head"],
+                                        ascending=[False, True, True, True, True], kind="stable", na_position="last")
+    return {
+        "mode": mode,
+        "min": float(finite.min()) if finite.size else math.nan,
+        "max": float(finite.max()) if finite.size else math.nan,
+        "top": best.drop(columns="_p").head(top).to_dict("records"),
+    }
+
+
+# --------------------------------------------------------------------------- attribution
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> tuple:
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    if x.size < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return math.nan, math.nan, int(x.size)
+    r = _st.spearmanr(x, y)
+    return float(r.statistic), float(r.pvalue), int(x.size)
+
+
+def attribution_agreement(attribution: pd.DataFrame, degradation_table: pd.DataFrame, absolute: bool = True,
+                          mode: str = "zero") -> dict:
+    """Spearman rho between attribution scores (|score| if ``absolute``) and measured degradation
+    percent of the same heads (ablation ``mode``), per (dataset, timestep) and pooled over all.
+
+    ``degradation_table`` is a ``degradation`` output (or any frame with dataset, timestep,
+    layer, head, percent and optionally mode). Returns {rho, p_value, n, absolute,
+    per_group: DataFrame (dataset, timestep, rho, p_value, n), pairs: the joined frame}.
+    """
+    d = degradation_table
+    if "mode" in d.columns:
+        d = d[d["mode"] == mode]
+    keys = ["dataset", "timestep", "layer", "head"]
+    a = attribution.groupby(keys, sort=True)["score"].mean().reset_index()
+    pairs = a.merge(d[keys + ["percent"]], on=keys, how="inner")
+    pairs["x"] = pairs["score"].abs() if absolute else pairs["score"]
+    rho, p, n = _spearman(pairs["x"].to_numpy(dtype=np.float64), pairs["percent"].to_numpy(dtype=np.float64))
+    groups = [(ds, t, *_spearman(g["x"].to_numpy(dtype=np.float64), g["percent"].to_numpy(dtype=np.float64)))
+              for (ds, t), g in pairs.groupby(["dataset", "timestep"], sort=True)]
+    per_group = pd.DataFrame(groups, columns=["dataset", "timestep", "rho", "p_value", "n"])
+    return {"rho": rho, "p_value": p, "n": n, "absolute": absolute, "per_group": per_group, "pairs": pairs}

@@ -1,0 +1,223 @@
+"""``summarise(out_dir)``: the study's summary, from the driver's saved tables only.
+
+Reads whichever of these exist in ``out_dir`` (each optional; a missing table makes the keys
+that need it null): aggregates, histograms, per_image, layers, features_maps, ablations,
+role_ablations, circuit, attribution (``.parquet``) and meta.json. Writes ``summary.json``
+(strict JSON: NaN and infinities become null; dict keys are strings) and returns the same
+dict, so ``summarise(d) == json.load(open(d / "summary.json"))``. Deterministic for a given
+seed. This is what ``diffcirc report DIR`` reruns.
+
+Keys (definitions in ``metrics`` and ``roles``; "trained" is the studied model, "random" the
+random-weights control):
+
+- complexity_ratio: {value, ci_low, ci_high, p_value, n_synthetic, n_natural, confidence,
+  source ("per_image", or "aggregates" when only those exist: no interval, no p-value)}
+- entropy_divergence: {per_timestep {t: pooled JS}, mean_diff {t: H_nat - H_syn}, min, max}
+- entropy: {entropy_mean, normalised_mean, by_dataset {dataset: {...}}} of the trained model
+- roles: [{layer, head, role, roles, entropy_mean, entropy_sd, normalised}] (trained model)
+- role_summary: [{role, n_heads, entropy_mean, entropy_sd, normalised_mean}] (sd over heads)
+- role_validation: rows of ``roles.role_validation``
+- degradation: {mode, min, max, top [{dataset, layer, head, timestep, mode, percent, ci_low,
+  ci_high, p_value, p_holm, p_bh}], by_mode {mode: {min, max}}, n_tests, n_significant_holm,
+  n_significant_bh} -- range and top over the zero-ablation rows when there are any
+- circuit: ``circuit.summarise_circuits``
+- attribution_spearman: {rho, p_value, n, absolute, per_group [{dataset, timestep, rho, p_value, n}]}
+- random_control: {complexity_ratio, entropy, entropy_divergence, roles (role summary)}
+- meta (meta.json as written by the driver), tables (the tables found), settings
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+
+from . import metrics
+from .circuit import summarise_circuits
+from .roles import RoleRules, role_summary, role_validation, roles_by_model
+
+__all__ = ["TABLES", "read_table", "read_meta", "summarise", "json_safe"]
+
+TABLES = ("aggregates", "histograms", "per_image", "layers", "features_maps", "ablations", "role_ablations",
+          "circuit", "attribution", "maps")
+SUMMARY_FILE = "summary.json"
+
+
+def read_table(out_dir, name: str) -> Optional[pd.DataFrame]:
+    """``out_dir/<name>.parquet`` as a DataFrame, or None when it does not exist."""
+    path = Path(out_dir) / f"{name}.parquet"
+    return pd.read_parquet(path) if path.is_file() else None
+
+
+def read_meta(out_dir) -> Optional[dict]:
+    path = Path(out_dir) / "meta.json"
+    if not path.is_file():
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def json_safe(obj):
+    """obj with numpy/pandas values turned into plain Python, NaN/inf into None, dict keys into str."""
+    if isinstance(obj, dict):
+        return {str(json_safe(k)) if not isinstance(k, str) else k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, pd.DataFrame):
+        return json_safe(obj.to_dict("records"))
+    if isinstance(obj, (list, tuple, set, frozenset, np.ndarray, pd.Series)):
+        return [json_safe(v) for v in (sorted(obj, key=repr) if isinstance(obj, (set, frozenset)) else obj)]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        x = float(obj)
+        return x if math.isfinite(x) else None
+    if obj is None or obj is pd.NA or obj is pd.NaT:
+        return None
+    if isinstance(obj, (pd.Timestamp,)):
+        return obj.isoformat()
+    return obj
+
+
+def _per_timestep(frame: pd.DataFrame, col: str) -> dict:
+    return {str(int(t)): v for t, v in zip(frame["timestep"], frame[col].astype(float))}
+
+
+def _entropy_overview(aggregates: pd.DataFrame, layers: Optional[pd.DataFrame], model: str) -> Optional[dict]:
+    prof = metrics.entropy_profile(aggregates, layers)
+    if "model" in prof.columns:
+        prof = prof[prof["model"] == model]
+    if prof.empty:
+        return None
+    by_ds = prof.groupby("dataset", sort=True)[["entropy_mean", "normalised"]].mean()
+    return {
+        "entropy_mean": float(prof["entropy_mean"].mean()),
+        "normalised_mean": float(prof["normalised"].mean()),
+        "by_dataset": {ds: {"entropy_mean": float(r["entropy_mean"]), "normalised_mean": float(r["normalised"])}
+                       for ds, r in by_ds.iterrows()},
+    }
+
+
+def _divergence(histograms, aggregates, model: str) -> Optional[dict]:
+    if histograms is None or histograms.empty:
+        return None
+    if "model" in histograms.columns and not (histograms["model"] == model).any():
+        return None
+    d = metrics.entropy_divergence(histograms, aggregates, model=model)
+    if d["per_timestep"].empty:
+        return None
+    return {"per_timestep": _per_timestep(d["per_timestep"], "js"),
+            "mean_diff": _per_timestep(d["per_timestep"], "mean_diff"),
+            "min": d["min"], "max": d["max"]}
+
+
+def _complexity(per_image, aggregates, n_resamples: int, seed: int, model: str, control: Optional[str]):
+    if per_image is not None and not per_image.empty and (
+            "model" not in per_image.columns or (per_image["model"] == model).any()):
+        out = metrics.complexity_ratio(per_image, model, n_resamples=n_resamples, seed=seed, control=control)
+        out["source"] = "per_image"
+        if out.get("random_control") is not None:
+            out["random_control"]["source"] = "per_image"
+        return out
+    if aggregates is not None and not aggregates.empty and (
+            "model" not in aggregates.columns or (aggregates["model"] == model).any()):
+        value = metrics.complexity_ratio_point(aggregates, model)
+        return {"value": value, "ci_low": None, "ci_high": None, "p_value": None, "source": "aggregates"}
+    return None
+
+
+def summarise(out_dir, n_resamples: int = 2000, seed: int = 0, rules: Optional[RoleRules] = None,
+              top: int = 10, write: bool = True) -> dict:
+    """Build (and by default write as ``out_dir/summary.json``) the summary of a run.
+
+    Keys: complexity_ratio, entropy_divergence, entropy, roles, role_summary, role_validation,
+    degradation, circuit, attribution_spearman, random_control, meta, tables, settings (module
+    docstring). ``n_resamples`` and ``seed`` drive every bootstrap
+    and permutation test; ``top`` is the number of most-degrading heads listed.
+    """
+    out_dir = Path(out_dir)
+    rules = rules or RoleRules()
+    t = {name: read_table(out_dir, name) for name in TABLES if name != "maps"}  # maps: only the report draws them
+    agg = t["aggregates"]
+    layers = metrics.complete_layers(t["layers"], t["histograms"])
+    has_agg = agg is not None and not agg.empty
+    models = set(agg["model"]) if has_agg and "model" in agg.columns else set()
+    summary: dict = {"tables": [n for n in TABLES if (out_dir / f"{n}.parquet").is_file()]}
+
+    summary["complexity_ratio"] = _complexity(t["per_image"], agg, n_resamples, seed, "trained", "random")
+    control_ratio = None
+    if summary["complexity_ratio"] is not None:
+        control_ratio = summary["complexity_ratio"].pop("random_control", None)
+    if control_ratio is None and "random" in models:
+        control_ratio = _complexity(None, agg, n_resamples, seed, "random", None)
+
+    summary["entropy_divergence"] = _divergence(t["histograms"], agg, "trained")
+    summary["entropy"] = _entropy_overview(agg, layers, "trained") if has_agg else None
+
+    by_model = roles_by_model(agg, layers, t["features_maps"], rules) if has_agg else {}
+    trained_roles = by_model.get("trained")
+    if trained_roles is not None and len(trained_roles):
+        summary["roles"] = [
+            {"layer": r.layer, "head": r.head, "role": r.role, "roles": list(r.roles), "entropy_mean": r.entropy,
+             "entropy_sd": r.entropy_sd, "normalised": r.normalised}
+            for r in trained_roles.itertuples(index=False)]
+        summary["role_summary"] = role_summary(trained_roles, rules)
+    else:
+        summary["roles"] = summary["role_summary"] = None
+    ra = t["role_ablations"]
+    summary["role_validation"] = (role_validation(ra, n_resamples=n_resamples, seed=seed)
+                                  if ra is not None and not ra.empty else None)
+
+    abl = t["ablations"]
+    deg = metrics.degradation(abl, n_resamples=n_resamples, seed=seed) if abl is not None and not abl.empty else None
+    if deg is not None and len(deg):
+        rng = metrics.degradation_range(deg, mode="zero", top=top)
+        keep = ["dataset", "layer", "head", "timestep", "mode", "percent", "ci_low", "ci_high", "p_value", "p_holm",
+                "p_bh"]
+        rng["top"] = [{k: row[k] for k in keep} for row in rng["top"]]
+        rng["by_mode"] = {m: {"min": float(g["percent"].min()), "max": float(g["percent"].max())}
+                          for m, g in deg.groupby("mode", sort=True)}
+        fam = deg if rng["mode"] is None else deg[deg["mode"] == rng["mode"]]
+        rng["n_tests"] = int(len(fam))
+        rng["n_significant_holm"] = int((fam["p_holm"] < 0.05).sum())
+        rng["n_significant_bh"] = int((fam["p_bh"] < 0.05).sum())
+        summary["degradation"] = rng
+    else:
+        summary["degradation"] = None
+
+    summary["circuit"] = summarise_circuits(t["circuit"])
+
+    att = t["attribution"]
+    if att is not None and not att.empty and deg is not None and len(deg):
+        a = metrics.attribution_agreement(att, deg)
+        summary["attribution_spearman"] = {"rho": a["rho"], "p_value": a["p_value"], "n": a["n"],
+                                           "absolute": a["absolute"], "per_group": a["per_group"]}
+    else:
+        summary["attribution_spearman"] = None
+
+    if "random" in models or control_ratio is not None:
+        control_roles = by_model.get("random")
+        summary["random_control"] = {
+            "complexity_ratio": control_ratio,
+            "entropy": _entropy_overview(agg, layers, "random"),
+            "entropy_divergence": _divergence(t["histograms"], agg, "random"),
+            "roles": role_summary(control_roles, rules) if control_roles is not None else None,
+        }
+    else:
+        summary["random_control"] = None
+
+    summary["meta"] = read_meta(out_dir)
+    summary["settings"] = {"n_resamples": n_resamples, "seed": seed, "top": top, "rules": asdict(rules)}
+    summary = json_safe(summary)
+    if write:
+        tmp = out_dir / f".{SUMMARY_FILE}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(summary, f, indent=2, allow_nan=False)
+        os.replace(tmp, out_dir / SUMMARY_FILE)
+    return summary

@@ -1,0 +1,25 @@
+"""``diffcirc report DIR``: re-render summary.json and the report from saved tables, without the model."""
+
+
+def register(subparsers):
+    p = subparsers.add_parser("report", help="rebuild summary.json, report.html and report.md from a run folder",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("folder", help="output folder of `diffcirc analyze`")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from ..analysis.summary import summarise
+    from ..report import print_summary, render
+
+    folder = Path(args.folder)
+    if not (folder / "meta.json").exists():
+        raise SystemExit(f"{folder} is not a diffcirc analysis folder (no meta.json)")
+    summary = summarise(folder)
+    render(folder)
+    print_summary(summary)
+    print(f"\nreport: {folder / 'report.html'}")
+    return 0

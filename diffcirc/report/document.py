@@ -1,0 +1,358 @@
+"""``render(out_dir)``: report.html (self-contained, figures as base64 PNG) and report.md
+(figures as PNG files in ``out_dir/figures/``) from the saved tables and ``summary.json``.
+
+The document is built once as a list of sections (text, tables, figures) and written by two
+small writers, so the HTML and the Markdown always say the same thing.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from ..analysis import metrics
+from ..analysis.roles import ROLE_LABELS
+from ..analysis.summary import SUMMARY_FILE, read_table, summarise
+from . import figures, paper
+from .formatting import DASH, fmt, fmt_ci, fmt_p, fmt_p_eq, fmt_range, mean_sd, role_row
+
+__all__ = ["render", "build"]
+
+
+# --------------------------------------------------------------------------- document model
+
+@dataclass
+class Text:
+    text: str
+
+
+@dataclass
+class Table:
+    headers: list
+    rows: list
+    caption: str = ""
+    collapsed: bool = False
+
+
+@dataclass
+class Plot:
+    name: str
+    fig: object
+    caption: str = ""
+
+
+@dataclass
+class Section:
+    title: str
+    items: list = field(default_factory=list)
+
+
+def _paper_vs_ours(s: dict) -> Section:
+    cr, rc = s.get("complexity_ratio"), s.get("random_control") or {}
+    div, deg = s.get("entropy_divergence"), s.get("degradation")
+    rdiv = rc.get("entropy_divergence")
+    tex = role_row(s.get("role_summary"), "texture_analysis")
+    rtex = role_row(rc.get("roles"), "texture_analysis")
+    ent, rent = s.get("entropy") or {}, rc.get("entropy") or {}
+    circ, att = s.get("circuit"), s.get("attribution_spearman")
+    p_lo, p_hi = paper.ENTROPY_DIVERGENCE
+    d_lo, d_hi = paper.DEGRADATION_PERCENT
+    rows = [
+        ["Complexity ratio H(natural) / H(synthetic)", f"{paper.COMPLEXITY_RATIO:.3f}",
+         f"{fmt_ci(cr)}; {fmt_p_eq((cr or {}).get('p_value'))}", fmt_ci(rc.get("complexity_ratio"))],
+        ["Entropy divergence across timesteps (JS, nats)", f"{p_lo} \u2013 {p_hi}",
+         fmt_range((div or {}).get("min"), (div or {}).get("max")), fmt_range((rdiv or {}).get("min"), (rdiv or {}).get("max"))],
+        ["Texture-analysis heads: entropy (nats)", f"{paper.TEXTURE_ENTROPY[0]:.2f} \u00b1 {paper.TEXTURE_ENTROPY[1]:.2f}",
+         mean_sd(tex), mean_sd(rtex)],
+        ["Single-head ablation degradation", f"{d_lo}% \u2013 {d_hi}%",
+         fmt_range((deg or {}).get("min"), (deg or {}).get("max"), 1, "%"), DASH],
+        ["Mean head entropy (nats) / normalised", DASH,
+         f"{fmt(ent.get('entropy_mean'))} / {fmt(ent.get('normalised_mean'))}",
+         f"{fmt(rent.get('entropy_mean'))} / {fmt(rent.get('normalised_mean'))}"],
+        ["Minimal circuit size natural / synthetic", DASH,
+         (f"{circ.get('natural_size')} / {circ.get('synthetic_size')} = {fmt(circ.get('ratio'))}" if circ else DASH), DASH],
+        ["Attribution vs ablation (Spearman \u03c1)", DASH,
+         (f"{fmt((att or {}).get('rho'))}; {fmt_p_eq((att or {}).get('p_value'))}; n = {(att or {}).get('n')}"
+          if att else DASH), DASH],
+    ]
+    return Section("The paper's numbers beside ours", [
+        Text(f"The column \u201cpaper\u201d holds the numbers reported in \u201c{paper.TITLE}\u201d; the paper gives "
+             "no formulas, so \u201cours\u201d uses diffcirc's documented definitions (DESIGN.md, Metrics). "
+             "Intervals are 95% bootstrap intervals."),
+        Table(["quantity", "paper (reported)", "ours: trained model", "ours: random-weights control"], rows),
+        Text(paper.UNIFORM_NOTE),
+    ])
+
+
+def _run_section(s: dict) -> Section:
+    meta = s.get("meta") or {}
+    rows = [[k, str(meta[k])] for k in sorted(meta) if not isinstance(meta[k], (dict, list))]
+    rows += [[k, str(meta[k])] for k in sorted(meta) if isinstance(meta[k], (dict, list))]
+    items = [Text(f"Tables found: {', '.join(s.get('tables') or []) or 'none'}.")]
+    if rows:
+        items.append(Table(["meta", "value"], rows))
+    return Section("Run", items)
+
+
+def _entropy_sections(out_dir: Path, s: dict, t: dict) -> list:
+    out = []
+    agg = t.get("aggregates")
+    if agg is not None and not agg.empty:
+        prof = metrics.entropy_profile(agg, t.get("layers"))
+        fig = figures.entropy_heatmaps(prof)
+        if fig is not None:
+            out.append(Section("Head entropy across timesteps", [
+                Plot("entropy_heatmaps", fig, "Mean per-query attention entropy H (nats) per head (rows) and "
+                     "timestep (columns); left: trained model, right: random-weights control."),
+            ]))
+    cr = s.get("complexity_ratio")
+    rc = (s.get("random_control") or {}).get("complexity_ratio")
+    fig = figures.complexity(cr, rc)
+    if fig is not None:
+        out.append(Section("Complexity ratio", [
+            Plot("complexity_ratio", fig, f"Ours (bootstrap CI over images) and the paper's reported "
+                 f"{paper.COMPLEXITY_RATIO} (labelled \u201cpaper\u201d)."),
+            Text(f"Ours: {fmt_ci(cr)}, permutation {fmt_p_eq((cr or {}).get('p_value'))}. "
+                 f"Random-weights control: {fmt_ci(rc)}."),
+        ]))
+    div = s.get("entropy_divergence")
+    rdiv = (s.get("random_control") or {}).get("entropy_divergence")
+    fig = figures.divergence({"trained": div, "random": rdiv})
+    if fig is not None:
+        steps = sorted(div["per_timestep"], key=int) if div else []
+        rows = [[k, fmt(div["per_timestep"].get(k), 4), fmt((div.get("mean_diff") or {}).get(k), 4),
+                 fmt(((rdiv or {}).get("per_timestep") or {}).get(k), 4)] for k in steps]
+        out.append(Section("Entropy divergence across timesteps", [
+            Plot("divergence", fig, "Jensen\u2013Shannon divergence between the synthetic and natural histograms "
+                 "of per-query entropy; the shaded band is the paper's reported range."),
+            Table(["timestep", "JS (trained)", "H(nat) \u2212 H(syn) (trained)", "JS (random control)"], rows),
+        ]))
+    return out
+
+
+def _degradation_section(s: dict) -> Optional[Section]:
+    deg = s.get("degradation")
+    if not deg:
+        return None
+    items = []
+    fig = figures.degradation_bars(deg.get("top") or [])
+    if fig is not None:
+        items.append(Plot("degradation", fig, "Most-degrading single-head ablations (ours) with 95% paired "
+                          "bootstrap intervals; the shaded band is the paper's reported 25.6%\u2013128.3%."))
+    rows = [[r.get("dataset"), r.get("timestep"), r.get("layer"), r.get("head"), r.get("mode"), fmt(r.get("percent"), 1),
+             f"[{fmt(r.get('ci_low'), 1)}, {fmt(r.get('ci_high'), 1)}]", fmt_p(r.get("p_value")), fmt_p(r.get("p_holm")),
+             fmt_p(r.get("p_bh"))] for r in deg.get("top") or []]
+    items.append(Text(f"Range over heads ({deg.get('mode') or 'all modes'} ablation): "
+                      f"{fmt_range(deg.get('min'), deg.get('max'), 1, '%')}; significant at 0.05 after Holm: "
+                      f"{deg.get('n_significant_holm')} of {deg.get('n_tests')}, after Benjamini\u2013Hochberg: "
+                      f"{deg.get('n_significant_bh')}."))
+    items.append(Table(["dataset", "timestep", "layer", "head", "mode", "degradation %", "95% CI", "p (Wilcoxon)",
+                        "p (Holm)", "p (BH)"], rows))
+    return Section("Head ablations", items)
+
+
+def _roles_section(s: dict) -> Optional[Section]:
+    summ = s.get("role_summary")
+    if not summ:
+        return None
+    ctrl = (s.get("random_control") or {}).get("roles")
+    rows = []
+    for r in summ:
+        c = role_row(ctrl, r["role"])
+        paper_col = (f"{paper.TEXTURE_ENTROPY[0]:.2f} \u00b1 {paper.TEXTURE_ENTROPY[1]:.2f}"
+                     if r["role"] == "texture_analysis" else DASH)
+        rows.append([ROLE_LABELS.get(r["role"], r["role"]), f"{r['n_heads']} ({r.get('n_matching', DASH)})", mean_sd(r),
+                     fmt(r.get("normalised_mean")),
+                     f"{c['n_heads']} ({c.get('n_matching', DASH)})" if c else DASH, mean_sd(c), paper_col])
+    items = [
+        Text("Primary role per head: the first matching rule in the priority order (diffcirc.analysis.roles); "
+             "heads: with that primary role (in brackets: heads whose rule fires at all); entropy mean \u00b1 sd "
+             "over the heads with that primary role."),
+        Table(["role", "heads (trained)", "entropy, nats (trained)", "normalised (trained)", "heads (random)",
+               "entropy, nats (random)", "paper (reported)"], rows),
+    ]
+    heads = s.get("roles") or []
+    items.append(Table(["layer", "head", "primary role", "all matching roles", "entropy mean", "entropy sd", "normalised"],
+                       [[r["layer"], r["head"], ROLE_LABELS.get(r["role"], r["role"]),
+                         ", ".join(ROLE_LABELS.get(x, x) for x in r.get("roles") or []) or DASH,
+                         fmt(r.get("entropy_mean")), fmt(r.get("entropy_sd")), fmt(r.get("normalised"))] for r in heads],
+                       caption="Roles of every head (trained model)", collapsed=True))
+    val = s.get("role_validation")
+    if val:
+        items.append(Text("Validation: ablating each role's heads vs size-matched random heads, on a role-relevant "
+                          "error of the predicted x0 (p: paired sign-flip permutation test; Holm across roles)."))
+        items.append(Table(["dataset", "role", "error", "role: increase (%)", "random: increase (%)", "ratio",
+                            "p", "p (Holm)", "p (rank among reps)"],
+                           [[r["dataset"], ROLE_LABELS.get(r["role"], r["role"]), r["error_name"],
+                             f"{fmt(r.get('role_increase'), 4)} ({fmt(r.get('role_percent'), 1)}%)",
+                             f"{fmt(r.get('random_increase'), 4)} ({fmt(r.get('random_percent'), 1)}%)",
+                             fmt(r.get("ratio"), 2), fmt_p(r.get("p_value")), fmt_p(r.get("p_holm")),
+                             fmt_p(r.get("p_rank"))] for r in val]))
+    return Section("Functional head roles", items)
+
+
+def _circuit_section(s: dict) -> Optional[Section]:
+    c = s.get("circuit")
+    if not c:
+        return None
+    rows = [[ds, (c.get(f"{ds}_size")), (c.get("n_heads") or {}).get(ds), fmt((c.get("final_degradation") or {}).get(ds), 1)]
+            for ds in ("synthetic", "natural")]
+    return Section("Minimal circuits", [
+        Text(f"Greedy head pruning (least effect first) while degradation stays under the threshold. "
+             f"Size ratio natural / synthetic: {fmt(c.get('ratio'))}."),
+        Table(["dataset", "heads kept", "heads tried", "degradation at last removal (%)"], rows),
+    ])
+
+
+def _maps_section(out_dir: Path, t: dict) -> Optional[Section]:
+    fig = figures.entropy_maps(t.get("maps"), t.get("layers"), out_dir / "samples")
+    if fig is None:
+        return None
+    return Section("Per-query entropy maps", [
+        Plot("entropy_maps", fig, "Sample images (left) and per-query entropy maps of a few heads, drawn on the "
+             "layer's query grid."),
+    ])
+
+
+def _attribution_section(s: dict, t: dict) -> Optional[Section]:
+    att, abl = t.get("attribution"), t.get("ablations")
+    a = s.get("attribution_spearman")
+    if att is None or abl is None or att.empty or abl.empty or not a:
+        return None
+    deg = metrics.degradation(abl, n_resamples=0)
+    pairs = metrics.attribution_agreement(att, deg)["pairs"]
+    fig = figures.attribution_scatter(pairs, a.get("rho"))
+    rows = [[g["dataset"], g["timestep"], fmt(g.get("rho")), fmt_p(g.get("p_value")), g.get("n")]
+            for g in a.get("per_group") or []]
+    items = [Text(f"Spearman \u03c1 between |attribution| and zero-ablation degradation, pooled: {fmt(a.get('rho'))} "
+                  f"({fmt_p_eq(a.get('p_value'))}, n = {a.get('n')}).")]
+    if fig is not None:
+        items.insert(0, Plot("attribution", fig, "One point per (dataset, timestep, head)."))
+    items.append(Table(["dataset", "timestep", "\u03c1", "p", "n"], rows))
+    return Section("Attribution patching vs ablation", items)
+
+
+def build(out_dir: Path, summary: dict) -> list:
+    """The report's sections, from the tables in out_dir and the summary."""
+    tables = {name: read_table(out_dir, name)
+              for name in ("aggregates", "layers", "histograms", "maps", "attribution", "ablations")}
+    tables["layers"] = metrics.complete_layers(tables["layers"], tables.pop("histograms"))
+    sections = [_paper_vs_ours(summary)]
+    sections += _entropy_sections(out_dir, summary, tables)
+    for sec in (_degradation_section(summary), _roles_section(summary), _circuit_section(summary),
+                _maps_section(out_dir, tables), _attribution_section(summary, tables)):
+        if sec is not None:
+            sections.append(sec)
+    sections.append(_run_section(summary))
+    return sections
+
+
+# --------------------------------------------------------------------------- writers
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+h1{font-size:1.6em}h2{font-size:1.25em;border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.8em}
+table{border-collapse:collapse;margin:.8em 0;font-size:.88em}th,td{border:1px solid #ccc;padding:.3em .6em;text-align:left}
+th{background:#f3f3f3}img{max-width:100%;height:auto}figure{margin:1em 0}figcaption{font-size:.85em;color:#555}
+details{margin:.8em 0}
+"""
+
+
+def _html_table(t: Table) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in t.headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in t.rows)
+    out = f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    if t.collapsed:
+        return f"<details><summary>{html.escape(t.caption or 'table')}</summary>{out}</details>"
+    return (f"<p><em>{html.escape(t.caption)}</em></p>" if t.caption else "") + out
+
+
+def _md_cell(c) -> str:
+    return str(c).replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(t: Table) -> str:
+    lines = [f"*{t.caption}*", ""] if t.caption else []
+    lines.append("| " + " | ".join(_md_cell(h) for h in t.headers) + " |")
+    lines.append("|" + "|".join("---" for _ in t.headers) + "|")
+    lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in t.rows]
+    return "\n".join(lines)
+
+
+def _describe(value) -> str:
+    """A meta entry in a few words: {"natural": {"spec": "lfw", "n": 20}} -> "natural: lfw (n=20)"."""
+    if isinstance(value, dict):
+        parts = []
+        for k, v in value.items():
+            if isinstance(v, dict) and "spec" in v:
+                parts.append(f"{k}: {v['spec']}" + (f" (n={v['n']})" if "n" in v else ""))
+            else:
+                parts.append(f"{k}: {v}")
+        return ", ".join(parts)
+    return str(value)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def render(out_dir, summary: Optional[dict] = None, n_resamples: int = 2000, seed: int = 0) -> dict:
+    """Write ``report.html``, ``report.md`` and ``figures/*.png`` into out_dir.
+
+    summary: the ``summarise`` dict; None reads ``out_dir/summary.json`` or, when that does not
+    exist, runs ``summarise(out_dir, n_resamples, seed)`` (which writes it). Returns the paths
+    {"html", "md", "figures": [png paths]}.
+    """
+    out_dir = Path(out_dir)
+    if summary is None:
+        path = out_dir / SUMMARY_FILE
+        if path.is_file():
+            with open(path) as f:
+                summary = json.load(f)
+        else:
+            summary = summarise(out_dir, n_resamples=n_resamples, seed=seed)
+    sections = build(out_dir, summary)
+    fig_dir = out_dir / "figures"
+    fig_dir.mkdir(exist_ok=True)
+
+    meta = summary.get("meta") or {}
+    subtitle = " \u00b7 ".join(_describe(meta[k]) for k in ("model", "data") if meta.get(k) is not None)
+    html_parts = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+                  "<title>diffcirc report</title>", f"<style>{_CSS}</style></head><body>",
+                  "<h1>diffcirc report: synthetic vs natural faces</h1>"]
+    md_parts = ["# diffcirc report: synthetic vs natural faces", ""]
+    if subtitle:
+        html_parts.append(f"<p>{html.escape(subtitle)}</p>")
+        md_parts += [subtitle, ""]
+    pngs = []
+    for sec in sections:
+        html_parts.append(f"<h2>{html.escape(sec.title)}</h2>")
+        md_parts += [f"## {sec.title}", ""]
+        for item in sec.items:
+            if isinstance(item, Text):
+                html_parts.append(f"<p>{html.escape(item.text)}</p>")
+                md_parts += [item.text, ""]
+            elif isinstance(item, Table):
+                html_parts.append(_html_table(item))
+                md_parts += [_md_table(item), ""]
+            elif isinstance(item, Plot):
+                data = figures.png_bytes(item.fig)
+                png = fig_dir / f"{item.name}.png"
+                png.write_bytes(data)
+                pngs.append(png)
+                b64 = base64.b64encode(data).decode("ascii")
+                html_parts.append(f"<figure><img alt='{html.escape(item.name)}' src='data:image/png;base64,{b64}'>"
+                                  f"<figcaption>{html.escape(item.caption)}</figcaption></figure>")
+                md_parts += [f"![{item.name}](figures/{item.name}.png)", "", f"*{item.caption}*", ""]
+    html_parts.append("</body></html>")
+    html_path, md_path = out_dir / "report.html", out_dir / "report.md"
+    _write_atomic(html_path, "\n".join(html_parts))
+    _write_atomic(md_path, "\n".join(md_parts))
+    return {"html": html_path, "md": md_path, "figures": pngs}

@@ -1,0 +1,95 @@
+"""End to end: `diffcirc analyze` on a tiny random UNet, then `diffcirc report` from the saved tables."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from diffcirc.analysis import metrics
+from diffcirc.analysis.summary import summarise
+from diffcirc.cli import main as cli
+from diffcirc.models import build_scheduler, build_unet
+
+TABLES = {
+    "aggregates": {"model", "dataset", "timestep", "layer", "head", "stat", "count", "mean", "std", "m2"},
+    "histograms": {"model", "dataset", "timestep", "layer", "head", "stat", "bin", "lo", "hi", "count"},
+    "per_image": {"model", "dataset", "timestep", "image", "layer", "head", "stat", "mean"},
+    "layers": {"layer", "kind", "heads", "head_dim", "n_keys", "grid_h", "grid_w"},
+    "ablations": {"dataset", "timestep", "layer", "head", "mode", "image", "loss_clean", "loss_ablated"},
+    "attribution": {"dataset", "timestep", "layer", "head", "score"},
+    "role_ablations": {"dataset", "timestep", "role", "control", "rep", "image", "error_name", "err_clean", "err_ablated"},
+    "circuit": {"dataset", "step", "removed_layer", "removed_head", "kept", "degradation"},
+    "features_maps": {"model", "dataset", "timestep", "layer", "head", "edge_corr", "texture_corr"},
+}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("analysis")
+    torch.manual_seed(0)
+    model_dir = root / "tiny-unet"
+    build_unet(32).save_pretrained(model_dir)
+    build_scheduler().save_pretrained(model_dir)
+    out = root / "out"
+    code = cli(["analyze", "--model", str(model_dir), "--synthetic", "8", "--natural", "lfw", "--natural-n", "8",
+                "--timesteps", "100,600", "--ablation-timesteps", "600", "--ablation-images", "8",
+                "--role-control-reps", "2", "--out", str(out)])
+    assert code == 0
+    return out
+
+
+def test_output_schema(run):
+    for name, columns in TABLES.items():
+        df = pd.read_parquet(run / f"{name}.parquet")
+        assert columns <= set(df.columns), (name, columns - set(df.columns))
+        assert len(df) > 0, name
+    layers = pd.read_parquet(run / "layers.parquet")
+    assert len(layers) == 3 and (layers.heads == 8).all() and (layers.n_keys == 64).all()
+    agg = pd.read_parquet(run / "aggregates.parquet")
+    assert set(agg.model) == {"trained", "random"} and set(agg.dataset) == {"synthetic", "natural"}
+    assert set(agg.timestep) == {100, 600}
+    for name in ("summary.json", "report.html", "report.md", "meta.json"):
+        assert (run / name).exists()
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("complexity_ratio", "entropy_divergence", "roles", "degradation", "circuit", "attribution_spearman", "meta"):
+        assert key in summary
+    assert {"value", "ci_low", "ci_high", "p_value"} <= set(summary["complexity_ratio"])
+    assert summary["meta"]["wall_time_s"] > 0
+
+
+def test_summary_equals_metric_functions_on_saved_tables(run):
+    summary = json.loads((run / "summary.json").read_text())
+    ratio = metrics.complexity_ratio(pd.read_parquet(run / "per_image.parquet"), n_resamples=2000, seed=0)
+    assert summary["complexity_ratio"]["value"] == pytest.approx(ratio["value"], rel=1e-12)
+    assert summary["complexity_ratio"]["p_value"] == pytest.approx(ratio["p_value"], rel=1e-12)
+    div = metrics.entropy_divergence(pd.read_parquet(run / "histograms.parquet"), pd.read_parquet(run / "aggregates.parquet"))
+    assert summary["entropy_divergence"]["min"] == pytest.approx(div["min"], rel=1e-12)
+    assert summary["entropy_divergence"]["max"] == pytest.approx(div["max"], rel=1e-12)
+    # entropy of a 64-token head can never exceed ln 64
+    agg = pd.read_parquet(run / "aggregates.parquet")
+    assert agg[agg.stat == "entropy"]["mean"].max() <= torch.log(torch.tensor(64.0)).item() + 1e-5
+    # degradation is measured, not assumed: ablation losses are paired with the clean loss of the same image
+    abl = pd.read_parquet(run / "ablations.parquet")
+    assert abl.groupby(["dataset", "timestep", "image"])["loss_clean"].nunique().max() == 1
+
+
+def test_report_rebuilds_the_same_summary(run, tmp_path):
+    before = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").unlink()
+    (run / "report.html").unlink()
+    assert cli(["report", str(run)]) == 0
+    after = json.loads((run / "summary.json").read_text())
+    before.pop("meta"), after.pop("meta")
+    assert after == before
+    assert (run / "report.html").stat().st_size > 10_000
+
+
+def test_same_command_same_numbers(run, tmp_path):
+    # noise and images are seeded per image, so a recomputation of one table row matches exactly
+    from diffcirc.analysis.driver import noise_for
+
+    a = noise_for(0, 1, [3, 5], 600, (3, 8, 8))
+    b = noise_for(0, 1, [5], 600, (3, 8, 8))
+    assert torch.equal(a[1], b[0])
+    assert not torch.equal(a[0], a[1])

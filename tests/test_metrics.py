@@ -1,0 +1,176 @@
+"""Metrics on constructed tables with known answers."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.spatial.distance import jensenshannon
+
+from diffcirc.analysis import metrics, stats
+
+LN2 = math.log(2)
+
+
+def _agg_row(model, ds, t, layer, head, stat, count, mean, m2):
+    return {"model": model, "dataset": ds, "timestep": t, "layer": layer, "head": head, "stat": stat, "count": count,
+            "mean": mean, "std": math.sqrt(m2 / (count - 1)), "m2": m2}
+
+
+def test_entropy_profile_uniform_head():
+    layers = pd.DataFrame({"layer": ["a", "b"], "kind": "self", "heads": 1, "head_dim": 8, "n_keys": [64, 16],
+                           "grid_h": [8, 4], "grid_w": [8, 4]})
+    agg = pd.DataFrame([_agg_row("trained", "synthetic", 10, "a", 0, "entropy", 100, math.log(64), 0.0),
+                        _agg_row("trained", "synthetic", 10, "b", 0, "entropy", 100, 1.0, 4.0),
+                        _agg_row("trained", "synthetic", 10, "b", 0, "distance", 100, 0.3, 1.0)])
+    p = metrics.entropy_profile(agg, layers).set_index("layer")
+    assert len(p) == 2
+    assert p.loc["a", "normalised"] == pytest.approx(1.0) and p.loc["a", "effective_span"] == pytest.approx(64.0)
+    assert p.loc["a", "entropy_sd"] == 0.0 and p.loc["b", "entropy_sd"] == pytest.approx(0.2)
+    assert p.loc["b", "normalised"] == pytest.approx(1.0 / math.log(16))
+    assert metrics.entropy_profile(agg)["normalised"].isna().all()
+
+
+def test_js_divergence_known_values():
+    assert metrics.js_divergence([1, 2, 3, 0], [10, 20, 30, 0]) == 0.0
+    assert metrics.js_divergence([5, 0, 0], [0, 0, 7]) == pytest.approx(LN2)
+    assert math.isnan(metrics.js_divergence([0, 0], [1, 1]))
+    p, q = np.array([3.0, 1.0, 0.0, 6.0]), np.array([1.0, 1.0, 4.0, 2.0])
+    assert metrics.js_divergence(p, q) == pytest.approx(jensenshannon(p, q) ** 2)
+    batch = metrics.js_divergence(np.stack([p, p]), np.stack([q, p]))
+    np.testing.assert_allclose(batch, [jensenshannon(p, q) ** 2, 0.0], atol=1e-12)
+    with pytest.raises(ValueError, match="equal shapes"):
+        metrics.js_divergence([1, 2], [1, 2, 3])
+
+
+def _hist(counts: dict, model="trained", timestep=10, layer="a"):
+    """counts: {(dataset, head): [count per bin]}"""
+    rows = []
+    for (ds, head), c in counts.items():
+        for b, n in enumerate(c):
+            rows.append({"model": model, "dataset": ds, "timestep": timestep, "layer": layer, "head": head,
+                         "stat": "entropy", "bin": b, "lo": b * 0.5, "hi": (b + 1) * 0.5, "count": n})
+    return pd.DataFrame(rows)
+
+
+def test_entropy_divergence_identical_and_disjoint():
+    same = pd.concat([_hist({("synthetic", 0): [1, 4, 2], ("natural", 0): [2, 8, 4]}, timestep=t) for t in (1, 2)])
+    d = metrics.entropy_divergence(same)
+    assert d["min"] == d["max"] == 0.0 and (d["per_head"]["js"] == 0).all()
+    # Per head: disjoint (ln 2); pooled over the layer's heads: identical (0) -- the documented pooling.
+    crossed = _hist({("synthetic", 0): [9, 0], ("natural", 0): [0, 9], ("synthetic", 1): [0, 9], ("natural", 1): [9, 0]})
+    d = metrics.entropy_divergence(crossed)
+    np.testing.assert_allclose(d["per_head"]["js"], [LN2, LN2])
+    assert d["per_layer"]["js"].tolist() == [0.0] and d["per_timestep"]["js"].tolist() == [0.0]
+
+
+def test_entropy_divergence_averages_layers_and_reads_means():
+    h = pd.concat([_hist({("synthetic", 0): [5, 0], ("natural", 0): [0, 5]}, layer="a"),
+                   _hist({("synthetic", 0): [3, 3], ("natural", 0): [3, 3]}, layer="b"),
+                   _hist({("synthetic", 0): [3, 3], ("natural", 0): [3, 3]}, model="random")])
+    agg = pd.DataFrame([_agg_row("trained", "synthetic", 10, "a", 0, "entropy", 10, 1.0, 1.0),
+                        _agg_row("trained", "natural", 10, "a", 0, "entropy", 10, 1.5, 1.0),
+                        _agg_row("trained", "synthetic", 10, "b", 0, "entropy", 10, 2.0, 1.0),
+                        _agg_row("trained", "natural", 10, "b", 0, "entropy", 10, 2.1, 1.0)])
+    d = metrics.entropy_divergence(h, agg)
+    assert d["per_timestep"]["js"].iloc[0] == pytest.approx(LN2 / 2)
+    assert d["per_timestep"]["mean_diff"].iloc[0] == pytest.approx(0.3)
+    assert d["per_head"].set_index("layer").loc["a", "mean_diff"] == pytest.approx(0.5)
+    assert metrics.entropy_divergence(h, agg, model="random")["max"] == 0.0
+    # A bin only one dataset has counts in is fine (outer join with zeros).
+    one_sided = _hist({("synthetic", 0): [4, 4, 0], ("natural", 0): [4, 4]})
+    assert metrics.entropy_divergence(one_sided)["max"] == 0.0
+
+
+def _per_image(values: dict, model="trained"):
+    """values: {dataset: per-image entropy list}; two heads and two timesteps, same value."""
+    rows = []
+    for ds, imgs in values.items():
+        for i, v in enumerate(imgs):
+            for t in (1, 2):
+                for head in (0, 1):
+                    rows.append({"model": model, "dataset": ds, "timestep": t, "image": i, "layer": "a",
+                                 "head": head, "stat": "entropy", "mean": v + (0.1 if head else -0.1)})
+    return pd.DataFrame(rows)
+
+
+def test_complexity_ratio_identical_datasets_is_one():
+    imgs = list(np.random.default_rng(0).uniform(2, 3, 10))
+    r = metrics.complexity_ratio(_per_image({"synthetic": imgs, "natural": imgs}), n_resamples=499)
+    assert r["value"] == pytest.approx(1.0) and r["ci_low"] <= 1.0 <= r["ci_high"] and r["p_value"] > 0.9
+    assert r["random_control"] is None and r["n_synthetic"] == r["n_natural"] == 10
+
+
+def test_complexity_ratio_shifted_with_control():
+    rng = np.random.default_rng(1)
+    syn = rng.uniform(2, 2.2, 12)
+    nat = 1.1 * rng.uniform(2, 2.2, 12)
+    frame = pd.concat([_per_image({"synthetic": syn, "natural": nat}),
+                       _per_image({"synthetic": syn, "natural": syn}, model="random")])
+    r = metrics.complexity_ratio(frame, n_resamples=999, seed=2)
+    assert r["value"] == pytest.approx(nat.mean() / syn.mean()) and r["ci_low"] < r["value"] < r["ci_high"]
+    assert r["p_value"] < 0.01
+    assert r["random_control"]["value"] == pytest.approx(1.0)
+    assert r == metrics.complexity_ratio(frame, n_resamples=999, seed=2)
+
+
+def test_complexity_ratio_point_from_aggregates():
+    agg = pd.DataFrame([_agg_row("trained", "synthetic", 1, "a", 0, "entropy", 10, 2.0, 1.0),
+                        _agg_row("trained", "natural", 1, "a", 0, "entropy", 10, 2.2, 1.0),
+                        _agg_row("random", "natural", 1, "a", 0, "entropy", 10, 9.0, 1.0)])
+    assert metrics.complexity_ratio_point(agg) == pytest.approx(1.1)
+    assert math.isnan(metrics.complexity_ratio_point(agg, model="random"))
+
+
+def _ablations():
+    rows = []
+    rng = np.random.default_rng(0)
+    for head, factor in ((0, 1.5), (1, 1.0), (2, None)):
+        for i in range(8):
+            clean = 1.0 + 0.1 * i
+            ablated = clean * (factor if factor else rng.uniform(0.9, 1.3))
+            for mode in ("zero", "mean"):
+                rows.append({"dataset": "natural", "timestep": 5, "layer": "a", "head": head, "mode": mode,
+                             "image": i, "loss_clean": clean, "loss_ablated": ablated})
+    return pd.DataFrame(rows)
+
+
+def test_degradation_percent_ci_and_corrections():
+    d = metrics.degradation(_ablations(), n_resamples=499)
+    zero = d[d["mode"] == "zero"].set_index("head")
+    assert zero.loc[0, "percent"] == pytest.approx(50.0)
+    assert zero.loc[0, "ci_low"] == pytest.approx(50.0) and zero.loc[0, "ci_high"] == pytest.approx(50.0)
+    assert zero.loc[0, "p_value"] == pytest.approx(stats.wilcoxon_paired([1.5] * 8, [1.0] * 8).p_value)
+    assert zero.loc[1, "percent"] == 0.0 and zero.loc[1, "p_value"] == 1.0
+    raw = _ablations().query("head == 2 and mode == 'zero'")
+    want = 100 * (raw["loss_ablated"].mean() - raw["loss_clean"].mean()) / raw["loss_clean"].mean()
+    assert zero.loc[2, "percent"] == pytest.approx(want) and zero.loc[2, "ci_low"] < want < zero.loc[2, "ci_high"]
+    np.testing.assert_allclose(zero["p_holm"], stats.holm(zero["p_value"]))
+    np.testing.assert_allclose(zero["p_bh"], stats.benjamini_hochberg(zero["p_value"]))
+    r = metrics.degradation_range(d, top=2)
+    assert r["mode"] == "zero" and r["min"] == 0.0 and r["max"] == pytest.approx(50.0)
+    assert [row["head"] for row in r["top"]] == [0, 2]
+    quick = metrics.degradation(_ablations(), n_resamples=0)
+    np.testing.assert_allclose(quick["percent"], d["percent"])
+    assert quick["ci_low"].isna().all() and metrics.degradation(_ablations().iloc[:0]).empty
+
+
+def test_attribution_agreement_spearman():
+    deg = pd.DataFrame({"dataset": "natural", "timestep": [1] * 5 + [2] * 5, "layer": "a", "head": list(range(5)) * 2,
+                        "mode": "zero", "percent": [10, 20, 30, 40, 50, 50, 40, 30, 20, 10]})
+    att = deg[["dataset", "timestep", "layer", "head"]].assign(score=-np.array([1, 2, 3, 4, 5, 1, 2, 3, 4, 5.0]))
+    r = metrics.attribution_agreement(att, deg)
+    per = r["per_group"].set_index("timestep")
+    assert per.loc[1, "rho"] == pytest.approx(1.0) and per.loc[2, "rho"] == pytest.approx(-1.0)
+    assert r["n"] == 10 and abs(r["rho"]) < 0.5
+    assert metrics.attribution_agreement(att, deg, absolute=False)["per_group"]["rho"].iloc[0] == pytest.approx(-1.0)
+
+
+def test_complete_layers_fills_n_keys_from_histograms():
+    layers = pd.DataFrame({"layer": ["a", "b"], "kind": "self", "heads": 1, "head_dim": 8, "n_keys": [None, 16],
+                           "grid_h": None, "grid_w": None})
+    hist = pd.concat([_hist({("synthetic", 0): [1, 1]}, layer="a").assign(hi=lambda f: (f["bin"] + 1) * math.log(64) / 2),
+                      _hist({("synthetic", 0): [1, 1]}, layer="c").assign(hi=lambda f: (f["bin"] + 1) * math.log(9) / 2)])
+    out = metrics.complete_layers(layers, hist).set_index("layer")["n_keys"]
+    assert out.to_dict() == {"a": 64.0, "b": 16.0, "c": 9.0}
+    assert metrics.complete_layers(None, None) is None

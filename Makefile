@@ -33,9 +33,11 @@ test: build
 	$(PY) -m diffcirc.info
 	$(PY) -m pytest -q tests
 
+DEMO_OUT ?= runs/demo
+
 demo: build
 	$(PY) -m diffcirc.info
-	$(PY) benchmarks/bench_attention.py --quick
+	$(PY) -m diffcirc analyze --model bundled --out $(DEMO_OUT)
 
 bench: build
 	$(PY) benchmarks/bench_attention.py

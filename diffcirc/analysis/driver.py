@@ -35,6 +35,7 @@ from . import image_maps
 from .tables import write_json, write_table
 
 DATASETS = ("synthetic", "natural")
+CONTROL_SEED_OFFSET = 1_000_003
 
 
 def default_timesteps(n: int = 10, T: int = 1000) -> list[int]:
@@ -137,7 +138,8 @@ class Experiment:
     def trace(self):
         models = [("trained", self.unet)]
         if self.c.random_control:
-            models.append(("random", random_like(self.unet, seed=self.c.seed)))
+            # a seed of its own, so that the control never equals a model initialised from `seed`
+            models.append(("random", random_like(self.unet, seed=CONTROL_SEED_OFFSET + self.c.seed)))
         aggregates, histograms, per_image, maps = [], [], [], []
         samples = {name: d.ids[: self.c.sample_maps] for name, d in self.data.items()}
         total = len(models) * sum(len(d.ids) for d in self.data.values()) * len(self.c.timesteps)

@@ -82,5 +82,8 @@ def random_like(unet: UNet2DModel, seed: int = 0) -> UNet2DModel:
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = UNet2DModel.from_config(unet.config)
-    return model.to(device=unet.device, dtype=unet.dtype).eval()
+        model = type(unet).from_config(unet.config)  # any diffusers UNet class, not only UNet2DModel
+    # .to() only when needed: diffusers warns on every dtype cast of a model
+    if model.dtype != unet.dtype:
+        model = model.to(dtype=unet.dtype)
+    return model.to(unet.device).eval()

@@ -3,9 +3,9 @@ PYTHON_SYS ?= python3
 VENV       ?= .venv
 PY         := $(VENV)/bin/python
 PIP        := $(PY) -m pip
-# The CPU build of torch keeps the set-up small; override for a CUDA build, e.g.
-#   make test TORCH_SPEC='torch==2.14.1'
-TORCH_SPEC ?= torch==2.13.0
+# A CUDA-enabled torch, so the CUDA kernels are compiled (with or without a GPU). For a smaller
+# CPU-only set-up: make test TORCH_SPEC='torch==2.13.0' (a CPU build where one is on the index).
+TORCH_SPEC ?= torch==2.14.1
 export MAX_JOBS ?= 2
 
 KERNEL_SOURCES := $(shell find csrc -type f) setup.py

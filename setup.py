@@ -8,9 +8,15 @@ import os
 import shutil
 
 from setuptools import setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 import torch
+
+# A toolkit under the standard prefix wins over torch's guess from the nvcc on PATH (which may be
+# a wrapper script outside the toolkit, leaving torch without the CUDA runtime library to link).
+if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")) and os.path.exists("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"

@@ -33,12 +33,19 @@ AttentionResult allocate_attention_outputs(const at::Tensor& q, const at::Tensor
 // Token-grid centres in [0, 1]^2 (row, col) of an (h, w) row-major grid, as two float32 (h * w,) tensors.
 std::pair<at::Tensor, at::Tensor> grid_centres(int64_t h, int64_t w, const at::TensorOptions& options);
 
+// The backends (csrc/cpu/attention_kernel.cpp, csrc/cuda/attention_kernel.cu); same arguments as the schema.
 AttentionResult attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
                               const std::optional<at::Tensor>& key_padding_mask,
                               const std::optional<at::Tensor>& head_scale,
                               const std::optional<at::Tensor>& head_replacement, at::IntArrayRef grid,
                               const std::optional<at::Tensor>& q_labels, const std::optional<at::Tensor>& k_labels,
                               bool want_entropy, bool want_distance, bool want_label_mass);
+AttentionResult attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                               const std::optional<at::Tensor>& key_padding_mask,
+                               const std::optional<at::Tensor>& head_scale,
+                               const std::optional<at::Tensor>& head_replacement, at::IntArrayRef grid,
+                               const std::optional<at::Tensor>& q_labels, const std::optional<at::Tensor>& k_labels,
+                               bool want_entropy, bool want_distance, bool want_label_mass);
 
 namespace cpu {
 // Instruction set of the CPU row kernels: "avx512", "avx2" or "scalar".

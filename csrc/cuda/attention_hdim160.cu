@@ -1,0 +1,6 @@
+// Forward kernels of the fused attention op for head dims padded to 160 (fp32, fp16, bf16).
+#include "attention_kernel.cuh"
+
+namespace diffcirc::cuda {
+DIFFCIRC_INSTANTIATE_ATTENTION_BUCKET(160)
+}  // namespace diffcirc::cuda

@@ -1,0 +1,164 @@
+// CUDA backend of the fused attention op: the shared argument checks, the outputs, the choice of
+// head-dim bucket and dtype, and the launch on the current stream. The kernel itself is in
+// attention_kernel.cuh, compiled once per head-dim bucket (attention_hdim<DP>.cu).
+//
+// Nothing is allocated besides the outputs: the key-padding mask, labels, head_scale and
+// head_replacement are read in place through their strides, and grid centres are computed in the
+// kernel. Nothing synchronises with the host. Only c10/cuda headers are used (not
+// ATen/cuda/CUDAContext.h, which needs the cuBLAS/cuSPARSE headers that minimal toolkits lack).
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../attention.h"
+#include "attention_params.h"
+
+namespace diffcirc {
+namespace cuda {
+namespace {
+
+// Size-1 dims are never stepped along; their stride can be anything, so it is passed as 0.
+int64_t stride_of(const at::Tensor& t, int64_t dim) { return t.size(dim) == 1 ? 0 : t.stride(dim); }
+
+// Whether rows of t (n_cols elements each) can be copied in 16-byte pieces.
+bool rows_are_16b_aligned(const at::Tensor& t, int64_t n_cols) {
+  const int64_t vec = 16 / t.element_size();
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0 || n_cols % vec != 0) return false;
+  for (int64_t d = 0; d < 3; ++d)
+    if (stride_of(t, d) % vec != 0) return false;
+  return true;
+}
+
+template <typename T, int DP>
+void launch(const AttentionParams& p) {
+  using Cfg = TileConfig<T, DP>;
+  const int64_t blocks = (static_cast<int64_t>(p.Nq) + Cfg::kBlockM - 1) / Cfg::kBlockM * p.B * p.H;
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "attention: too many query tiles (", blocks,
+              ") for one launch; split the batch");
+  const int device = c10::cuda::current_device();
+  int major = 0, minor = 0, max_smem = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  TORCH_CHECK(major >= 8, "diffcirc's CUDA attention kernel needs compute capability 8.0 or newer, got ", major, ".",
+              minor);
+  TORCH_CHECK(Cfg::kSmemBytes <= max_smem, "attention: head-dim bucket ", DP, " needs ", Cfg::kSmemBytes,
+              " bytes of shared memory per block, this GPU allows ", max_smem);
+  const cudaError_t err = launch_attention<T, DP>(p, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_CHECK(err);
+}
+
+template <typename T>
+void launch_bucket(const AttentionParams& p) {
+  switch (head_dim_bucket(std::max(p.D, p.Dv))) {
+    case 32: return launch<T, 32>(p);
+    case 64: return launch<T, 64>(p);
+    case 96: return launch<T, 96>(p);
+    case 128: return launch<T, 128>(p);
+    case 160: return launch<T, 160>(p);
+    case 192: return launch<T, 192>(p);
+    case 256: return launch<T, 256>(p);
+    case 512: return launch<T, 512>(p);
+    default: TORCH_CHECK(false, "attention: no CUDA kernel for head dims D = ", p.D, ", Dv = ", p.Dv);
+  }
+}
+
+}  // namespace
+}  // namespace cuda
+
+// q: (B, H, Nq, D), k: (B, H, Nk, D), v: (B, H, Nk, Dv) on one CUDA device; see attention.h.
+AttentionResult attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                               const std::optional<at::Tensor>& key_padding_mask,
+                               const std::optional<at::Tensor>& head_scale,
+                               const std::optional<at::Tensor>& head_replacement, at::IntArrayRef grid,
+                               const std::optional<at::Tensor>& q_labels, const std::optional<at::Tensor>& k_labels,
+                               bool want_entropy, bool want_distance, bool want_label_mass) {
+  check_attention_inputs(q, k, v, key_padding_mask, head_scale, head_replacement, grid, q_labels, k_labels,
+                         want_distance, want_label_mass);
+  TORCH_CHECK_VALUE(q.is_cuda(), "attention (CUDA): q must be a CUDA tensor, got ", q.device());
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  auto result = allocate_attention_outputs(q, v, want_entropy, want_distance, want_label_mass);
+  auto& [out, lse, ent, dist, lab] = result;
+  if (lse.numel() == 0) return result;  // B, H or Nq is 0
+
+  constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK_VALUE(q.size(2) <= kIntMax && k.size(2) <= kIntMax && q.size(0) * q.size(1) <= kIntMax,
+                    "attention (CUDA): B * H, Nq and Nk must each fit in int32, got q ", q.sizes(), ", k ", k.sizes());
+
+  cuda::AttentionParams p{};
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  for (int64_t d = 0; d < 3; ++d) {
+    p.q_stride[d] = cuda::stride_of(q, d);
+    p.k_stride[d] = cuda::stride_of(k, d);
+    p.v_stride[d] = cuda::stride_of(v, d);
+  }
+  p.B = static_cast<int>(q.size(0));
+  p.H = static_cast<int>(q.size(1));
+  p.Nq = static_cast<int>(q.size(2));
+  p.D = static_cast<int>(q.size(3));
+  p.Nk = static_cast<int>(k.size(2));
+  p.Dv = static_cast<int>(v.size(3));
+  p.scale = static_cast<float>(scale);
+  p.q_vec = cuda::rows_are_16b_aligned(q, p.D);
+  p.k_vec = p.Nk == 0 || cuda::rows_are_16b_aligned(k, p.D);
+  p.v_vec = p.Nk == 0 || cuda::rows_are_16b_aligned(v, p.Dv);
+
+  if (key_padding_mask) {
+    p.key_mask = reinterpret_cast<const uint8_t*>(key_padding_mask->data_ptr<bool>());
+    p.mask_stride[0] = key_padding_mask->stride(0);
+    p.mask_stride[1] = key_padding_mask->stride(1);
+  }
+  p.want_entropy = want_entropy;
+  p.want_distance = want_distance;
+  p.want_label_mass = want_label_mass;
+  if (want_distance) {
+    p.grid_hq = static_cast<int>(grid[0]);
+    p.grid_wq = static_cast<int>(grid[1]);
+    p.grid_hk = static_cast<int>(grid[2]);
+    p.grid_wk = static_cast<int>(grid[3]);
+  }
+  if (want_label_mass) {
+    p.q_label = q_labels->data_ptr<int32_t>();
+    p.q_label_stride[0] = q_labels->stride(0);
+    p.q_label_stride[1] = q_labels->stride(1);
+    p.k_label = k_labels->data_ptr<int32_t>();
+    p.k_label_stride[0] = k_labels->stride(0);
+    p.k_label_stride[1] = k_labels->stride(1);
+  }
+  if (head_scale) {
+    p.head_scale = head_scale->data_ptr<float>();
+    p.head_scale_stride[0] = head_scale->stride(0);
+    p.head_scale_stride[1] = head_scale->stride(1);
+  }
+  if (head_replacement) {
+    p.replacement = head_replacement->data_ptr<float>();
+    for (int64_t d = 0; d < 4; ++d) p.replacement_stride[d] = head_replacement->stride(d);
+  }
+
+  p.out = out.data_ptr();
+  for (int64_t d = 0; d < 4; ++d) p.out_stride[d] = out.stride(d);
+  p.out_pairs = out.stride(3) == 1 && out.stride(0) % 2 == 0 && out.stride(1) % 2 == 0 && out.stride(2) % 2 == 0 &&
+                reinterpret_cast<uintptr_t>(out.data_ptr()) % (2 * out.element_size()) == 0;
+  p.lse = lse.data_ptr<float>();
+  p.entropy = want_entropy ? ent.data_ptr<float>() : nullptr;
+  p.distance = want_distance ? dist.data_ptr<float>() : nullptr;
+  p.label_mass = want_label_mass ? lab.data_ptr<float>() : nullptr;
+
+  switch (q.scalar_type()) {
+    case at::kFloat: cuda::launch_bucket<float>(p); break;
+    case at::kHalf: cuda::launch_bucket<__half>(p); break;
+    default: cuda::launch_bucket<__nv_bfloat16>(p); break;
+  }
+  return result;
+}
+
+}  // namespace diffcirc
+
+TORCH_LIBRARY_IMPL(diffcirc, CUDA, m) { m.impl("attention", &diffcirc::attention_cuda); }

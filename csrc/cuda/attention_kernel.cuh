@@ -1,0 +1,476 @@
+// CUDA forward kernel of the fused attention op (FlashAttention-2 structure), included by the
+// per-bucket files attention_hdim<DP>.cu only.
+//
+// One thread block = one tile of block_m query rows of one (batch, head). The Q tile is copied to
+// shared memory once; K and V tiles of block_n keys stream through a two-stage shared-memory ring
+// (cp.async, so the copy of tile j + 1 overlaps the maths on tile j). Per key tile each warp
+//   S = Q K^T            16 rows x block_n keys, fp32 accumulators in registers
+//   p = e^{scale S - m}  online softmax + statistics (csrc/row_state.h), in registers
+//   O = alpha O + P V    16 rows x (DP / warps_n) columns, fp32 accumulators in registers
+// and at the end writes out = hs * O / l + (1 - hs) * replacement and the row statistics. The
+// Nq x Nk matrix never exists; per block only a 16 x block_n tile of scores per warp does.
+//
+// fp16 / bf16 use tensor cores (mma.sync m16n8k16, fp32 accumulate, ldmatrix from shared
+// memory). fp32 uses SIMT FMA in full fp32 (no TF32), laid out exactly like the mma accumulators,
+// so the softmax, statistics and epilogue code is shared.
+//
+// Register layout (the m16n8 accumulator): lane = 4 g + t holds, for each 8-column tile n,
+// rows g and g + 8 at columns 8 n + 2 t and 8 n + 2 t + 1. The four lanes of a quad (same g)
+// therefore share a row; row reductions are two xor-shuffles across the quad, after which all
+// four lanes hold bit-identical copies of the row state.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "../row_state.h"
+#include "attention_params.h"
+
+namespace diffcirc::cuda {
+namespace detail {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+// e^z for z below ln(FLT_MIN) is taken as exactly 0, as in the CPU row kernels, so masked keys
+// (z clamped to kMinShiftedLogit) contribute nothing.
+constexpr float kExpUnderflow = -87.33654f;
+
+__device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+}
+
+// 16-byte asynchronous global -> shared copy; both addresses 16-byte aligned and in bounds.
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_u32(smem)), "l"(gmem) : "memory");
+#else
+  *static_cast<uint4*>(smem) = *static_cast<const uint4*>(gmem);
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+// Waits until at most N of this thread's committed copy groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+// Four 8x8 b16 matrices; lane l gives the address of row l % 8 of matrix l / 8.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(smem)));
+#else
+  __trap();
+#endif
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(smem)));
+#else
+  __trap();
+#endif
+}
+
+// d += a (16x16, row-major) * b (16x8, column-major), fp32 accumulate.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (std::is_same_v<T, __half>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+#else
+  __trap();
+#endif
+}
+
+// Two floats -> one register of two T (the first in the low half), as the mma operands want them.
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  if constexpr (std::is_same_v<T, __half>) {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  } else {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x) {
+  if constexpr (std::is_same_v<T, float>) return x;
+  else if constexpr (std::is_same_v<T, __half>) return __float2half_rn(x);
+  else return __float2bfloat16_rn(x);
+}
+
+// Stores out[c], out[c + 1] as one 4- or 8-byte access.
+template <typename T>
+__device__ __forceinline__ void store_pair(T* dst, float a, float b) {
+  if constexpr (std::is_same_v<T, float>) *reinterpret_cast<float2*>(dst) = make_float2(a, b);
+  else if constexpr (std::is_same_v<T, __half>) *reinterpret_cast<__half2*>(dst) = __floats2half2_rn(a, b);
+  else *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(a, b);
+}
+
+// Copies rows [row0, row0 + ROWS) x columns [0, DP) of a row-major global matrix (row stride ld,
+// n_rows rows, n_cols valid columns) into shared memory (row stride LDS). Rows past n_rows and
+// columns past n_cols are zero-filled with plain stores, so every cp.async reads in bounds. With
+// vec false the copy is synchronous, element by element (unaligned views).
+template <typename T, int DP, int LDS, int ROWS, int THREADS>
+__device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t ld, int row0, int n_rows, int n_cols,
+                                          bool vec, int tid) {
+  constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+  constexpr int kChunks = DP / kVec;
+  if (vec) {
+    constexpr int kTotal = ROWS * kChunks;
+#pragma unroll
+    for (int base = 0; base < kTotal; base += THREADS) {
+      const int idx = base + tid;
+      if (kTotal % THREADS != 0 && idx >= kTotal) break;
+      const int r = idx / kChunks, c = (idx % kChunks) * kVec;
+      T* d = dst + r * LDS + c;
+      if (row0 + r < n_rows && c < n_cols) cp_async_16(d, src + static_cast<int64_t>(row0 + r) * ld + c);
+      else *reinterpret_cast<uint4*>(d) = make_uint4(0u, 0u, 0u, 0u);
+    }
+  } else {
+    using Bits = std::conditional_t<sizeof(T) == 2, uint16_t, uint32_t>;
+    const Bits* s = reinterpret_cast<const Bits*>(src);
+    Bits* d = reinterpret_cast<Bits*>(dst);
+    for (int idx = tid; idx < ROWS * DP; idx += THREADS) {
+      const int r = idx / DP, c = idx % DP;
+      d[r * LDS + c] = (row0 + r < n_rows && c < n_cols) ? s[static_cast<int64_t>(row0 + r) * ld + c] : Bits(0);
+    }
+  }
+}
+
+// Centre (row, col) in [0, 1]^2 of token n of an (h, w) row-major grid, with the same float
+// arithmetic as grid_centres() in csrc/attention.cpp (correctly rounded division despite fast math).
+__device__ __forceinline__ float2 grid_centre(int n, int h, int w) {
+  return make_float2(__fdiv_rn(static_cast<float>(n / w) + 0.5f, static_cast<float>(h)),
+                     __fdiv_rn(static_cast<float>(n % w) + 0.5f, static_cast<float>(w)));
+}
+
+// Per-row query data for the statistics.
+struct RowQuery {
+  float x, y;  // grid centre
+  int label;
+};
+
+}  // namespace detail
+
+template <typename T, int DP>
+__global__ void __launch_bounds__(TileConfig<T, DP>::kThreads, 1) attention_fwd_kernel(const AttentionParams p) {
+  using namespace detail;
+  using Cfg = TileConfig<T, DP>;
+  constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, LDS = Cfg::kLds, THREADS = Cfg::kThreads;
+  constexpr int WN = Cfg::kWarpsN;
+  constexpr int NT = BN / 8;    // 8-key column tiles of S per warp
+  constexpr int DVW = DP / WN;  // output columns per warp
+  constexpr int NO = DVW / 8;   // 8-column tiles of O per warp
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* const sQ = reinterpret_cast<T*>(smem_raw);  // [BM][LDS]
+  T* const sK = sQ + BM * LDS;                   // [stage][BN][LDS]
+  T* const sV = sK + Cfg::kStages * BN * LDS;    // [stage][BN][LDS]
+  float* const sBias = reinterpret_cast<float*>(sV + Cfg::kStages * BN * LDS);  // [stage][BN] 0 or -inf
+  float* const sKx = sBias + Cfg::kStages * BN;                                  // [stage][BN] key grid centre
+  float* const sKy = sKx + Cfg::kStages * BN;
+  int* const sKl = reinterpret_cast<int*>(sKy + Cfg::kStages * BN);  // [stage][BN] key label
+
+  const int n_qtiles = (p.Nq + BM - 1) / BM;
+  const int qt = static_cast<int>(blockIdx.x % n_qtiles);  // query tiles of one head are neighbours: K/V stay in L2
+  const int bh = static_cast<int>(blockIdx.x / n_qtiles);
+  const int b = bh / p.H, h = bh % p.H;
+  const int q0 = qt * BM;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wm = warp / WN, wn = warp % WN;
+  const int g = lane >> 2, t = lane & 3;
+
+  const T* const qp = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
+  const T* const kp = static_cast<const T*>(p.k) + b * p.k_stride[0] + h * p.k_stride[1];
+  const T* const vp = static_cast<const T*>(p.v) + b * p.v_stride[0] + h * p.v_stride[1];
+  const int n_ktiles = (p.Nk + BN - 1) / BN;
+
+  // K and V rows of key tile `tile` and its per-key side data into ring stage `stage`.
+  auto load_kv = [&](int tile, int stage) {
+    const int j0 = tile * BN;
+    load_tile<T, DP, LDS, BN, THREADS>(sK + stage * BN * LDS, kp, p.k_stride[2], j0, p.Nk, p.D, p.k_vec, tid);
+    load_tile<T, DP, LDS, BN, THREADS>(sV + stage * BN * LDS, vp, p.v_stride[2], j0, p.Nk, p.Dv, p.v_vec, tid);
+    for (int jj = tid; jj < BN; jj += THREADS) {
+      const int j = j0 + jj;
+      const bool in_range = j < p.Nk;
+      bool keep = in_range;
+      if (in_range && p.key_mask) keep = p.key_mask[b * p.mask_stride[0] + j * p.mask_stride[1]] != 0;
+      sBias[stage * BN + jj] = keep ? 0.f : -INFINITY;
+      if (p.want_distance) {
+        const float2 c = in_range ? grid_centre(j, p.grid_hk, p.grid_wk) : make_float2(0.f, 0.f);
+        sKx[stage * BN + jj] = c.x;
+        sKy[stage * BN + jj] = c.y;
+      }
+      if (p.want_label_mass)
+        sKl[stage * BN + jj] = in_range ? p.k_label[b * p.k_label_stride[0] + j * p.k_label_stride[1]] : 0;
+    }
+  };
+
+  // Prologue: Q tile and key tile 0 form the first copy group.
+  load_tile<T, DP, LDS, BM, THREADS>(sQ, qp, p.q_stride[2], q0, p.Nq, p.D, p.q_vec, tid);
+  if (n_ktiles > 0) load_kv(0, 0);
+  cp_async_commit();
+
+  // Rows g and g + 8 of this warp's 16.
+  const int row_base = q0 + wm * 16 + g;
+  RowState st[2] = {row_state_init(), row_state_init()};
+  RowQuery rq[2];
+#pragma unroll
+  for (int ri = 0; ri < 2; ++ri) {
+    const int i = row_base + 8 * ri;
+    const bool valid = i < p.Nq;
+    const float2 c = (p.want_distance && valid) ? grid_centre(i, p.grid_hq, p.grid_wq) : make_float2(0.f, 0.f);
+    rq[ri].x = c.x;
+    rq[ri].y = c.y;
+    rq[ri].label = (p.want_label_mass && valid) ? p.q_label[b * p.q_label_stride[0] + i * p.q_label_stride[1]] : 0;
+  }
+  float o[NO][4];
+#pragma unroll
+  for (int n = 0; n < NO; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[n][e] = 0.f;
+
+  const int d_steps16 = (p.D + 15) / 16;  // k-steps of S that touch real (unpadded) head-dim columns
+  const int col0 = wn * DVW;              // first output column of this warp
+
+  for (int it = 0; it < n_ktiles; ++it) {
+    const int stage = it & 1;
+    if (it + 1 < n_ktiles) load_kv(it + 1, stage ^ 1);  // that stage was released by the barrier ending it - 1
+    cp_async_commit();
+    cp_async_wait<1>();  // this thread's copies of tile `it` (and Q) have landed
+    __syncthreads();     // ... and everyone else's
+
+    const T* const k_s = sK + stage * BN * LDS;
+    const T* const v_s = sV + stage * BN * LDS;
+    const float* const bias = sBias + stage * BN;
+
+    // ---- S = Q K^T: s[n][2 ri + e] = row (g + 8 ri), key (8 n + 2 t + e) of this tile
+    float s[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[n][e] = 0.f;
+    if constexpr (Cfg::kF32) {
+      const float* qa = sQ + (wm * 16 + g) * LDS;
+      const float* qb = qa + 8 * LDS;
+      const int d_steps4 = (p.D + 3) / 4;
+#pragma unroll 4
+      for (int d4 = 0; d4 < d_steps4; ++d4) {
+        const float4 a = *reinterpret_cast<const float4*>(qa + 4 * d4);
+        const float4 c = *reinterpret_cast<const float4*>(qb + 4 * d4);
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float4 kv = *reinterpret_cast<const float4*>(k_s + (8 * n + 2 * t + e) * LDS + 4 * d4);
+            s[n][e] = fmaf(a.x, kv.x, fmaf(a.y, kv.y, fmaf(a.z, kv.z, fmaf(a.w, kv.w, s[n][e]))));
+            s[n][2 + e] = fmaf(c.x, kv.x, fmaf(c.y, kv.y, fmaf(c.z, kv.z, fmaf(c.w, kv.w, s[n][2 + e]))));
+          }
+      }
+    } else {
+#pragma unroll
+      for (int kk = 0; kk < DP / 16; ++kk) {
+        if (kk < d_steps16) {
+          uint32_t a[4];
+          ldmatrix_x4(a, sQ + (wm * 16 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+          for (int np = 0; np < NT / 2; ++np) {
+            uint32_t kb[4];
+            ldmatrix_x4(kb, k_s + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * LDS + kk * 16 + ((lane >> 3) & 1) * 8);
+            mma_16816<T>(s[2 * np], a, kb[0], kb[1]);
+            mma_16816<T>(s[2 * np + 1], a, kb[2], kb[3]);
+          }
+        }
+      }
+    }
+
+    // ---- online softmax and statistics; s becomes p = e^{scale s + bias - m}
+    float alpha[2];
+#pragma unroll
+    for (int ri = 0; ri < 2; ++ri) {
+      float mb = -INFINITY;
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float x = fmaf(s[n][2 * ri + e], p.scale, bias[8 * n + 2 * t + e]);
+          s[n][2 * ri + e] = x;
+          mb = fmaxf(mb, x);
+        }
+      mb = fmaxf(mb, __shfl_xor_sync(kFullMask, mb, 1));
+      mb = fmaxf(mb, __shfl_xor_sync(kFullMask, mb, 2));
+      const float m_new = fmaxf(st[ri].m, mb);
+      const bool live = m_new != -INFINITY;  // false while every key so far was masked: p = 0, O stays 0
+      alpha[ri] = live ? row_state_rescale(st[ri], m_new) : 1.f;
+
+      float sum_p = 0.f, sum_pz = 0.f, sum_pd = 0.f, sum_pl = 0.f;
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int jj = 8 * n + 2 * t + e;
+          float pv = 0.f;
+          if (live) {
+            const float z = shifted_logit(s[n][2 * ri + e], m_new);
+            pv = z > kExpUnderflow ? __expf(z) : 0.f;
+            sum_p += pv;
+            sum_pz = fmaf(pv, z, sum_pz);
+            if (p.want_distance) {
+              const float dx = sKx[stage * BN + jj] - rq[ri].x, dy = sKy[stage * BN + jj] - rq[ri].y;
+              sum_pd = fmaf(pv, __fsqrt_rn(fmaf(dx, dx, dy * dy)), sum_pd);
+            }
+            if (p.want_label_mass && sKl[stage * BN + jj] == rq[ri].label) sum_pl += pv;
+          }
+          s[n][2 * ri + e] = pv;
+        }
+      // the quad's partial sums; the butterfly leaves bit-identical totals in all four lanes
+      sum_p += __shfl_xor_sync(kFullMask, sum_p, 1);
+      sum_p += __shfl_xor_sync(kFullMask, sum_p, 2);
+      if (p.want_entropy) {
+        sum_pz += __shfl_xor_sync(kFullMask, sum_pz, 1);
+        sum_pz += __shfl_xor_sync(kFullMask, sum_pz, 2);
+      }
+      if (p.want_distance) {
+        sum_pd += __shfl_xor_sync(kFullMask, sum_pd, 1);
+        sum_pd += __shfl_xor_sync(kFullMask, sum_pd, 2);
+      }
+      if (p.want_label_mass) {
+        sum_pl += __shfl_xor_sync(kFullMask, sum_pl, 1);
+        sum_pl += __shfl_xor_sync(kFullMask, sum_pl, 2);
+      }
+      if (live) row_state_add(st[ri], sum_p, p.want_entropy ? sum_pz : 0.f, sum_pd, sum_pl);
+    }
+
+    // ---- O = alpha O + P V
+#pragma unroll
+    for (int n = 0; n < NO; ++n) {
+      o[n][0] *= alpha[0];
+      o[n][1] *= alpha[0];
+      o[n][2] *= alpha[1];
+      o[n][3] *= alpha[1];
+    }
+    if constexpr (Cfg::kF32) {
+      // p of key jj sits in lane 4 g + (jj % 8) / 2 of the quad; V row jj is read from shared memory
+#pragma unroll
+      for (int jj = 0; jj < BN; ++jj) {
+        const int src = (lane & ~3) | ((jj & 7) >> 1);
+        const float pa = __shfl_sync(kFullMask, s[jj / 8][jj & 1], src);
+        const float pb = __shfl_sync(kFullMask, s[jj / 8][2 + (jj & 1)], src);
+        const float* vrow = v_s + jj * LDS + col0 + 2 * t;
+#pragma unroll
+        for (int n = 0; n < NO; ++n) {
+          if (col0 + 8 * n < p.Dv) {
+            const float2 vv = *reinterpret_cast<const float2*>(vrow + 8 * n);
+            o[n][0] = fmaf(pa, vv.x, o[n][0]);
+            o[n][1] = fmaf(pa, vv.y, o[n][1]);
+            o[n][2] = fmaf(pb, vv.x, o[n][2]);
+            o[n][3] = fmaf(pb, vv.y, o[n][3]);
+          }
+        }
+      }
+    } else {
+#pragma unroll
+      for (int kc = 0; kc < BN / 16; ++kc) {
+        // the accumulators of two neighbouring 8-key tiles are exactly the A operand of a k16 step
+        const uint32_t a[4] = {pack2<T>(s[2 * kc][0], s[2 * kc][1]), pack2<T>(s[2 * kc][2], s[2 * kc][3]),
+                               pack2<T>(s[2 * kc + 1][0], s[2 * kc + 1][1]),
+                               pack2<T>(s[2 * kc + 1][2], s[2 * kc + 1][3])};
+#pragma unroll
+        for (int dp = 0; dp < NO / 2; ++dp) {
+          if (col0 + 16 * dp < p.Dv) {
+            uint32_t vb[4];
+            ldmatrix_x4_trans(vb, v_s + (kc * 16 + (lane & 15)) * LDS + col0 + dp * 16 + (lane >> 4) * 8);
+            mma_16816<T>(o[2 * dp], a, vb[0], vb[1]);
+            mma_16816<T>(o[2 * dp + 1], a, vb[2], vb[3]);
+          }
+        }
+      }
+    }
+    __syncthreads();  // everyone is done with this stage before it is refilled
+  }
+  cp_async_wait<0>();
+
+  // ---- epilogue: out = hs * O / l + (1 - hs) * replacement, and the statistics
+  const float hs = p.head_scale ? p.head_scale[b * p.head_scale_stride[0] + h * p.head_scale_stride[1]] : 1.f;
+#pragma unroll
+  for (int ri = 0; ri < 2; ++ri) {
+    const int i = row_base + 8 * ri;
+    if (i >= p.Nq) continue;
+    const RowStats rs = row_state_finalize(st[ri]);
+    if (wn == 0 && t == 0) {
+      const int64_t si = static_cast<int64_t>(bh) * p.Nq + i;
+      p.lse[si] = rs.lse;
+      if (p.entropy) p.entropy[si] = rs.entropy;
+      if (p.distance) p.distance[si] = rs.distance;
+      if (p.label_mass) p.label_mass[si] = rs.label_mass;
+    }
+    T* const dst = static_cast<T*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + i * p.out_stride[2];
+    const float* const rep = p.replacement ? p.replacement + b * p.replacement_stride[0] +
+                                                 h * p.replacement_stride[1] + i * p.replacement_stride[2]
+                                           : nullptr;
+    const float f = hs * rs.inv_l;
+#pragma unroll
+    for (int n = 0; n < NO; ++n) {
+      const int c = col0 + 8 * n + 2 * t;
+      if (c >= p.Dv) continue;
+      float y0, y1;
+      if (rep) {
+        y0 = hs * (o[n][2 * ri] * rs.inv_l) + (1.f - hs) * rep[c * p.replacement_stride[3]];
+        y1 = c + 1 < p.Dv ? hs * (o[n][2 * ri + 1] * rs.inv_l) + (1.f - hs) * rep[(c + 1) * p.replacement_stride[3]]
+                          : 0.f;
+      } else {
+        y0 = o[n][2 * ri] * f;
+        y1 = o[n][2 * ri + 1] * f;
+      }
+      if (c + 1 < p.Dv && p.out_pairs) {
+        store_pair<T>(dst + c * p.out_stride[3], y0, y1);
+      } else {
+        dst[c * p.out_stride[3]] = from_float<T>(y0);
+        if (c + 1 < p.Dv) dst[(c + 1) * p.out_stride[3]] = from_float<T>(y1);
+      }
+    }
+  }
+}
+
+template <typename T, int DP>
+cudaError_t launch_attention(const AttentionParams& p, cudaStream_t stream) {
+  using Cfg = TileConfig<T, DP>;
+  auto kernel = attention_fwd_kernel<T, DP>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  const int64_t blocks = static_cast<int64_t>((p.Nq + Cfg::kBlockM - 1) / Cfg::kBlockM) * p.B * p.H;
+  kernel<<<static_cast<unsigned>(blocks), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+#define DIFFCIRC_INSTANTIATE_ATTENTION_BUCKET(DP)                                         \
+  template cudaError_t launch_attention<float, DP>(const AttentionParams&, cudaStream_t); \
+  template cudaError_t launch_attention<__half, DP>(const AttentionParams&, cudaStream_t); \
+  template cudaError_t launch_attention<__nv_bfloat16, DP>(const AttentionParams&, cudaStream_t);
+
+}  // namespace diffcirc::cuda

@@ -1,0 +1,118 @@
+// What the CUDA forward kernel of the fused attention op takes, its tile shapes per (dtype, head-dim
+// bucket), and the launchers, one explicit instantiation group per head-dim bucket
+// (attention_hdim<DP>.cu). Host-only code (attention_kernel.cu) includes this without the kernel.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+namespace diffcirc::cuda {
+
+// Everything one launch reads and writes. Element strides; the last dim of q, k, v is contiguous.
+// Strides of size-1 dims are given as 0 (they are never stepped along).
+struct AttentionParams {
+  const void* q;  // (B, H, Nq, D) of T
+  const void* k;  // (B, H, Nk, D)
+  const void* v;  // (B, H, Nk, Dv)
+  int64_t q_stride[3], k_stride[3], v_stride[3];
+  int B, H, Nq, Nk, D, Dv;
+  float scale;
+  // 16-byte cp.async is used for a tensor only when its pointer, its strides and its row length
+  // are multiples of 16 bytes; otherwise that tensor is read element by element.
+  bool q_vec, k_vec, v_vec;
+
+  const uint8_t* key_mask;  // bool (B, Nk), True = attend; nullptr = every key
+  int64_t mask_stride[2];
+
+  bool want_entropy, want_distance, want_label_mass;
+  int grid_hq, grid_wq, grid_hk, grid_wk;  // token grids (distance only)
+  const int32_t* q_label;                  // (B, Nq) (label_mass only)
+  int64_t q_label_stride[2];
+  const int32_t* k_label;  // (B, Nk)
+  int64_t k_label_stride[2];
+
+  const float* head_scale;  // (B, H) or nullptr (= 1)
+  int64_t head_scale_stride[2];
+  const float* replacement;  // (B, H, Nq, Dv) view (broadcast strides allowed) or nullptr
+  int64_t replacement_stride[4];
+
+  void* out;  // (B, H, Nq, Dv) of T, any strides
+  int64_t out_stride[4];
+  bool out_pairs;  // two neighbouring columns may be stored as one 2-element vector
+  float* lse;      // (B, H, Nq) contiguous
+  float* entropy;  // (B, H, Nq) contiguous, or nullptr
+  float* distance;
+  float* label_mass;
+};
+
+// Head dims are padded up to one of these buckets (the max of D and Dv decides); each bucket is
+// compiled in its own file.
+constexpr int kHeadDimBuckets[] = {32, 64, 96, 128, 160, 192, 256, 512};
+
+constexpr int head_dim_bucket(int d) {
+  for (int b : kHeadDimBuckets)
+    if (d <= b) return b;
+  return 0;
+}
+
+// Tile shapes. A block owns block_m = 16 * warps_m query rows of one (batch, head); each warp owns
+// 16 rows and DP / warps_n output columns, and streams key tiles of block_n rows of K and V
+// through a two-stage shared-memory ring. Shared memory holds the Q tile, the K/V ring (rows
+// padded by 16 bytes so ldmatrix and the float4 reads hit distinct banks) and, per stage and key,
+// the mask bias, grid centre and label. Every shape fits 99 KiB, the opt-in limit of the smallest
+// sm_8x/sm_12x parts (sm_80 has 163 KiB, sm_90 227 KiB), so one binary serves all of them.
+//
+//             fp16 / bf16 (tensor cores)       fp32 (SIMT FMA)
+//   DP        warps_m warps_n block_n          warps_m warps_n block_n
+//   32, 64    8       1       64               4       1       32
+//   96, 128   8       1       32               4       1       16
+//   160, 192  4       1       32               4|2     1       16        (fp32: 4 for 160, 2 for 192)
+//   256       4       1       16               2       1       8
+//   512       2       2       16               1       2       8
+//
+// The output accumulator of a warp is 16 x (DP / warps_n) floats, 128 registers a thread at
+// DP / warps_n = 256. For DP = 512 two warps share each 16 rows, each with half the columns, and
+// both compute the same scores (S is recomputed, 1.5x the tensor-core work of an exact split, but
+// no cross-warp softmax reduction is needed).
+template <typename T, int DP>
+struct TileConfig {
+  static_assert(DP % 32 == 0 && DP <= 512, "head-dim bucket must be a multiple of 32, at most 512");
+  static constexpr bool kF32 = std::is_same_v<T, float>;
+  static constexpr int kWarpsN = DP == 512 ? 2 : 1;
+  static constexpr int kWarpsM = kF32 ? (DP <= 160 ? 4 : DP <= 256 ? 2 : 1) : (DP <= 128 ? 8 : DP <= 256 ? 4 : 2);
+  static constexpr int kBlockN = kF32 ? (DP <= 64 ? 32 : DP <= 192 ? 16 : 8) : (DP <= 64 ? 64 : DP <= 192 ? 32 : 16);
+  static constexpr int kBlockM = 16 * kWarpsM;
+  static constexpr int kThreads = 32 * kWarpsM * kWarpsN;
+  static constexpr int kVec = 16 / static_cast<int>(sizeof(T));  // elements per 16-byte copy
+  static constexpr int kLds = DP + kVec;                          // shared-memory row stride (elements)
+  static constexpr int kStages = 2;
+  static constexpr int kSmemBytes = (kBlockM + 2 * kStages * kBlockN) * kLds * static_cast<int>(sizeof(T)) +
+                                    kStages * kBlockN * 4 * static_cast<int>(sizeof(float));
+  static_assert(kF32 || kBlockN % 16 == 0, "tensor-core tiles need key tiles of 16");
+  static_assert(kSmemBytes <= 99 * 1024, "tile does not fit the 99 KiB shared-memory budget");
+};
+
+// Launches the forward kernel for dtype T (float, __half, __nv_bfloat16) and bucket DP on stream;
+// returns the launch error, if any. Defined in attention_kernel.cuh, instantiated per bucket.
+template <typename T, int DP>
+cudaError_t launch_attention(const AttentionParams& p, cudaStream_t stream);
+
+#define DIFFCIRC_DECLARE_ATTENTION_BUCKET(DP)                                                   \
+  extern template cudaError_t launch_attention<float, DP>(const AttentionParams&, cudaStream_t); \
+  extern template cudaError_t launch_attention<__half, DP>(const AttentionParams&, cudaStream_t); \
+  extern template cudaError_t launch_attention<__nv_bfloat16, DP>(const AttentionParams&, cudaStream_t);
+
+DIFFCIRC_DECLARE_ATTENTION_BUCKET(32)
+DIFFCIRC_DECLARE_ATTENTION_BUCKET(64)
+DIFFCIRC_DECLARE_ATTENTION_BUCKET(96)
+DIFFCIRC_DECLARE_ATTENTION_BUCKET(128)
+DIFFCIRC_DECLARE_ATTENTION_BUCKET(160)
+DIFFCIRC_DECLARE_ATTENTION_BUCKET(192)
+DIFFCIRC_DECLARE_ATTENTION_BUCKET(256)
+DIFFCIRC_DECLARE_ATTENTION_BUCKET(512)
+
+}  // namespace diffcirc::cuda

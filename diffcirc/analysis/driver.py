@@ -63,7 +63,7 @@ class AnalysisConfig:
     sample_maps: int = 4                  # images per dataset whose per-query maps are kept
     random_control: bool = True
     batch_size: int = 64
-    max_batch: int = 512                  # batch elements per forward pass of batched conditions
+    max_batch: int = 64                   # batch elements per forward pass of batched conditions (on a CPU larger passes gain nothing)
     bins: int = 64
     seed: int = 0
     bootstrap: int = 2000

@@ -41,7 +41,7 @@ def register(subparsers):
     p.add_argument("--role-control-reps", type=_positive(int), default=5)
     p.add_argument("--no-random-control", action="store_true", help="skip the random-weights control model")
     p.add_argument("--batch-size", type=_positive(int), default=64)
-    p.add_argument("--max-batch", type=_positive(int), default=512, help="batch elements per batched-conditions pass")
+    p.add_argument("--max-batch", type=_positive(int), default=64, help="batch elements per batched-conditions pass")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=_positive(int), default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--device", default="cpu")

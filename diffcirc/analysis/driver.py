@@ -153,7 +153,7 @@ class Experiment:
                     for ids, x0, labels in d.batches(self.c.batch_size):
                         x_t, _ = self.noisy(d, ids, x0, t)
                         rec.set_tags(model=model_name, dataset=name, timestep=int(t), image_ids=ids)
-                        with torch.no_grad(), session.trace(rec, labels=labels):
+                        with torch.no_grad(), session.trace(rec, labels=labels.to(self.c.device)):
                             self.forward(unet, x_t, t)
                         bar.update(len(ids))
                 aggregates.append(rec.to_frame())

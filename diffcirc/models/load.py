@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 
+import torch
+
 BUNDLED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights", "bundled")
 
 
@@ -57,7 +59,8 @@ def load(name_or_path: str = "bundled", device: str | None = None, dtype=None):
     else:
         unet, scheduler = _from_hub(name_or_path)
     unet = unet.eval()
-    if device is not None or dtype is not None:
+    # only move when needed: a no-op .to() still makes diffusers warn about dtype casting
+    if (device is not None and torch.device(device) != unet.device) or (dtype is not None and dtype != unet.dtype):
         unet = unet.to(device=device, dtype=dtype)
     return unet, scheduler
 

@@ -40,7 +40,8 @@ demo: build
 	$(PY) -m diffcirc analyze --model bundled --out $(DEMO_OUT)
 
 bench: build
-	$(PY) benchmarks/bench_attention.py
+	$(PY) -m diffcirc bench op --out runs/bench/op
+	$(PY) -m pytest -q benchmarks/test_perf.py --benchmark-only
 
 clean:
 	rm -rf build *.egg-info diffcirc/_C*.so

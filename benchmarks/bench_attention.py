@@ -14,219 +14,29 @@ machine, torch version, CPU ISA path and commit.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import itertools
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
-import threading
-import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from diffcirc.ops import attention, extension, reference_attention  # noqa: E402
+from diffcirc.bench.harness import (  # noqa: E402,F401  (the shared pieces, re-exported)
+    ALL_STATS, BASELINES, CUDA_IMPLEMENTATIONS, DTYPES, IMPLEMENTATIONS, check, cuda_machine_info,
+    cuda_peak_extra_memory, cuda_time_call, fused, machine_info, make_case, materialising, peak_extra_memory,
+    sdpa, sdpa_backend, time_call)
+from diffcirc.ops import extension  # noqa: E402
 
-DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
-ALL_STATS = ("lse", "entropy", "distance", "label_mass")
-
-
-# ---------------------------------------------------------------------------------------------
-# implementations: each takes the case tensors and returns (out, entropy or None)
-
-def fused(stats):
-    def run(c):
-        r = attention(c["q"], c["k"], c["v"], stats=stats, grid=c["grid"], labels=c["labels"])
-        return r.out, r.entropy
-    return run
-
-
-def sdpa(c):
-    return F.scaled_dot_product_attention(c["q"], c["k"], c["v"]), None
-
-
-def materialising(c):
-    """What hook-based tools do: the full (N, N) probabilities, then entropy from them."""
-    q, k, v = c["q"], c["k"], c["v"]
-    p = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5, dim=-1)
-    entropy = -(p * torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))).sum(-1)
-    return torch.matmul(p, v), entropy
-
-
-IMPLEMENTATIONS = {
-    "fused": fused(()),
-    "fused+entropy": fused(("entropy",)),
-    "fused+all stats": fused(ALL_STATS),
-    "sdpa": sdpa,
-    "materialising": materialising,
-}
-
-
-def sdpa_backend(name):
-    """SDPA pinned to one backend ("FLASH_ATTENTION" or "EFFICIENT_ATTENTION") on the GPU."""
-    def run(c):
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        with sdpa_kernel(getattr(SDPBackend, name)):
-            return F.scaled_dot_product_attention(c["q"], c["k"], c["v"]), None
-    return run
-
-
-CUDA_IMPLEMENTATIONS = {
-    "fused": fused(()),
-    "fused+entropy": fused(("entropy",)),
-    "fused+all stats": fused(ALL_STATS),
-    "sdpa-flash": sdpa_backend("FLASH_ATTENTION"),
-    "sdpa-efficient": sdpa_backend("EFFICIENT_ATTENTION"),
-    "materialising": materialising,
-}
-BASELINES = ("sdpa", "sdpa-flash", "sdpa-efficient", "materialising")
 CPU_DEFAULTS = {"n": [1024, 4096], "d": [40, 64, 160], "dtype": ["f32", "bf16"], "impl": list(IMPLEMENTATIONS)}
 CUDA_DEFAULTS = {"n": [1024, 4096, 16384], "d": [40, 64, 128, 160], "dtype": ["f16", "bf16"],
                  "impl": list(CUDA_IMPLEMENTATIONS)}
 
 
 # ---------------------------------------------------------------------------------------------
-# measurement
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _trim_heap():
-    # Returns freed heap pages to the OS so that the next call's RSS growth is its own.
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
-def peak_extra_memory(fn, *args) -> int:
-    """Peak resident-memory growth during one call (bytes), sampled every 0.5 ms."""
-    _trim_heap()
-    base = _rss_bytes()
-    peak = base
-    done = threading.Event()
-
-    def sample():
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, _rss_bytes())
-            time.sleep(0.0005)
-
-    t = threading.Thread(target=sample)
-    t.start()
-    try:
-        result = fn(*args)
-        peak = max(peak, _rss_bytes())
-    finally:
-        done.set()
-        t.join()
-    del result
-    return max(0, peak - base)
-
-
-def time_call(fn, arg, repeats: int) -> list:
-    fn(arg)  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn(arg)
-        times.append(time.perf_counter() - t0)
-    return times
-
-
-def make_case(b, h, n, d, dtype, seed=0, device="cpu"):
-    g = torch.Generator(device=device).manual_seed(seed)
-    q, k, v = (torch.randn(b, h, n, d, generator=g, device=device).to(dtype) for _ in range(3))
-    side = int(n**0.5)
-    grid = ((side, n // side), (side, n // side)) if side * (n // side) == n else ((1, n), (1, n))
-    labels = tuple(torch.randint(0, 8, (b, n), generator=g, device=device) for _ in range(2))
-    return {"q": q, "k": k, "v": v, "grid": grid, "labels": labels}
-
-
-def check(name, fn, case, dtype) -> float:
-    """Max abs error of out (and entropy) on (b=0, h=0) against the float64 reference."""
-    out, entropy = fn(case)
-    sl = lambda t: t[:1, :1]  # noqa: E731
-    ref = reference_attention(sl(case["q"]), sl(case["k"]), sl(case["v"]), stats=("entropy",))
-    err = (sl(out).double() - ref.out).abs().max().item()
-    if entropy is not None:
-        err = max(err, (sl(entropy).double() - ref.entropy).abs().max().item())
-    tol = {torch.float32: 1e-3, torch.bfloat16: 6e-2, torch.float16: 1e-2}[dtype]
-    if not err <= tol:
-        raise AssertionError(f"{name}: max error {err:.3g} against the float64 reference exceeds {tol}")
-    return err
-
-
-def machine_info() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-    except OSError:
-        commit = None
-    ext = extension.load()
-    return {
-        "machine": platform.machine(),
-        "cpu": cpu,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "isa": ext.cpu_isa() if ext else "reference (no extension)",
-        "blas": ext.blas_backend() if ext else None,
-        "commit": commit,
-    }
-
-
-# ---------------------------------------------------------------------------------------------
 # GPU
-
-def cuda_time_call(fn, arg, repeats: int) -> list:
-    """Seconds per call, from CUDA events around each call on the current stream."""
-    fn(arg)  # warm-up (and lazy initialisation)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(arg)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e-3)
-    return times
-
-
-def cuda_peak_extra_memory(fn, *args) -> int:
-    """Peak bytes allocated on the GPU during one call beyond what was allocated before it."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    result = fn(*args)
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    del result
-    return max(0, peak)
-
-
-def cuda_machine_info() -> dict:
-    info = machine_info()
-    ext = extension.load()
-    props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    info.update(gpu=props.name, capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda,
-                cuda_archs_compiled=ext.cuda_archs() if ext else [])
-    return info
-
 
 def run_cuda(args) -> int:
     """The GPU table: fused (with and without statistics) vs SDPA's flash and memory-efficient

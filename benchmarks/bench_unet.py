@@ -35,8 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
-from bench_attention import machine_info, peak_extra_memory  # noqa: E402
-
+from diffcirc.bench.harness import machine_info, peak_extra_memory  # noqa: E402
 from diffcirc.ops import extension  # noqa: E402
 from diffcirc.processor import FusedAttnProcessor, Recorder, Session, Zero, run_conditions  # noqa: E402
 
@@ -186,13 +185,13 @@ def bench_case(case: str, model, forward, labels, args, device) -> list:
         state: dict = {}
         with implementation(name, model, labels, state), torch.no_grad():
             out = forward()
+            if reference is None and name == "sdpa":
+                reference = out
+            err = (out - reference).abs().max().item() if reference is not None else float("nan")
+            if err > args.tolerance:  # checked before timing: a wrong implementation is never timed
+                raise AssertionError(f"{case} / {name}: output differs from AttnProcessor2_0 by {err:.3g}")
             times = median_ms(forward, device, args.warmup, args.repeats)
             mem = peak_bytes(forward, device)
-        if reference is None and name == "sdpa":
-            reference = out
-        err = (out - reference).abs().max().item() if reference is not None else float("nan")
-        if err > args.tolerance:
-            raise AssertionError(f"{case} / {name}: output differs from AttnProcessor2_0 by {err:.3g}")
         if "recorder" in state:
             f = state["recorder"].to_frame()
             f = f[f.stat == "entropy"]
@@ -256,7 +255,7 @@ def sweep(args, device) -> dict:
     return result
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--latent", type=int, default=64, help="SD-block latent side (N = latent^2)")
@@ -274,11 +273,28 @@ def main(argv=None) -> int:
     p.add_argument("--no-sweep", action="store_true")
     p.add_argument("--quick", action="store_true", help="16x16 latent, small batches, 2 repeats")
     p.add_argument("--json", help="write the results here")
-    args = p.parse_args(argv)
+    return p
+
+
+def finish_args(args):
+    """Applies --quick and always includes the sdpa baseline (in place); returns args."""
     if args.quick:
         args.latent, args.unet_batch, args.sweep_images, args.repeats, args.sweep_repeats = 16, 2, 1, 2, 1
     if "sdpa" not in args.impl:
         args.impl = ["sdpa", *args.impl]
+    return args
+
+
+def cases(args, device) -> list:
+    """(name, build() -> (model, forward, batch), image size) for the SD blocks and the tiny UNet."""
+    out = [(f"sd-block w{w} D{w // 8} {args.latent}x{args.latent}", lambda w=w: sd_block(w, args.latent, args.sd_batch, device),
+            args.latent) for w in args.widths]
+    out.append((f"tiny-unet 32x32 b{args.unet_batch}", lambda: tiny_unet(args.unet_batch, device), 32))
+    return out
+
+
+def main(argv=None) -> int:
+    args = finish_args(build_parser().parse_args(argv))
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     warnings.filterwarnings("ignore", message=".*Transformer2DModelOutput.*", category=FutureWarning)
@@ -288,14 +304,11 @@ def main(argv=None) -> int:
         "float64 reference (diffcirc._C not built): fused timings are NOT representative"
     print(f"op path: {path}; threads: {torch.get_num_threads()}; device: {device}")
 
-    cases = [(f"sd-block w{w} D{w // 8} {args.latent}x{args.latent}", lambda w=w: sd_block(w, args.latent, args.sd_batch, device),
-              args.latent) for w in args.widths]
-    cases.append((f"tiny-unet 32x32 b{args.unet_batch}", lambda: tiny_unet(args.unet_batch, device), 32))
     header = f"{'case':28} {'implementation':16} {'ms':>9} {'vs sdpa':>8} {'peak MiB':>9} {'err':>8}"
     print(header)
     print("-" * len(header))
     rows = []
-    for case, build, size in cases:
+    for case, build, size in cases(args, device):
         model, forward, batch = build()
         for r in bench_case(case, model, forward, label_map(batch, size, device), args, device):
             rows.append(r)

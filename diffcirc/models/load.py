@@ -52,7 +52,7 @@ def load(name_or_path: str = "bundled", device: str | None = None, dtype=None):
         unet_dir, sched_dir = _local(path)
         with open(os.path.join(unet_dir, "config.json")) as f:
             cls = _unet_class(json.load(f))
-        unet = cls.from_pretrained(unet_dir, use_safetensors=True)
+        unet = cls.from_pretrained(unet_dir, use_safetensors=True, low_cpu_mem_usage=False)  # no `accelerate` needed
         scheduler = DDPMScheduler.from_pretrained(sched_dir) if sched_dir else build_scheduler()
     elif name_or_path == "bundled":
         raise FileNotFoundError(f"bundled weights missing at {BUNDLED}")
@@ -74,7 +74,7 @@ def _from_hub(repo_id: str):
             config = UNet2DModel.load_config(repo_id, subfolder=sub)
         except (OSError, EnvironmentError, ValueError):
             continue
-        unet = _unet_class(config).from_pretrained(repo_id, subfolder=sub, use_safetensors=True)
+        unet = _unet_class(config).from_pretrained(repo_id, subfolder=sub, use_safetensors=True, low_cpu_mem_usage=False)
         for sched_sub in (("scheduler",) if sub else ()) + (None,):
             try:
                 return unet, DDPMScheduler.from_pretrained(repo_id, subfolder=sched_sub)

@@ -1,6 +1,7 @@
 """End to end: `diffcirc analyze` on a tiny random UNet, then `diffcirc report` from the saved tables."""
 
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -32,10 +33,21 @@ def run(tmp_path_factory):
     build_unet(32).save_pretrained(model_dir)
     build_scheduler().save_pretrained(model_dir)
     out = root / "out"
-    code = cli(["analyze", "--model", str(model_dir), "--synthetic", "8", "--natural", "lfw", "--natural-n", "8",
-                "--timesteps", "100,600", "--ablation-timesteps", "600", "--ablation-images", "8",
-                "--role-control-reps", "2", "--out", str(out)])
-    assert code == 0
+    assert cli([*analyze_args(model_dir), "--out", str(out)]) == 0
+    return out
+
+
+def analyze_args(model_dir):
+    return ["analyze", "--model", str(model_dir), "--synthetic", "8", "--natural", "lfw", "--natural-n", "8",
+            "--timesteps", "100,600", "--ablation-timesteps", "600", "--ablation-images", "8",
+            "--role-control-reps", "2"]
+
+
+@pytest.fixture
+def copy_of_run(run, tmp_path):
+    """A private copy of the finished run, for tests that rerun into it."""
+    out = tmp_path / "out"
+    shutil.copytree(run, out)
     return out
 
 
@@ -93,3 +105,33 @@ def test_same_command_same_numbers(run, tmp_path):
     b = noise_for(0, 1, [5], 600, (3, 8, 8))
     assert torch.equal(a[1], b[0])
     assert not torch.equal(a[0], a[1])
+
+
+def _table_mtimes(folder):
+    return {p.name: p.stat().st_mtime_ns for p in folder.glob("*.parquet")}
+
+
+def test_rerun_skips_every_finished_unit(run, copy_of_run, capsys):
+    before = _table_mtimes(copy_of_run)
+    assert cli([*analyze_args(run.parent / "tiny-unet"), "--out", str(copy_of_run)]) == 0
+    assert _table_mtimes(copy_of_run) == before  # nothing recomputed, nothing rewritten
+    printed = capsys.readouterr().out
+    for unit in ("trace", "features", "ablations", "attribution", "role_ablations", "circuit"):
+        assert f"{unit}: finished by an earlier run, skipped" in printed
+
+
+def test_truncated_unit_is_redone_and_matches(run, copy_of_run):
+    original = pd.read_parquet(run / "ablations.parquet")
+    path = copy_of_run / "ablations.parquet"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a half-written file
+    others = {k: v for k, v in _table_mtimes(copy_of_run).items() if k != "ablations.parquet"}
+    assert cli([*analyze_args(run.parent / "tiny-unet"), "--out", str(copy_of_run)]) == 0
+    redone = pd.read_parquet(path)
+    pd.testing.assert_frame_equal(redone, original, rtol=1e-6)
+    after = _table_mtimes(copy_of_run)
+    assert {k: after[k] for k in others} == others  # only the broken unit was recomputed
+
+
+def test_folder_of_another_configuration_is_refused(run, copy_of_run):
+    with pytest.raises(ValueError, match="different configuration"):
+        cli([*analyze_args(run.parent / "tiny-unet"), "--seed", "1", "--out", str(copy_of_run)])

@@ -33,8 +33,10 @@ from ..models import load, random_like
 from ..processor import Mean, Recorder, Session, Zero, head_attribution, mean_head_outputs, run_conditions
 from . import image_maps
 from .tables import write_json, write_table
+from .units import WorkUnits
 
 DATASETS = ("synthetic", "natural")
+TRACE_TABLES = ("layers", "aggregates", "histograms", "per_image", "maps")
 CONTROL_SEED_OFFSET = 1_000_003
 
 
@@ -119,6 +121,12 @@ class Experiment:
         }
         self.session = Session(self.unet)
         self.heads = [(layer.name, h) for layer in self.session.layers for h in range(layer.heads)]
+        self.tables: dict = {}
+
+    def load_tables(self, names) -> None:
+        """Reads the tables of a unit finished by an earlier run of the same configuration."""
+        for name in names:
+            self.tables[name] = pd.read_parquet(self.out / f"{name}.parquet")
 
     # -- helpers ---------------------------------------------------------------------------
     def noisy(self, d: _Data, ids, x0, t):
@@ -163,16 +171,15 @@ class Experiment:
         bar.close()
         layers = self.layer_table()
         aggregates.append(self.uniform_label_mass(layers))
-        self.tables = {
+        self.tables.update({
             "layers": layers,
             "aggregates": pd.concat(aggregates, ignore_index=True),
             "histograms": pd.concat(histograms, ignore_index=True),
             "per_image": pd.concat(per_image, ignore_index=True),
             "maps": pd.concat(maps, ignore_index=True).rename(columns={"value": "entropy"}).drop(columns=["stat"]),
-        }
-        for name in self.tables:
+        })
+        for name in TRACE_TABLES:
             write_table(self.tables[name], self.out / f"{name}.parquet")
-        self.save_samples(samples)
 
     def layer_table(self) -> pd.DataFrame:
         rows = []
@@ -205,9 +212,11 @@ class Experiment:
                                          "m2": float(((shares - shares.mean()) ** 2).sum())})
         return pd.DataFrame(rows)
 
-    def save_samples(self, samples):
+    def save_samples(self):
+        """The images whose per-query maps are kept, as PNGs for the report."""
         from PIL import Image
 
+        samples = {name: d.ids[: self.c.sample_maps] for name, d in self.data.items()}
         folder = self.out / "samples"
         folder.mkdir(exist_ok=True)
         for name, ids in samples.items():
@@ -325,7 +334,6 @@ class Experiment:
                                      "image": int(image), "error_name": err_name,
                                      "err_clean": float(errors[0][err_name][b]),
                                      "err_ablated": float(errors[c][err_name][b])})
-        self.tables["roles"] = roles
         self.tables["role_ablations"] = pd.DataFrame(rows)
         write_table(self.tables["role_ablations"], self.out / "role_ablations.parquet")
 
@@ -373,12 +381,24 @@ def run_analysis(config: AnalysisConfig) -> Path:
     start = time.time()
     torch.manual_seed(config.seed)
     exp = Experiment(config)
-    exp.trace()
-    exp.map_features()
-    exp.ablations()
-    exp.attribution()
-    exp.role_ablations()
-    exp.circuit()
+    settings = {k: v for k, v in asdict(config).items() if k != "out"}
+    units = WorkUnits(exp.out, {"config": settings, "diffcirc": __version__})
+    phases = [  # (unit, method, tables it writes); later phases read earlier tables
+        ("trace", exp.trace, TRACE_TABLES),
+        ("features", exp.map_features, ("features_maps",)),
+        ("ablations", exp.ablations, ("ablations",)),
+        ("attribution", exp.attribution, ("attribution",)),
+        ("role_ablations", exp.role_ablations, ("role_ablations",)),
+        ("circuit", exp.circuit, ("circuit",)),
+    ]
+    for unit, method, tables in phases:
+        if units.done(unit):
+            print(f"{unit}: finished by an earlier run, skipped")
+            exp.load_tables(tables)
+            continue
+        method()
+        units.finish(unit, [f"{name}.parquet" for name in tables])
+    exp.save_samples()
     meta = {
         "config": asdict(config),
         "model": config.model,

@@ -1,0 +1,65 @@
+"""Resumable work units of an analysis folder.
+
+Each phase of the driver is a unit: when it finishes, its tables (already written atomically) are
+recorded in ``manifest.json`` with a SHA-256 of their contents, beside a fingerprint of the run's
+configuration. Rerunning the same command on the same folder skips every unit whose files are
+present and intact, redoes a unit whose file is missing, truncated or altered, and refuses a folder
+made with a different configuration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from .tables import write_json
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class WorkUnits:
+    """The manifest of one output folder. config: what the results depend on (JSON-serialisable)."""
+
+    def __init__(self, out, config: dict):
+        self.out = Path(out)
+        self.path = self.out / "manifest.json"
+        self.config_sha256 = fingerprint(config)
+        self.units: dict = {}
+        if self.path.exists():
+            try:
+                manifest = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                manifest = None  # an unreadable manifest vouches for nothing: every unit is redone
+            if manifest is not None:
+                if manifest.get("config_sha256") != self.config_sha256:
+                    raise ValueError(
+                        f"{self.out} holds results of a different configuration (manifest.json); "
+                        "rerun with the same options, or choose a new --out")
+                self.units = manifest.get("units", {})
+
+    def done(self, name: str) -> bool:
+        """Whether unit ``name`` finished and every file it wrote is still intact."""
+        files = self.units.get(name)
+        if not files:
+            return False
+        for rel, digest in files.items():
+            path = self.out / rel
+            if not path.is_file() or _sha256(path) != digest:
+                return False
+        return True
+
+    def finish(self, name: str, files) -> None:
+        """Records unit ``name`` as finished with these files (relative to the folder)."""
+        self.units[name] = {str(rel): _sha256(self.out / rel) for rel in files}
+        write_json({"config_sha256": self.config_sha256, "units": self.units}, self.path)

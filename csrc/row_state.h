@@ -72,7 +72,19 @@ DC_HOST_DEVICE float shifted_logit(float s, float m) {
   return z > kMinShiftedLogit ? z : kMinShiftedLogit;
 }
 
+// Marks the row as having seen a NaN or +inf logit (from NaN / inf inputs; torch's softmax gives NaN
+// there too): its
+// outputs and statistics become NaN instead of a silently wrong finite value. Poison persists:
+// l stays NaN through every later rescale and add.
+DC_HOST_DEVICE void row_state_poison(RowState& st) {
+  st.l = NAN;
+  st.ent = NAN;
+  st.dist = NAN;
+  st.lab = NAN;
+}
+
 DC_HOST_DEVICE RowStats row_state_finalize(const RowState& st) {
+  if (st.l != st.l) return RowStats{NAN, NAN, NAN, NAN, NAN};  // poisoned
   if (!(st.l > 0.f)) return RowStats{0.f, -INFINITY, 0.f, 0.f, 0.f};
   const float inv_l = 1.f / st.l;
   const float log_l = logf(st.l);

@@ -209,3 +209,23 @@ def test_odd_head_dims(dtype):
     ref = reference_attention(q, k, v, **kw)
     assert (r.out.double() - ref.out).abs().max().item() <= (2e-5 if dtype == torch.float32 else 2e-2)
     assert_stats_close(r, ref, dtype, ALL_STATS)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_non_finite_inputs_give_nan_rows_not_silent_values(dtype, isa):
+    # documented behaviour: a row with a NaN or +inf logit returns NaN (out and statistics), like
+    # plain PyTorch attention; a -inf logit is a key of weight 0; every other row is unaffected
+    q, k, v = rand(1, 2, 20, 16, dtype=dtype), rand(1, 2, 600, 16, dtype=dtype), rand(1, 2, 600, 16, dtype=dtype)
+    q[0, 0, 3, 0] = float("nan")
+    k[0, 1, 550, 0] = float("inf")  # in the second key block: logit +inf where q[..., 0] > 0, else -inf
+    r = attention(q, k, v, stats=("lse", "entropy"))
+    ref = reference_attention(q, k, v, stats=("lse", "entropy"))
+    bad = torch.zeros(1, 2, 20, dtype=torch.bool)
+    bad[0, 0, 3] = True
+    bad[0, 1] = q[0, 1, :, 0] > 0
+    assert torch.equal(torch.isnan(ref.out).any(-1), bad)  # the oracle agrees on which rows
+    assert torch.isnan(r.out[bad]).all() and torch.isnan(r.entropy[bad]).all() and torch.isnan(r.lse[bad]).all()
+    good = ~bad
+    assert torch.isfinite(r.out[good]).all()
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    assert (r.out[good].double() - ref.out[good]).abs().max().item() <= tol

@@ -32,23 +32,36 @@ DC_TARGET void process_rows(const BlockArgs& a) {
 
     // 1. block max of the logits scale * s (masked keys read as -inf)
     float mb = -INFINITY;
+    bool poisoned = false;  // a NaN or +inf logit (from NaN / inf inputs): the row's result is NaN
     int64_t j = 0;
     if constexpr (V::W > 0) {
       const auto vscale = V::set1(scale);
       auto vm = V::set1(-INFINITY);
+      auto bad = V::no_lanes();
       for (; j + V::W <= cols; j += V::W) {
         auto x = V::mul(V::load(s + j), vscale);
+        bad = V::or_poison(bad, x);
         if (bias) x = V::add(x, V::load(bias + j));
         vm = V::max(vm, x);
       }
       mb = V::hmax(vm);
+      poisoned = V::any(bad);
     }
     for (; j < cols; ++j) {
-      const float x = s[j] * scale + (bias ? bias[j] : 0.f);
+      float x = s[j] * scale;
+      poisoned |= !(x < INFINITY);
+      x += bias ? bias[j] : 0.f;
       mb = x > mb ? x : mb;
     }
 
     RowState& st = a.state[r];
+    if (poisoned) {
+      diffcirc::row_state_poison(st);
+      if (a.p_bf16) std::memset(pb, 0, cols * sizeof(uint16_t));
+      else std::memset(pf, 0, cols * sizeof(float));
+      a.alpha[r] = 1.f;
+      continue;
+    }
     const float m_new = st.m > mb ? st.m : mb;
     if (m_new == -INFINITY) {  // every key so far masked: nothing to add, p row must be 0
       if (a.p_bf16) std::memset(pb, 0, cols * sizeof(uint16_t));

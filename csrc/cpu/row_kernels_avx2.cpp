@@ -27,6 +27,13 @@ struct V {
     s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
     return _mm_cvtss_f32(s);
   }
+  // lanes holding NaN or +inf, accumulated (a -inf logit is an ordinary zero-weight key)
+  using lanes = __m256;
+  DC_TARGET static lanes no_lanes() { return _mm256_setzero_ps(); }
+  DC_TARGET static lanes or_poison(lanes acc, reg x) {
+    return _mm256_or_ps(acc, _mm256_cmp_ps(x, _mm256_set1_ps(INFINITY), _CMP_NLT_UQ));
+  }
+  DC_TARGET static bool any(lanes acc) { return _mm256_movemask_ps(acc) != 0; }
   DC_TARGET static float hmax(reg a) {
     __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_max_ps(s, _mm_movehl_ps(s, s));

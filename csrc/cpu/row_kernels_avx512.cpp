@@ -23,6 +23,13 @@ struct V {
   DC_TARGET static reg fmadd(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
   DC_TARGET static reg sqrt(reg a) { return _mm512_sqrt_ps(a); }
   DC_TARGET static float hsum(reg a) { return _mm512_reduce_add_ps(a); }
+  // lanes holding NaN or +inf, accumulated (a -inf logit is an ordinary zero-weight key)
+  using lanes = __mmask16;
+  DC_TARGET static lanes no_lanes() { return 0; }
+  DC_TARGET static lanes or_poison(lanes acc, reg x) {
+    return acc | _mm512_cmp_ps_mask(x, _mm512_set1_ps(INFINITY), _CMP_NLT_UQ);
+  }
+  DC_TARGET static bool any(lanes acc) { return acc != 0; }
   DC_TARGET static float hmax(reg a) { return _mm512_reduce_max_ps(a); }
   // p where label == ql, else 0
   DC_TARGET static reg select_eq(const int32_t* labels, int32_t ql, reg p) {

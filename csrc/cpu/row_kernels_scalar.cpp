@@ -21,6 +21,10 @@ struct V {
   static reg fmadd(reg a, reg b, reg c) { return a * b + c; }
   static reg sqrt(reg a) { return std::sqrt(a); }
   static float hsum(reg a) { return a; }
+  using lanes = bool;
+  static lanes no_lanes() { return false; }
+  static lanes or_poison(lanes acc, reg x) { return acc || !(x < INFINITY); }
+  static bool any(lanes acc) { return acc; }
   static float hmax(reg a) { return a; }
   static reg select_eq(const int32_t* labels, int32_t ql, reg p) { return *labels == ql ? p : 0.f; }
   static reg exp(reg x) { return x >= -87.33654f ? std::exp(x) : 0.f; }

@@ -14,7 +14,10 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffcirc", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="diffcirc",
+        description="Mechanistic interpretability of diffusion models with fused attention statistics "
+                    "and head interventions. `diffcirc COMMAND --help` for each command.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         if not info.name.startswith("_"):

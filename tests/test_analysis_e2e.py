@@ -135,3 +135,26 @@ def test_truncated_unit_is_redone_and_matches(run, copy_of_run):
 def test_folder_of_another_configuration_is_refused(run, copy_of_run):
     with pytest.raises(ValueError, match="different configuration"):
         cli([*analyze_args(run.parent / "tiny-unet"), "--seed", "1", "--out", str(copy_of_run)])
+
+
+def test_memory_budget_chunks_passes_without_changing_results(run, tmp_path):
+    from diffcirc.analysis.driver import AnalysisConfig, Experiment
+
+    def ablate(max_memory):
+        config = AnalysisConfig(out=str(tmp_path / str(max_memory)), model=str(run.parent / "tiny-unet"),
+                                synthetic=8, natural="lfw", natural_n=8, timesteps=[100, 600],
+                                ablation_timesteps=[600], ablation_images=8, max_memory=max_memory)
+        exp = Experiment(config)
+        passes = []
+        handle = exp.unet.register_forward_pre_hook(lambda module, args: passes.append(args[0].shape[0]))
+        exp.ablations()
+        handle.remove()
+        return exp.tables["ablations"], passes
+
+    tight, tight_passes = ablate(1)  # below one condition's activations: one condition (8 images) per pass
+    loose, loose_passes = ablate(1 << 40)
+    assert max(tight_passes) == 8 and max(loose_passes) == 64
+    assert len(tight_passes) > len(loose_passes)
+    pd.testing.assert_frame_equal(tight, loose, rtol=1e-5)
+    saved = pd.read_parquet(run / "ablations.parquet")
+    pd.testing.assert_frame_equal(loose, saved, rtol=1e-5)

@@ -66,6 +66,7 @@ class AnalysisConfig:
     random_control: bool = True
     batch_size: int = 64
     max_batch: int = 64                   # batch elements per forward pass of batched conditions (on a CPU larger passes gain nothing)
+    max_memory: int | None = None         # bytes one batched pass may use; None: half of what is free
     bins: int = 64
     seed: int = 0
     bootstrap: int = 2000
@@ -73,6 +74,18 @@ class AnalysisConfig:
 
     def resolved_ablation_timesteps(self) -> list[int]:
         return list(self.ablation_timesteps) if self.ablation_timesteps else list(self.timesteps[1::3]) or list(self.timesteps)
+
+
+def free_memory_bytes(device: str) -> int:
+    """Memory free for this process now: the CUDA device's free memory, else the host's MemAvailable."""
+    if str(device).startswith("cuda"):
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 1 << 62  # unknown: no bound beyond max_batch
 
 
 def noise_for(seed: int, dataset: int, images, t: int, shape) -> torch.Tensor:
@@ -249,9 +262,15 @@ class Experiment:
 
     # -- 3. single-head ablations ------------------------------------------------------------
     def run_batched(self, conditions, x_t, t):
-        out = run_conditions(self.session, lambda x: self.forward(self.unet, x, t), x_t, conditions,
-                             max_batch=max(self.c.max_batch, x_t.shape[0]))
-        return out  # (C, B, 3, S, S)
+        """eps predictions (C, B, 3, S, S) of C conditions, in passes bounded by max_batch and the memory budget."""
+        return run_conditions(self.session, lambda x: self.forward(self.unet, x, t), x_t, conditions,
+                              max_batch=max(self.c.max_batch, x_t.shape[0]), max_bytes=self.memory_budget)
+
+    @property
+    def memory_budget(self) -> int:
+        if self.c.max_memory is not None:
+            return int(self.c.max_memory)
+        return free_memory_bytes(self.c.device) // 2
 
     def ablations(self):
         rows = []

@@ -14,6 +14,22 @@ def _positive(kind):
     return parse
 
 
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def _bytes(text):
+    """'512MiB', '2GiB', '1.5GB', '1000000' -> bytes."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"expected a size such as 512MiB or 2GiB, got {text!r}")
+    value = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return int(value)
+
+
 def _timesteps(text):
     try:
         values = [int(v) for v in text.replace(",", " ").split()]
@@ -42,6 +58,8 @@ def register(subparsers):
     p.add_argument("--no-random-control", action="store_true", help="skip the random-weights control model")
     p.add_argument("--batch-size", type=_positive(int), default=64)
     p.add_argument("--max-batch", type=_positive(int), default=64, help="batch elements per batched-conditions pass")
+    p.add_argument("--max-memory", type=_bytes, default=None,
+                   help="memory one batched pass may use, e.g. 2GiB (default: half of what is free)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=_positive(int), default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--device", default="cpu")
@@ -68,6 +86,7 @@ def run(args) -> int:
         ablation_timesteps=args.ablation_timesteps, ablation_modes=modes, ablation_images=args.ablation_images,
         circuit_threshold=args.circuit_threshold, role_control_reps=args.role_control_reps,
         random_control=not args.no_random_control, batch_size=args.batch_size, max_batch=args.max_batch,
+        max_memory=args.max_memory,
         seed=args.seed, device=args.device)
     out, summary = run_analysis(config)
     print_summary(summary)

@@ -158,3 +158,34 @@ def test_memory_budget_chunks_passes_without_changing_results(run, tmp_path):
     pd.testing.assert_frame_equal(tight, loose, rtol=1e-5)
     saved = pd.read_parquet(run / "ablations.parquet")
     pd.testing.assert_frame_equal(loose, saved, rtol=1e-5)
+
+
+def test_killed_run_resumes_to_identical_results(run, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "killed"
+    args = [*analyze_args(run.parent / "tiny-unet"), "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "diffcirc", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=dict(os.environ))
+    manifest = out / "manifest.json"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if manifest.exists() and "features" in json.loads(manifest.read_text()).get("units", {}):
+                break
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finished = set(json.loads(manifest.read_text())["units"])
+    assert {"trace", "features"} <= finished and "circuit" not in finished, finished
+    kept = {name: (out / name).stat().st_mtime_ns for name in ("aggregates.parquet", "features_maps.parquet")}
+    assert cli(args) == 0
+    assert {name: (out / name).stat().st_mtime_ns for name in kept} == kept  # not computed twice
+    for name in ("aggregates", "histograms", "per_image", "ablations", "attribution", "role_ablations", "circuit"):
+        pd.testing.assert_frame_equal(pd.read_parquet(out / f"{name}.parquet"), pd.read_parquet(run / f"{name}.parquet"),
+                                      rtol=1e-6)

@@ -17,7 +17,6 @@ import argparse
 import itertools
 import json
 import os
-import statistics
 import sys
 
 import torch
@@ -27,7 +26,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from diffcirc.bench.harness import (  # noqa: E402,F401  (the shared pieces, re-exported)
     ALL_STATS, BASELINES, CUDA_IMPLEMENTATIONS, DTYPES, IMPLEMENTATIONS, check, cuda_machine_info,
     cuda_peak_extra_memory, cuda_time_call, fused, machine_info, make_case, materialising, peak_extra_memory,
-    sdpa, sdpa_backend, time_call)
+    sdpa, sdpa_backend, summarize, time_call)
+from diffcirc.bench.op import HEADER, run_op  # noqa: E402
 from diffcirc.ops import extension  # noqa: E402
 
 CPU_DEFAULTS = {"n": [1024, 4096], "d": [40, 64, 160], "dtype": ["f32", "bf16"], "impl": list(IMPLEMENTATIONS)}
@@ -69,8 +69,7 @@ def run_cuda(args) -> int:
                 rows.append({"dtype": dt, "n": n, "d": d, "b": args.b, "h": args.h, "implementation": name,
                              "error": reason})
                 continue
-            results[name] = {"ms": statistics.median(times) * 1e3, "ms_min": min(times) * 1e3,
-                             "ms_max": max(times) * 1e3, "peak_extra_bytes": mem, "max_abs_err": err}
+            results[name] = {**summarize(times), "peak_extra_bytes": mem, "max_abs_err": err}
         base = (results.get("sdpa-flash") or results.get("sdpa-efficient") or {}).get("ms")
         for name, r in results.items():
             r.update(dtype=dt, n=n, d=d, b=args.b, h=args.h, implementation=name,
@@ -129,33 +128,18 @@ def main(argv=None) -> int:
     if extension.load() is None:
         print("warning: diffcirc._C is not built; 'fused' rows time the float64 reference", file=sys.stderr)
 
-    rows = []
-    header = f"{'dtype':5} {'N':>6} {'D':>4} {'implementation':16} {'ms':>9} {'GFLOP/s':>8} {'vs sdpa':>8} {'peak MiB':>9} {'max err':>8}"
-    print(header)
-    print("-" * len(header))
-    for dt, n, d in itertools.product(args.dtype, args.n, args.d):
-        case = make_case(args.b, args.h, n, d, DTYPES[dt])
-        flops = 4 * args.b * args.h * n * n * d
-        results = {}
-        for name in args.impl:
-            fn = IMPLEMENTATIONS[name]
-            err = check(name, fn, case, DTYPES[dt])
-            times = time_call(fn, case, args.repeats)
-            mem = peak_extra_memory(fn, case)
-            results[name] = {"ms": statistics.median(times) * 1e3, "ms_min": min(times) * 1e3,
-                             "ms_max": max(times) * 1e3, "peak_extra_bytes": mem, "max_abs_err": err}
-        base = results.get("sdpa", {}).get("ms")
-        for name, r in results.items():
-            r.update(dtype=dt, n=n, d=d, b=args.b, h=args.h, implementation=name,
-                     gflops=flops / (r["ms"] * 1e-3) / 1e9, vs_sdpa=(r["ms"] / base) if base else None)
-            rows.append(r)
-            ratio = f"{r['vs_sdpa']:.2f}x" if r["vs_sdpa"] else "-"
-            print(f"{dt:5} {n:>6} {d:>4} {name:16} {r['ms']:>9.2f} {r['gflops']:>8.1f} {ratio:>8} "
-                  f"{r['peak_extra_bytes'] / 2**20:>9.1f} {r['max_abs_err']:>8.1e}")
-        if "materialising" in results and "fused+entropy" in results:
+    print(HEADER)
+    print("-" * len(HEADER))
+    impls = {name: IMPLEMENTATIONS[name] for name in args.impl}
+    rows = run_op([(args.b, args.h, n, d) for n in args.n for d in args.d], args.dtype, impls,
+                  repeats=args.repeats, log=print)
+    by_case = {}
+    for r in rows:
+        by_case.setdefault((r["dtype"], r["n"], r["d"]), {})[r["implementation"]] = r
+    for (dt, n, d), results in by_case.items():
+        if "ms" in results.get("materialising", {}) and "ms" in results.get("fused+entropy", {}):
             speedup = results["materialising"]["ms"] / results["fused+entropy"]["ms"]
-            print(f"{'':17}fused+entropy is {speedup:.1f}x faster than the materialising path")
-        sys.stdout.flush()
+            print(f"{dt:5} {n:>6} {d:>4} fused+entropy is {speedup:.1f}x faster than the materialising path")
 
     if args.json:
         with open(args.json, "w") as f:

@@ -19,17 +19,18 @@ SgemmFn sgemm() {
   return f;
 }
 
-// Views the row-major operand as a (rows, cols) tensor without copying.
-at::Tensor view(const void* p, bool trans, int64_t rows, int64_t cols, int64_t ld, at::ScalarType t) {
-  auto x = at::from_blob(const_cast<void*>(p), {trans ? cols : rows, trans ? rows : cols}, {ld, 1},
-                         at::TensorOptions().dtype(t));
+// Views a row-major float operand as a (rows, cols) tensor without copying.
+at::Tensor view(const float* p, bool trans, int64_t rows, int64_t cols, int64_t ld) {
+  auto x = at::from_blob(const_cast<float*>(p), {trans ? cols : rows, trans ? rows : cols}, {ld, 1},
+                         at::TensorOptions().dtype(at::kFloat));
   return trans ? x.t() : x;
 }
 
-void gemm_aten(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const void* a, int64_t lda,
-               const void* b, int64_t ldb, float beta, float* c, int64_t ldc, at::ScalarType t) {
-  auto A = view(a, ta, m, k, lda, t).to(at::kFloat);
-  auto B = view(b, tb, k, n, ldb, t).to(at::kFloat);
+// For torch builds whose BLAS does not export sgemm_.
+void gemm_aten(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+               const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  auto A = view(a, ta, m, k, lda);
+  auto B = view(b, tb, k, n, ldb);
   auto C = at::from_blob(c, {m, n}, {ldc, 1}, at::TensorOptions().dtype(at::kFloat));
   if (beta == 0.f) C.copy_(at::mm(A, B).mul_(alpha));
   else C.mul_(beta).add_(at::mm(A, B), alpha);
@@ -48,7 +49,7 @@ void gemm_f32(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, co
     f(&tA, &tB, &M, &N, &K, &alpha, b, &la, a, &lb, &beta, c, &lc);
     return;
   }
-  gemm_aten(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, at::kFloat);
+  gemm_aten(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
 void brgemm_bf16_vnni(int64_t m, int64_t n, int64_t k, const c10::BFloat16* a, int64_t lda, const c10::BFloat16* b,

@@ -31,6 +31,8 @@ attention matrix. Example::
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 
@@ -42,16 +44,16 @@ Heads = Union[int, Sequence[int], None]
 
 
 @dataclass(frozen=True)
-class Intervention:
+class Intervention(ABC):
     """Base of the modes below: layer (module path), head (int, ints or None = all), elements (ints or None = all)."""
 
     layer: str
     head: Heads = None
     elements: Optional[Sequence[int]] = None
 
-    # (s, replacement or None) for the addressed rows; replacement: (n_elements, n_heads, Nq|1, Dv).
+    @abstractmethod
     def _apply(self, call: AttentionCall, rows: torch.Tensor, cols: torch.Tensor):
-        raise NotImplementedError
+        """(s, replacement or None) for the addressed rows; replacement: (n_elements, n_heads, Nq|1, Dv)."""
 
     needs_positions = False  # whether the replacement varies with the query position
 
@@ -82,9 +84,7 @@ class Mean(Intervention):
     needs_positions = True
 
     def _apply(self, call, rows, cols):
-        m = _lookup(self.means, self.layer, "means")
-        _check_positions(m.shape[-3:], call, self.layer, "means", "(H, Nq, Dv)")
-        m = m.to(call.value.device)
+        m = _stored(self.means, call, self.layer, "means", "(H, Nq, Dv)")
         return 0.0, m[cols].unsqueeze(0).expand(len(rows), -1, -1, -1)
 
 
@@ -96,9 +96,7 @@ class Patch(Intervention):
     needs_positions = True
 
     def _apply(self, call, rows, cols):
-        c = _lookup(self.cache, self.layer, "cache")
-        _check_positions(c.shape[-3:], call, self.layer, "cache", "(Bc, H, Nq, Dv)")
-        c = c.to(call.value.device)
+        c = _stored(self.cache, call, self.layer, "cache", "(Bc, H, Nq, Dv)")
         src = rows % c.shape[0]
         return 0.0, c[src[:, None], cols[None, :]]
 
@@ -115,6 +113,13 @@ class Uniform(Intervention):
             keep = call.key_padding_mask[rows].to(v.dtype)[:, None, :, None]  # (n, 1, Nk, 1)
             mean = (v * keep).sum(dim=2) / keep.sum(dim=2).clamp_min(1.0)
         return 0.0, mean.unsqueeze(2)
+
+
+def _stored(table: Mapping[str, torch.Tensor], call: AttentionCall, layer: str, what: str, layout: str):
+    """The layer's stored head outputs, checked against this call's positions, on its device."""
+    t = _lookup(table, layer, what)
+    _check_positions(t.shape[-3:], call, layer, what, layout)
+    return t.to(call.value.device)
 
 
 def _lookup(table: Mapping[str, torch.Tensor], layer: str, what: str) -> torch.Tensor:

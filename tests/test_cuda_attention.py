@@ -155,6 +155,63 @@ def test_fully_masked_rows(cuda, dtype):
     assert r.entropy[2].abs().max().item() <= 1e-6 and torch.allclose(r.label_mass[2], torch.ones_like(r.label_mass[2]))
 
 
+def _to(x, device):
+    """x (a tensor, a tuple of them, or anything else) on device."""
+    if isinstance(x, tuple):
+        return tuple(_to(y, device) for y in x)
+    return x.to(device) if torch.is_tensor(x) else x
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_non_finite_inputs_give_nan_rows_not_silent_values(cuda, dtype):
+    # the CPU kernel's rule (tests/test_ops_attention.py): a row that meets a NaN or +inf logit is NaN
+    # in out and every statistic; a -inf logit is a key of weight 0; every other row is unaffected
+    B, H, Nq, Nk, D = 2, 2, 20, 600, 16
+    q, k, v = rand(B, H, Nq, D, dtype=dtype), rand(B, H, Nk, D, dtype=dtype), rand(B, H, Nk, D, dtype=dtype)
+    q[0, 0, 3, 0] = float("nan")
+    k[0, 1, 550, 0] = float("inf")  # a later key tile: logit +inf where q[..., 0] > 0, else -inf
+    k[1, 0, Nk - 1, 5] = float("nan")  # the last key, in a partial key tile: every row of the head
+    kw = dict(stats=ALL_STATS, grid=(grid_for(Nq), grid_for(Nk)),
+              labels=(torch.randint(0, 5, (B, Nq), device=cuda), torch.randint(0, 5, (B, Nk), device=cuda)))
+    r = attention(q, k, v, **kw)
+    ref = reference_attention(q, k, v, **kw)
+    bad = torch.zeros(B, H, Nq, dtype=torch.bool, device=cuda)
+    bad[0, 0, 3] = True
+    bad[0, 1] = q[0, 1, :, 0] > 0
+    bad[1, 0] = True
+    assert torch.equal(torch.isnan(ref.out).any(-1), bad)  # the oracle agrees on which rows
+    for name in ("out", *ALL_STATS):
+        got = getattr(r, name)
+        assert torch.isnan(got[bad]).all(), name
+        assert torch.isfinite(got[~bad]).all(), name
+    assert (r.out[~bad].double() - ref.out[~bad]).abs().max().item() <= tol_for(dtype)
+    assert_stats_close(r, ref, dtype, ALL_STATS)
+
+    # The same rows as the CPU kernel, also for a NaN logit of a masked key (poisons on the CPU too),
+    # a row whose every logit is -inf (weight-0 keys only: like a fully masked row, not NaN), and
+    # through head_scale (0 included) and a replacement, which must not hide the NaN.
+    k[1, 1, 100, 0] = float("nan")
+    mask = torch.rand(B, Nk, device=cuda) > 0.3
+    mask[:, 0] = True
+    mask[1, 100] = False
+    q[0, 0, 7] = 0
+    q[0, 0, 7, 0] = float("inf")
+    k[0, 0, :, 0] = -(k[0, 0, :, 0].abs() + 0.5)  # q[0, 0, 7] . k_j = -inf for every key j
+    head_scale = torch.tensor([[0.0, 0.5], [1.0, 0.0]], device=cuda)
+    kw.update(key_padding_mask=mask, head_scale=head_scale, head_replacement=rand(1, H, Nq, D))
+    on_gpu = attention(q, k, v, **kw)
+    on_cpu = attention(_to(q, "cpu"), _to(k, "cpu"), _to(v, "cpu"), **{n: _to(x, "cpu") for n, x in kw.items()})
+    assert torch.isnan(on_gpu.out[1, 1]).all() and torch.isnan(on_gpu.out[0, 0, 3]).all()
+    assert torch.isneginf(on_gpu.lse[0, 0, 7]) and on_gpu.entropy[0, 0, 7] == 0
+    out_tol, stat_tol = (2e-5, 2e-4) if dtype == torch.float32 else (2e-2, 1e-3)
+    for name, tol in (("out", out_tol), *((s, stat_tol) for s in ALL_STATS)):
+        a, b = getattr(on_gpu, name).cpu(), getattr(on_cpu, name)
+        assert torch.equal(torch.isnan(a), torch.isnan(b)), name
+        assert torch.equal(torch.isfinite(a), torch.isfinite(b)), name
+        fin = torch.isfinite(b)
+        assert torch.allclose(a[fin].double(), b[fin].double(), atol=tol, rtol=1e-4), name
+
+
 def test_no_keys_at_all(cuda):
     q, k, v = rand(1, 2, 5, 16), rand(1, 2, 0, 16), rand(1, 2, 0, 8)
     r = attention(q, k, v, stats=("lse", "entropy"))

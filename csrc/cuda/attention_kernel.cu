@@ -86,9 +86,14 @@ AttentionResult attention_cuda(const at::Tensor& q, const at::Tensor& k, const a
   auto& [out, lse, ent, dist, lab] = result;
   if (lse.numel() == 0) return result;  // B, H or Nq is 0
 
+  // The kernel indexes rows and tiles in int (element offsets are int64). Row indices run up to a
+  // tile past N (tile counts are rounded up, rows of a partial tile are still formed), so N keeps
+  // a margin of more than the largest tile below INT32_MAX.
   constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
-  TORCH_CHECK_VALUE(q.size(2) <= kIntMax && k.size(2) <= kIntMax && q.size(0) * q.size(1) <= kIntMax,
-                    "attention (CUDA): B * H, Nq and Nk must each fit in int32, got q ", q.sizes(), ", k ", k.sizes());
+  constexpr int64_t kMaxRows = kIntMax - 1024;
+  TORCH_CHECK_VALUE(q.size(2) <= kMaxRows && k.size(2) <= kMaxRows && q.size(0) * q.size(1) <= kIntMax,
+                    "attention (CUDA): Nq and Nk must be at most ", kMaxRows, " and B * H at most ", kIntMax,
+                    ", got q ", q.sizes(), ", k ", k.sizes());
 
   cuda::AttentionParams p{};
   p.q = q.data_ptr();

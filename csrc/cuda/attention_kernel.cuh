@@ -14,6 +14,12 @@
 // memory). fp32 uses SIMT FMA in full fp32 (no TF32), laid out exactly like the mma accumulators,
 // so the softmax, statistics and epilogue code is shared.
 //
+// Masking and non-finite logits follow the CPU kernel: a masked key or a -inf logit has weight 0,
+// a fully masked row gives out = 0, lse = -inf and statistics 0, and a row that meets a NaN or
+// +inf logit (from NaN / inf inputs) gives NaN in out, lse and every statistic
+// (row_state_poison). Detecting that costs one compare per logit while the row max is taken; the
+// flag then travels inside the max itself.
+//
 // Register layout (the m16n8 accumulator): lane = 4 g + t holds, for each 8-column tile n,
 // rows g and g + 8 at columns 8 n + 2 t and 8 n + 2 t + 1. The four lanes of a quad (same g)
 // therefore share a row; row reductions are two xor-shuffles across the quad, after which all
@@ -310,22 +316,38 @@ __global__ void __launch_bounds__(TileConfig<T, DP>::kThreads, 1) attention_fwd_
     }
 
     // ---- online softmax and statistics; s becomes p = e^{scale s + bias - m}
+    // Keys j0 + jj with jj >= kv_valid are tile padding (zero K rows): never part of the row, and
+    // never poison it, whatever q holds.
+    const int kv_valid = p.Nk - it * BN;
     float alpha[2];
 #pragma unroll
     for (int ri = 0; ri < 2; ++ri) {
       float mb = -INFINITY;
+      bool bad = false;
 #pragma unroll
       for (int n = 0; n < NT; ++n)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const float x = fmaf(s[n][2 * ri + e], p.scale, bias[8 * n + 2 * t + e]);
+          const int jj = 8 * n + 2 * t + e;
+          // The logit before the mask bias, rounded as the CPU kernel's s * scale (an unfused multiply,
+          // so an overflow to +inf is seen as such). A NaN or +inf logit of any real key, masked or
+          // not, poisons the row, as on the CPU; -inf stays a key of weight 0.
+          float x = __fmul_rn(s[n][2 * ri + e], p.scale);
+          const bool real = jj < kv_valid;
+          bad |= real && !(x < INFINITY);
+          x = real ? x + bias[jj] : -INFINITY;
           s[n][2 * ri + e] = x;
           mb = fmaxf(mb, x);
         }
+      // Poison rides on the max: a clean row's logits are finite or -inf, so a block max of +inf
+      // can only mean poison, and the quad's max reduction spreads it without extra shuffles.
+      if (bad) mb = INFINITY;
       mb = fmaxf(mb, __shfl_xor_sync(kFullMask, mb, 1));
       mb = fmaxf(mb, __shfl_xor_sync(kFullMask, mb, 2));
+      const bool poisoned = mb == INFINITY;
       const float m_new = fmaxf(st[ri].m, mb);
-      const bool live = m_new != -INFINITY;  // false while every key so far was masked: p = 0, O stays 0
+      // false while every key so far was masked (p = 0, O stays 0) or when this tile poisons the row
+      const bool live = !poisoned && m_new != -INFINITY;
       alpha[ri] = live ? row_state_rescale(st[ri], m_new) : 1.f;
 
       float sum_p = 0.f, sum_pz = 0.f, sum_pd = 0.f, sum_pl = 0.f;
@@ -348,7 +370,8 @@ __global__ void __launch_bounds__(TileConfig<T, DP>::kThreads, 1) attention_fwd_
           }
           s[n][2 * ri + e] = pv;
         }
-      // the quad's partial sums; the butterfly leaves bit-identical totals in all four lanes
+      // the quad's partial sums; the butterfly leaves bit-identical totals in all four lanes. Every
+      // lane runs these shuffles (rows of one warp may differ in live / poisoned, so no early exit).
       sum_p += __shfl_xor_sync(kFullMask, sum_p, 1);
       sum_p += __shfl_xor_sync(kFullMask, sum_p, 2);
       if (p.want_entropy) {
@@ -363,7 +386,10 @@ __global__ void __launch_bounds__(TileConfig<T, DP>::kThreads, 1) attention_fwd_
         sum_pl += __shfl_xor_sync(kFullMask, sum_pl, 1);
         sum_pl += __shfl_xor_sync(kFullMask, sum_pl, 2);
       }
-      if (live) row_state_add(st[ri], sum_p, p.want_entropy ? sum_pz : 0.f, sum_pd, sum_pl);
+      // A poisoned state stays NaN through later rescales and adds (csrc/row_state.h), and its
+      // NaN 1 / l makes out NaN in the epilogue whatever head_scale and the replacement are.
+      if (poisoned) row_state_poison(st[ri]);
+      else if (live) row_state_add(st[ri], sum_p, p.want_entropy ? sum_pz : 0.f, sum_pd, sum_pl);
     }
 
     // ---- O = alpha O + P V

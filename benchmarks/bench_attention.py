@@ -8,7 +8,8 @@ machine, torch version, CPU ISA path and commit.
     python benchmarks/bench_attention.py                       # the full CPU table
     python benchmarks/bench_attention.py --quick               # one small case per dtype
     python benchmarks/bench_attention.py --n 4096 --d 64 --dtype f32 --json out.json
-    python benchmarks/bench_attention.py --device cuda          # GPU: fused vs SDPA flash/efficient
+    python benchmarks/bench_attention.py --device cuda          # GPU: fused vs SDPA flash/efficient,
+                                                                # xformers and flash-attn where installed
 """
 
 from __future__ import annotations
@@ -24,23 +25,23 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from diffcirc.bench.harness import (  # noqa: E402,F401  (the shared pieces, re-exported)
-    ALL_STATS, BASELINES, CUDA_IMPLEMENTATIONS, DTYPES, IMPLEMENTATIONS, check, cuda_machine_info,
-    cuda_peak_extra_memory, cuda_time_call, fused, machine_info, make_case, materialising, peak_extra_memory,
-    sdpa, sdpa_backend, summarize, time_call)
+    ALL_STATS, BASELINES, CUDA_IMPLEMENTATIONS, DTYPES, IMPLEMENTATIONS, OPTIONAL_BASELINES, check,
+    cuda_machine_info, cuda_peak_extra_memory, cuda_time_call, fused, machine_info, make_case, materialising,
+    optional_baselines, peak_extra_memory, sdpa, sdpa_backend, summarize, time_call)
 from diffcirc.bench.op import HEADER, run_op  # noqa: E402
 from diffcirc.ops import extension  # noqa: E402
 
 CPU_DEFAULTS = {"n": [1024, 4096], "d": [40, 64, 160], "dtype": ["f32", "bf16"], "impl": list(IMPLEMENTATIONS)}
-CUDA_DEFAULTS = {"n": [1024, 4096, 16384], "d": [40, 64, 128, 160], "dtype": ["f16", "bf16"],
-                 "impl": list(CUDA_IMPLEMENTATIONS)}
+CUDA_DEFAULTS = {"n": [1024, 4096, 16384], "d": [40, 64, 128, 160], "dtype": ["f16", "bf16"]}  # impl: all that import
 
 
 # ---------------------------------------------------------------------------------------------
 # GPU
 
-def run_cuda(args) -> int:
+def run_cuda(args, known: dict) -> int:
     """The GPU table: fused (with and without statistics) vs SDPA's flash and memory-efficient
-    backends vs the materialising path, with TFLOP/s, speed ratios and peak memory."""
+    backends, xformers and flash-attn (where installed) and the materialising path, with TFLOP/s,
+    speed ratios and peak memory. known: name -> implementation, args.impl chosen from it."""
     device = torch.device("cuda")
     ext = extension.load()
     if ext is None or not ext.cuda_archs():
@@ -55,7 +56,7 @@ def run_cuda(args) -> int:
         flops = 4 * args.b * args.h * n * n * d
         results = {}
         for name in args.impl:
-            fn = CUDA_IMPLEMENTATIONS[name]
+            fn = known[name]
             try:
                 err = check(name, fn, case, DTYPES[dt])
                 times = cuda_time_call(fn, case, args.repeats)
@@ -103,28 +104,33 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, nargs="+", help="default: 1024 4096 (cpu), 1024 4096 16384 (cuda)")
     p.add_argument("--d", type=int, nargs="+", help="default: 40 64 160 (cpu), 40 64 128 160 (cuda)")
     p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), help="default: f32 bf16 (cpu), f16 bf16 (cuda)")
-    p.add_argument("--impl", nargs="+", choices=list(dict.fromkeys([*IMPLEMENTATIONS, *CUDA_IMPLEMENTATIONS])),
-                   help=f"default (cpu): {' '.join(IMPLEMENTATIONS)}; (cuda): {' '.join(CUDA_IMPLEMENTATIONS)}")
+    p.add_argument("--impl", nargs="+",
+                   choices=list(dict.fromkeys([*IMPLEMENTATIONS, *CUDA_IMPLEMENTATIONS, *OPTIONAL_BASELINES])),
+                   help=f"default (cpu): {' '.join(IMPLEMENTATIONS)}; (cuda): {' '.join(CUDA_IMPLEMENTATIONS)} "
+                        f"and those of {' '.join(OPTIONAL_BASELINES)} that import")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="N=1024, D=64 only, 3 repeats")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
-    defaults = CUDA_DEFAULTS if args.device == "cuda" else CPU_DEFAULTS
+    found, status = optional_baselines(args.device)
+    known = {**CUDA_IMPLEMENTATIONS, **found} if args.device == "cuda" else IMPLEMENTATIONS
+    defaults = {**CUDA_DEFAULTS, "impl": list(known)} if args.device == "cuda" else CPU_DEFAULTS
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    known = CUDA_IMPLEMENTATIONS if args.device == "cuda" else IMPLEMENTATIONS
     unknown = [name for name in args.impl if name not in known]
     if unknown:
-        p.error(f"--impl {' '.join(unknown)} not available with --device {args.device}; choose from {list(known)}")
+        why = "".join(f"; {name}: {status[name]}" for name in unknown if name in status)
+        p.error(f"--impl {' '.join(unknown)} not available with --device {args.device}{why}; choose from {list(known)}")
     if args.quick:
         args.n, args.d, args.repeats = [1024], [64], 3
     torch.set_num_threads(args.threads)
     if args.device == "cuda":
         if not torch.cuda.is_available():
             p.error("--device cuda needs a CUDA GPU and a CUDA build of torch")
-        return run_cuda(args)
+        print("optional baselines: " + "; ".join(f"{name}: {why}" for name, why in status.items()))
+        return run_cuda(args, known)
     if extension.load() is None:
         print("warning: diffcirc._C is not built; 'fused' rows time the float64 reference", file=sys.stderr)
 

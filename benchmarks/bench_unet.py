@@ -9,17 +9,19 @@ Implementations per case (each checked against AttnProcessor2_0 before timing):
 Cases: an SD-like Transformer2DModel block (width 320 / 640, 8 heads, D = 40 / 80, cross-attention
 to 77 text tokens) at a 64x64 latent (N = 4096), and the paper-like tiny UNet2DModel (32x32 input,
 3 attention layers x 8 heads x 256 channels at 8x8). Then a sweep of every single-head zero
-ablation of the tiny UNet (plus the clean run): batched by run_conditions vs one condition at a time.
+ablation of the tiny UNet (plus the clean run): batched by run_conditions (at several batch sizes)
+vs one condition at a time.
 
     python benchmarks/bench_unet.py                 # full sizes
     python benchmarks/bench_unet.py --quick         # small sizes, for development
-    python benchmarks/bench_unet.py --json out.json
+    python benchmarks/bench_unet.py --conditions 9 25 --max-batch 8 40 200 --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -220,69 +222,139 @@ def _check_entropy(case: str, entropy: dict, tol: float = 1e-4):
             raise AssertionError(f"{case}: {name} mean entropy differs from the materialising hook by {worst:.3g}")
 
 
-def sweep(args, device) -> dict:
+SWEEP_HEADER = (f"{'conditions':>10} {'images':>6} {'implementation':14} {'max_batch':>9} {'passes':>6} {'ms':>9} "
+                f"{'images/s':>9} {'speed-up':>8} {'peak MiB':>9} {'err':>8}")
+
+
+def format_sweep_row(r: dict) -> str:
+    """One line of the sweep table (SWEEP_HEADER); speed-up is throughput over one at a time."""
+    max_batch = "-" if r["max_batch"] is None else r["max_batch"]
+    return (f"{r['conditions']:>10} {r['images']:>6} {r['implementation']:14} {max_batch:>9} {r['passes']:>6} "
+            f"{r['ms']:>9.1f} {r['images_per_s']:>9.1f} {r['speedup_vs_one_at_a_time']:>7.2f}x "
+            f"{r['peak_extra_bytes'] / 2**20:>9.1f} {r['max_abs_err']:>8.1e}")
+
+
+def ablation_conditions(session, count: int | None = None) -> list:
+    """The clean run ([]) then the first count - 1 single-head zero ablations (default: all)."""
+    conditions = [[]] + [[Zero(layer, h)] for layer, h in session.heads()]
+    count = len(conditions) if count is None else count
+    if not 1 <= count <= len(conditions):
+        raise ValueError(f"{count} conditions: this model has 1 to {len(conditions)} (the clean run + one per head)")
+    return conditions[:count]
+
+
+def default_max_batches(count: int, images: int) -> list:
+    """Elements per batched pass: one condition (the batching machinery alone), 5 and all count."""
+    return sorted({images * k for k in (1, 5, count) if k <= count})
+
+
+def sweep(args, device, log=print) -> list:
+    """Rows of the ablation sweep of the tiny UNet on args.sweep_images images: for each count in
+    args.conditions (default: all), the conditions one at a time, then batched by run_conditions
+    with each of args.max_batch elements per pass (default: default_max_batches). Logs each row."""
     model, _, _ = tiny_unet(1, device)
     session = Session(model)
     g = torch.Generator().manual_seed(2)
     x = torch.randn(args.sweep_images, 3, 32, 32, generator=g).to(device)
     t = torch.full((args.sweep_images,), 500, device=device)
-    conditions = [[]] + [[Zero(layer, h)] for layer, h in session.heads()]
     forward = lambda xt: model(*xt).sample  # noqa: E731
-    max_batch = args.max_batch or len(conditions) * args.sweep_images
+    # every option is validated before the first (long) measurement
+    lists = [ablation_conditions(session, count) for count in args.conditions or [None]]
+    too_small = [mb for mb in args.max_batch or [] if mb < args.sweep_images]
+    if too_small:
+        raise ValueError(f"max_batch {too_small} below the {args.sweep_images} images of one condition")
+    rows = []
+    for conditions in lists:
+        max_batches = args.max_batch or default_max_batches(len(conditions), args.sweep_images)
+        rows += sweep_case(session, forward, (x, t), conditions, max_batches, args, device, log)
+    return rows
 
-    def batched():
-        return run_conditions(session, forward, (x, t), conditions, max_batch=max_batch)
 
-    def one_at_a_time():
+def sweep_case(session, forward, inputs, conditions, max_batches, args, device, log=print) -> list:
+    """Rows for one list of C conditions on inputs (x (B, 3, 32, 32), t (B,)): one at a time, then
+    batched at each max_batch. Each is checked before it is timed: every condition against one at
+    a time, and the clean one against the model's own processors (no session installed)."""
+    images = inputs[0].shape[0]
+
+    def one_at_a_time():  # -> (C, B, 3, 32, 32)
         outs = []
         for cond in conditions:
             with session.intervene(cond):
-                outs.append(forward((x, t)))
+                outs.append(forward(inputs))
         return torch.stack(outs)
 
+    runs = [("one at a time", None, len(conditions), one_at_a_time)]
+    for mb in max_batches:
+        passes = math.ceil(len(conditions) / (mb // images))  # sweep() refuses mb < images
+        batched = lambda mb=mb: run_conditions(session, forward, inputs, conditions, max_batch=mb)  # noqa: E731
+        runs.append(("batched", mb, passes, batched))
+    rows = []
     with torch.no_grad():
-        err = (batched() - one_at_a_time()).abs().max().item()
-        if err > args.tolerance:
-            raise AssertionError(f"sweep: batched conditions differ from one at a time by {err:.3g}")
-        tb = median_ms(batched, device, args.warmup, args.sweep_repeats)
-        ts = median_ms(one_at_a_time, device, args.warmup, args.sweep_repeats)
-    n = len(conditions) * args.sweep_images
-    result = {"conditions": len(conditions), "images": args.sweep_images, "max_batch": max_batch,
-              "batched_ms": statistics.median(tb), "one_at_a_time_ms": statistics.median(ts), "max_abs_err": err}
-    result["batched_images_per_s"] = n / (result["batched_ms"] / 1e3)
-    result["one_at_a_time_images_per_s"] = n / (result["one_at_a_time_ms"] / 1e3)
-    result["throughput_ratio"] = result["one_at_a_time_ms"] / result["batched_ms"]
-    return result
+        reference, clean = one_at_a_time(), forward(inputs)
+        for name, mb, passes, fn in runs:
+            out = reference if fn is one_at_a_time else fn()
+            err = max((out[0] - clean).abs().max().item(), (out - reference).abs().max().item())
+            if err > args.tolerance:  # checked before timing: a wrong run is never timed
+                raise AssertionError(f"sweep {len(conditions)} conditions / {name} (max_batch {mb}): differs from "
+                                     f"one condition at a time or the model's own clean forward by {err:.3g}")
+            times = median_ms(fn, device, args.warmup, args.sweep_repeats)
+            row = {"case": "tiny-unet sweep", "implementation": name, "conditions": len(conditions), "images": images,
+                   "max_batch": mb, "passes": passes, "ms": statistics.median(times), "ms_min": min(times),
+                   "ms_max": max(times), "peak_extra_bytes": peak_bytes(fn, device), "max_abs_err": err}
+            row["images_per_s"] = len(conditions) * images / (row["ms"] / 1e3)
+            row["speedup_vs_one_at_a_time"] = (rows[0] if rows else row)["ms"] / row["ms"]  # rows[0]: one at a time
+            rows.append(row)
+            log(format_sweep_row(row))
+    return rows
+
+
+FULL = {"latent": 64, "unet_batch": 16, "sweep_images": 8, "repeats": 5, "sweep_repeats": 3}
+QUICK = {"latent": 16, "unet_batch": 2, "sweep_images": 1, "repeats": 2, "sweep_repeats": 1, "conditions": [9]}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--latent", type=int, default=64, help="SD-block latent side (N = latent^2)")
+    p.add_argument("--latent", type=int, help=f"SD-block latent side, N = latent^2 (default {FULL['latent']}, "
+                                              f"--quick {QUICK['latent']})")
     p.add_argument("--widths", type=int, nargs="+", default=[320, 640], help="SD-block widths (8 heads each)")
     p.add_argument("--sd-batch", type=int, default=1)
-    p.add_argument("--unet-batch", type=int, default=16)
-    p.add_argument("--sweep-images", type=int, default=8)
-    p.add_argument("--max-batch", type=int, default=None, help="sweep: max batch elements per pass (default: all)")
+    p.add_argument("--unet-batch", type=int, help=f"default {FULL['unet_batch']}, --quick {QUICK['unet_batch']}")
+    p.add_argument("--sweep-images", type=int, help=f"default {FULL['sweep_images']}, --quick {QUICK['sweep_images']}")
+    p.add_argument("--conditions", type=int, nargs="+",
+                   help="sweep: numbers of conditions, the clean run + the first single-head ablations "
+                        f"(default: all, --quick {QUICK['conditions'][0]})")
+    p.add_argument("--max-batch", type=int, nargs="+",
+                   help="sweep: batch elements per batched pass (default: images x 1, 5 and all conditions)")
     p.add_argument("--impl", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--sweep-repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, help=f"default {FULL['repeats']}, --quick {QUICK['repeats']}")
+    p.add_argument("--sweep-repeats", type=int,
+                   help=f"default {FULL['sweep_repeats']}, --quick {QUICK['sweep_repeats']}")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tolerance", type=float, default=1e-3, help="max abs output error vs AttnProcessor2_0")
     p.add_argument("--no-sweep", action="store_true")
-    p.add_argument("--quick", action="store_true", help="16x16 latent, small batches, 2 repeats")
+    p.add_argument("--quick", action="store_true", help="16x16 latent, small batches, 2 repeats, 9 sweep conditions")
     p.add_argument("--json", help="write the results here")
     return p
 
 
 def finish_args(args):
-    """Applies --quick and always includes the sdpa baseline (in place); returns args."""
-    if args.quick:
-        args.latent, args.unet_batch, args.sweep_images, args.repeats, args.sweep_repeats = 16, 2, 1, 2, 1
+    """Fills the sizes left unset from QUICK (with --quick) or FULL and always includes the sdpa
+    baseline (in place); returns args."""
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if "sdpa" not in args.impl:
         args.impl = ["sdpa", *args.impl]
     return args
+
+
+def setup(args):
+    """Threads and warning filters for a run; returns the torch device."""
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message=".*Transformer2DModelOutput.*", category=FutureWarning)
+    return torch.device(args.device)
 
 
 def cases(args, device) -> list:
@@ -293,42 +365,45 @@ def cases(args, device) -> list:
     return out
 
 
-def main(argv=None) -> int:
-    args = finish_args(build_parser().parse_args(argv))
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    warnings.filterwarnings("ignore", message=".*Transformer2DModelOutput.*", category=FutureWarning)
+FORWARD_HEADER = f"{'case':28} {'implementation':16} {'ms':>9} {'vs sdpa':>8} {'peak MiB':>9} {'err':>8}"
 
-    ext = extension.load()
-    path = f"compiled extension diffcirc._C ({ext.cpu_isa()})" if ext is not None else \
-        "float64 reference (diffcirc._C not built): fused timings are NOT representative"
-    print(f"op path: {path}; threads: {torch.get_num_threads()}; device: {device}")
 
-    header = f"{'case':28} {'implementation':16} {'ms':>9} {'vs sdpa':>8} {'peak MiB':>9} {'err':>8}"
-    print(header)
-    print("-" * len(header))
+def forward_rows(args, device, log=print) -> list:
+    """Rows of every case x implementation (see bench_case); logs each row."""
     rows = []
     for case, build, size in cases(args, device):
         model, forward, batch = build()
         for r in bench_case(case, model, forward, label_map(batch, size, device), args, device):
             rows.append(r)
-            print(f"{case:28} {r['implementation']:16} {r['ms']:>9.2f} {r['vs_sdpa']:>7.2f}x "
-                  f"{r['peak_extra_bytes'] / 2**20:>9.1f} {r['max_abs_err_vs_sdpa']:>8.1e}")
-        sys.stdout.flush()
+            log(f"{case:28} {r['implementation']:16} {r['ms']:>9.2f} {r['vs_sdpa']:>7.2f}x "
+                f"{r['peak_extra_bytes'] / 2**20:>9.1f} {r['max_abs_err_vs_sdpa']:>8.1e}")
+    return rows
 
-    sweep_result = None
+
+def main(argv=None) -> int:
+    args = finish_args(build_parser().parse_args(argv))
+    device = setup(args)
+    ext = extension.load()
+    path = f"compiled extension diffcirc._C ({ext.cpu_isa()})" if ext is not None else \
+        "float64 reference (diffcirc._C not built): fused timings are NOT representative"
+    print(f"op path: {path}; threads: {torch.get_num_threads()}; device: {device}")
+    print(FORWARD_HEADER)
+    print("-" * len(FORWARD_HEADER))
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    rows = forward_rows(args, device, log)
+    sweep_rows = None
     if not args.no_sweep:
-        s = sweep_result = sweep(args, device)
-        print(f"\nsweep: {s['conditions']} conditions (clean + every single-head zero ablation) x {s['images']} images")
-        print(f"  batched (max_batch {s['max_batch']}): {s['batched_ms']:.1f} ms, {s['batched_images_per_s']:.1f} images/s")
-        print(f"  one at a time:            {s['one_at_a_time_ms']:.1f} ms, {s['one_at_a_time_images_per_s']:.1f} images/s")
-        print(f"  throughput ratio batched / one at a time: {s['throughput_ratio']:.2f}x (max abs err {s['max_abs_err']:.1e})")
+        print(f"\nsweep: the clean run + single-head zero ablations, {args.sweep_images} image(s) each; speed-up is "
+              "throughput over one condition at a time")
+        print(SWEEP_HEADER)
+        print("-" * len(SWEEP_HEADER))
+        sweep_rows = sweep(args, device, log)
 
     if args.json:
         meta = {**machine_info(), "op_path": "extension" if ext is not None else "reference", "device": str(device),
                 "args": vars(args)}
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "results": rows, "sweep": sweep_result}, f, indent=2)
+            json.dump({"meta": meta, "results": rows, "sweep": sweep_rows}, f, indent=2)
         print(f"wrote {args.json}")
     return 0
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import ctypes
+import importlib
 import json
 import math
 import os
@@ -77,7 +78,64 @@ CUDA_IMPLEMENTATIONS = {
     "sdpa-efficient": sdpa_backend("EFFICIENT_ATTENTION"),
     "materialising": materialising,
 }
-BASELINES = ("sdpa", "sdpa-flash", "sdpa-efficient", "materialising")
+
+
+# Optional GPU baselines: name -> (module, function). Both libraries take (B, N, H, D) tensors
+# where diffcirc and SDPA take (B, H, N, D).
+OPTIONAL_BASELINES = {
+    "xformers": ("xformers.ops", "memory_efficient_attention"),
+    "flash-attn": ("flash_attn", "flash_attn_func"),
+}
+BASELINES = ("sdpa", "sdpa-flash", "sdpa-efficient", "materialising", *OPTIONAL_BASELINES)
+
+
+def _bnhd(c):
+    """q, k, v of a case as contiguous (B, N, H, D), made once per case and kept in it, so that the
+    transposition is not timed (a caller of these libraries holds that layout already)."""
+    if "bnhd" not in c:
+        c["bnhd"] = tuple(c[t].transpose(1, 2).contiguous() for t in ("q", "k", "v"))
+    return c["bnhd"]
+
+
+def bnhd_baseline(kernel):
+    """An implementation from kernel(q, k, v) -> out, all (B, N, H, D) with the default scale
+    D^-0.5; its output is handed back as a (B, H, N, D) view."""
+    def run(c):
+        q, k, v = _bnhd(c)
+        return kernel(q, k, v).transpose(1, 2), None
+    return run
+
+
+def _missing_reason(module: str, error: ImportError) -> str:
+    # A ModuleNotFoundError for the package itself means absent; anything else (a missing
+    # dependency, an ABI mismatch) is a broken install and says why.
+    name = getattr(error, "name", None) or ""
+    if isinstance(error, ModuleNotFoundError) and (module == name or module.startswith(name + ".")):
+        return "not installed"
+    return f"import failed: {(str(error) or type(error).__name__).splitlines()[0]}"
+
+
+def optional_baselines(device: str) -> tuple:
+    """(found, status): found maps name -> implementation for each optional baseline importable
+    on this device (GPU libraries: cuda only); status maps every optional name to "available
+    (version)", "not installed", "import failed: ..." or "cuda only"."""
+    found, status = {}, {}
+    for name, (module, attr) in OPTIONAL_BASELINES.items():
+        if device != "cuda":
+            status[name] = "cuda only"
+            continue
+        try:
+            kernel = getattr(importlib.import_module(module), attr)
+        except ImportError as e:
+            status[name] = _missing_reason(module, e)
+            continue
+        except AttributeError:
+            status[name] = f"import failed: {module} has no {attr}"
+            continue
+        version = getattr(importlib.import_module(module.split(".")[0]), "__version__", "unknown version")
+        found[name] = bnhd_baseline(kernel)
+        status[name] = f"available ({version})"
+    return found, status
 
 
 def make_case(b, h, n, d, dtype, seed=0, device="cpu"):
@@ -240,9 +298,9 @@ def full_machine_info(device: str = "cpu") -> dict:
 # ---------------------------------------------------------------------------------------------
 # output, comparison, scaling
 
-KEY_FIELDS = ("case", "dtype", "b", "h", "n", "d", "implementation")
-CSV_FIELDS = ("case", "implementation", "dtype", "b", "h", "n", "d", "ms", "ms_min", "ms_max", "gflops",
-              "vs_sdpa", "peak_extra_bytes", "max_abs_err", "skipped")
+KEY_FIELDS = ("case", "dtype", "b", "h", "n", "d", "conditions", "images", "max_batch", "implementation")
+CSV_FIELDS = ("case", "implementation", "dtype", "b", "h", "n", "d", "conditions", "images", "max_batch", "ms",
+              "ms_min", "ms_max", "gflops", "vs_sdpa", "peak_extra_bytes", "max_abs_err", "skipped")
 
 
 def write_json(path, meta: dict, rows: list, **extra) -> str:

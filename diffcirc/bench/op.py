@@ -13,7 +13,8 @@ from diffcirc.bench import harness
 
 SCALING_NS = [2**k for k in range(8, 15)]  # 256 .. 16384
 SCALING_QUICK_NS = [2**k for k in range(8, 12)]  # 256 .. 2048
-BASELINE = {"cpu": "sdpa", "cuda": "sdpa-flash"}
+# what vs_sdpa divides by: the first of these timed in the case (flash refuses f32)
+BASELINE = {"cpu": ("sdpa",), "cuda": ("sdpa-flash", "sdpa-efficient")}
 
 
 def materialising_bytes(b, h, n, d, dtype) -> int:
@@ -23,11 +24,13 @@ def materialising_bytes(b, h, n, d, dtype) -> int:
 
 
 def run_op(shapes, dtypes, impls: dict, device: str = "cpu", repeats: int = 5, mem_budget: float | None = None,
-           log=print) -> list:
+           unavailable: dict | None = None, log=print) -> list:
     """Rows of results for every (dtype, shape) x implementation. shapes: (b, h, n, d) tuples; impls:
-    name -> fn(case) -> (out, entropy or None). Each implementation is checked against the float64
-    reference first (harness.IncorrectImplementation propagates: a wrong one is never timed). With
-    mem_budget (bytes) the materialising path is skipped where it would need more."""
+    name -> fn(case) -> (out (B, H, N, D), entropy (B, H, N) or None). Each implementation is checked
+    against the float64 reference first (harness.IncorrectImplementation propagates: a wrong one is
+    never timed). With mem_budget (bytes) the materialising path is skipped where it would need more.
+    unavailable: name -> reason (an optional baseline "not installed"), listed as a skipped row per
+    case. A baseline that cannot run a case (an unsupported dtype or head dim) is skipped too."""
     cuda = device == "cuda"
     time_call = harness.cuda_time_call if cuda else harness.time_call
     peak = harness.cuda_peak_extra_memory if cuda else harness.peak_extra_memory
@@ -35,41 +38,68 @@ def run_op(shapes, dtypes, impls: dict, device: str = "cpu", repeats: int = 5, m
     for dt, (b, h, n, d) in itertools.product(dtypes, shapes):
         dtype = harness.DTYPES[dt]
         case = harness.make_case(b, h, n, d, dtype, device=device)
-        flops = 4 * b * h * n * n * d
         results, ref = [], None
         for name, fn in impls.items():
             row = {"dtype": dt, "b": b, "h": h, "n": n, "d": d, "implementation": name}
-            need = materialising_bytes(b, h, n, d, dtype)
-            if name == "materialising" and mem_budget is not None and need > mem_budget:
-                row["skipped"] = f"needs >= {need / 2**30:.1f} GiB, over the {mem_budget / 2**30:.1f} GiB budget"
-                log(f"{dt:5} {n:>6} {d:>4} {name:16} skipped: {row['skipped']}")
-                rows.append(row)
-                continue
-            ref = harness.reference(case) if ref is None else ref
-            err = harness.check(name, fn, case, dtype, ref)  # the gate, before any timing
-            try:
-                times = time_call(fn, case, repeats)
-                mem = peak(fn, case)
-            except torch.cuda.OutOfMemoryError:
-                torch.cuda.empty_cache()
-                row["skipped"] = "out of memory"
-                rows.append(row)
-                continue
-            row.update(harness.summarize(times), peak_extra_bytes=mem, max_abs_err=err)
-            row["gflops"] = flops / (row["ms"] * 1e-3) / 1e9
-            results.append(row)
+            reason = _over_budget(name, (b, h, n, d), dtype, mem_budget)
+            if reason is None:
+                ref = harness.reference(case) if ref is None else ref
+                reason = _measure(row, name, fn, case, dtype, ref, time_call, peak, repeats)
+            if reason is None:
+                results.append(row)
+            else:
+                row["skipped"] = reason
+                log(f"{dt:5} {n:>6} {d:>4} {name:16} skipped: {reason}")
             rows.append(row)
-        base = next((r["ms"] for r in results if r["implementation"] == BASELINE[device]), None)
-        for r in results:
-            r["vs_sdpa"] = r["ms"] / base if base else None
-            ratio = f"{r['vs_sdpa']:.2f}x" if r["vs_sdpa"] else "-"
-            log(f"{dt:5} {n:>6} {d:>4} {r['implementation']:16} {r['ms']:>9.2f} {r['gflops']:>8.1f} {ratio:>8} "
-                f"{r['peak_extra_bytes'] / 2**20:>9.1f} {r['max_abs_err']:>8.1e}")
+        for name, reason in (unavailable or {}).items():
+            rows.append({"dtype": dt, "b": b, "h": h, "n": n, "d": d, "implementation": name, "skipped": reason})
+            log(f"{dt:5} {n:>6} {d:>4} {name:16} skipped: {reason}")
+        _ratios(results, BASELINE[device], 4 * b * h * n * n * d, log)
         del case, ref
         if cuda:
             torch.cuda.empty_cache()
         sys.stdout.flush()
     return rows
+
+
+def _over_budget(name, shape, dtype, mem_budget) -> str | None:
+    """Why the materialising path is skipped for a (b, h, n, d) shape, or None."""
+    need = materialising_bytes(*shape, dtype)
+    if name == "materialising" and mem_budget is not None and need > mem_budget:
+        return f"needs >= {need / 2**30:.1f} GiB, over the {mem_budget / 2**30:.1f} GiB budget"
+    return None
+
+
+def _measure(row, name, fn, case, dtype, ref, time_call, peak, repeats) -> str | None:
+    """Checks fn against ref, then times it and measures its peak memory into row; returns why it
+    was skipped, or None. A wrong result raises harness.IncorrectImplementation; running out of
+    memory skips any implementation, failing otherwise skips only a baseline (harness.BASELINES:
+    xformers and flash-attn refuse some dtypes and head dims), never diffcirc's own."""
+    try:
+        err = harness.check(name, fn, case, dtype, ref)  # the gate, before any timing
+        times = time_call(fn, case, repeats)
+        mem = peak(fn, case)
+    except RuntimeError as e:  # NotImplementedError and torch.cuda.OutOfMemoryError included
+        oom = isinstance(e, torch.cuda.OutOfMemoryError)
+        if not oom and name not in harness.BASELINES:
+            raise
+        torch.cuda.empty_cache()
+        return "out of memory" if oom else f"failed: {(str(e) or type(e).__name__).splitlines()[0][:100]}"
+    row.update(harness.summarize(times), peak_extra_bytes=mem, max_abs_err=err)
+    return None
+
+
+def _ratios(results: list, baselines: tuple, flops: int, log):
+    """Adds GFLOP/s and the time ratio to the first timed of baselines (vs_sdpa, < 1 is faster) to
+    each timed row; logs it."""
+    timed = {r["implementation"]: r["ms"] for r in results}
+    base = next((timed[name] for name in baselines if name in timed), None)
+    for r in results:
+        r["gflops"] = flops / (r["ms"] * 1e-3) / 1e9
+        r["vs_sdpa"] = r["ms"] / base if base else None
+        ratio = f"{r['vs_sdpa']:.2f}x" if r["vs_sdpa"] else "-"
+        log(f"{r['dtype']:5} {r['n']:>6} {r['d']:>4} {r['implementation']:16} {r['ms']:>9.2f} {r['gflops']:>8.1f} "
+            f"{ratio:>8} {r['peak_extra_bytes'] / 2**20:>9.1f} {r['max_abs_err']:>8.1e}")
 
 
 HEADER = f"{'dtype':5} {'N':>6} {'D':>4} {'implementation':16} {'ms':>9} {'GFLOP/s':>8} {'vs sdpa':>8} {'peak MiB':>9} {'max err':>8}"

@@ -1,5 +1,6 @@
-"""The UNet benchmark behind ``diffcirc bench unet``: runs ``benchmarks/bench_unet.py``'s cases (the
-module itself, imported from the source checkout) and returns its rows."""
+"""The UNet benchmarks behind ``diffcirc bench unet`` and ``diffcirc bench sweep``: run the functions
+of ``benchmarks/bench_unet.py`` (the module itself, imported from the source checkout) and return
+their rows."""
 
 from __future__ import annotations
 
@@ -24,27 +25,23 @@ def load_bench_unet():
     return module
 
 
-def run_unet(argv: list, log=print):
-    """Runs the bench_unet cases (argv: bench_unet's own options); returns (rows, sweep or None, args)."""
-    import warnings
-
-    import torch
-
+def _prepare(argv: list):
+    """(bench_unet module, its finished args, torch device) from bench_unet's own options."""
     mod = load_bench_unet()
     args = mod.finish_args(mod.build_parser().parse_args(argv))
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    warnings.filterwarnings("ignore", message=".*Transformer2DModelOutput.*", category=FutureWarning)
-    rows = []
-    log(f"{'case':28} {'implementation':16} {'ms':>9} {'vs sdpa':>8} {'peak MiB':>9} {'err':>8}")
-    for case, build, size in mod.cases(args, device):
-        model, forward, batch = build()
-        for r in mod.bench_case(case, model, forward, mod.label_map(batch, size, device), args, device):
-            rows.append(r)
-            log(f"{case:28} {r['implementation']:16} {r['ms']:>9.2f} {r['vs_sdpa']:>7.2f}x "
-                f"{r['peak_extra_bytes'] / 2**20:>9.1f} {r['max_abs_err_vs_sdpa']:>8.1e}")
-    sweep = None if args.no_sweep else mod.sweep(args, device)
-    if sweep:
-        log(f"sweep: batched {sweep['batched_ms']:.1f} ms vs one at a time {sweep['one_at_a_time_ms']:.1f} ms "
-            f"({sweep['throughput_ratio']:.2f}x)")
-    return rows, sweep, args
+    return mod, args, mod.setup(args)
+
+
+def run_unet(argv: list, log=print):
+    """Runs the forward-pass cases (argv: bench_unet's own options); returns (rows, args)."""
+    mod, args, device = _prepare(argv)
+    log(mod.FORWARD_HEADER)
+    return mod.forward_rows(args, device, log), args
+
+
+def run_sweep(argv: list, log=print):
+    """Runs the batched ablation sweep (argv: bench_unet's own options); returns (rows, args).
+    Raises ValueError for a number of conditions or a max_batch the model cannot take."""
+    mod, args, device = _prepare(argv)
+    log(mod.SWEEP_HEADER)
+    return mod.sweep(args, device, log), args

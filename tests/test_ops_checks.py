@@ -44,6 +44,10 @@ BAD = {
     "labels float": (lambda: attention(q, k, v, stats=("label_mass",), labels=(torch.zeros(B, NQ), torch.zeros(B, NK))), "q_labels must be an integer tensor"),
     "labels single": (lambda: attention(q, k, v, labels=torch.zeros(B, NQ, dtype=torch.long)), "labels must be a pair"),
     "not a tensor": (lambda: attention(q.numpy(), k, v), "q must be a torch.Tensor"),
+    "head dim zero": (lambda: attention(*(torch.randn(1, 1, 2, 0) for _ in range(3))), "head dim D must be in [1, 512], got 0"),
+    "mixed devices": (lambda: attention(q, k.to("meta"), v), "q, k, v must be on one device, got cpu, meta, cpu"),
+    "mask device": (lambda: attention(q, k, v, key_padding_mask=torch.ones(B, NK, dtype=torch.bool, device="meta")),
+                    "key_padding_mask must be on cpu, got meta"),
 }
 
 

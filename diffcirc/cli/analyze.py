@@ -4,70 +4,51 @@ from __future__ import annotations
 
 import argparse
 
-
-def _positive(kind):
-    def parse(text):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    return parse
+from ._checks import (byte_size, dataset_spec, device, model_name, non_negative, positive, reports_input_errors,
+                      timesteps, writable_folder)
 
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+# the names this module always had; the checks live in _checks.py, shared with the other commands
+_positive, _timesteps, _bytes = positive, timesteps, byte_size
 
 
-def _bytes(text):
-    """'512MiB', '2GiB', '1.5GB', '1000000' -> bytes."""
-    import re
-
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise argparse.ArgumentTypeError(f"expected a size such as 512MiB or 2GiB, got {text!r}")
-    value = float(m.group(1)) * _UNITS[m.group(2).lower()]
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
-    return int(value)
-
-
-def _timesteps(text):
-    try:
-        values = [int(v) for v in text.replace(",", " ").split()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"timesteps must be integers, got {text!r}") from None
-    if not values or any(not 0 <= v < 1000 for v in values):
-        raise argparse.ArgumentTypeError(f"timesteps must lie in [0, 1000), got {text!r}")
-    return values
+def _modes(text):
+    modes = tuple(m.strip() for m in text.split(",") if m.strip())
+    if not modes or set(modes) - {"zero", "mean"}:
+        raise argparse.ArgumentTypeError(f"must be a comma-separated subset of zero,mean, got {text!r}")
+    return modes
 
 
 def register(subparsers):
     p = subparsers.add_parser("analyze", help="run the circuit study and write tables, summary.json and a report",
                               description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="bundled", help="bundled | a local diffusers folder | a hub id")
-    p.add_argument("--synthetic", type=_positive(int), default=64, help="held-out synthetic faces (default 64)")
-    p.add_argument("--synthetic-spec", default=None,
+    p.add_argument("--model", type=model_name, default="bundled", help="bundled | a local diffusers folder | a hub id")
+    p.add_argument("--synthetic", type=positive(int), default=64, help="held-out synthetic faces (default 64)")
+    p.add_argument("--synthetic-spec", default=None, choices=["synthetic", "synthetic-gray"],
                    help="synthetic-gray (default; matches grayscale LFW) or synthetic (colour, e.g. with CelebA)")
-    p.add_argument("--natural", default="lfw", help="lfw | photos | celeba:PATH | folder:PATH (held-out split)")
-    p.add_argument("--natural-n", type=_positive(int), default=None, help="natural images (default: all held-out)")
-    p.add_argument("--timesteps", type=_timesteps, default=None, help="e.g. '50,150,...'; default 10 evenly spaced")
-    p.add_argument("--ablation-timesteps", type=_timesteps, default=None, help="default: every third trace timestep")
-    p.add_argument("--ablation-images", type=_positive(int), default=32)
-    p.add_argument("--ablation-modes", default="zero,mean", help="comma-separated subset of zero,mean")
-    p.add_argument("--circuit-threshold", type=_positive(float), default=10.0, help="percent degradation allowed")
-    p.add_argument("--role-control-reps", type=_positive(int), default=5)
+    p.add_argument("--natural", type=dataset_spec, default="lfw",
+                   help="lfw | photos | celeba:PATH | folder:PATH (held-out split)")
+    p.add_argument("--natural-n", type=positive(int), default=None, help="natural images (default: all held-out)")
+    p.add_argument("--timesteps", type=timesteps, default=None, help="e.g. '50,150,...'; default 10 evenly spaced")
+    p.add_argument("--ablation-timesteps", type=timesteps, default=None, help="default: every third trace timestep")
+    p.add_argument("--ablation-images", type=positive(int), default=32)
+    p.add_argument("--ablation-modes", type=_modes, default="zero,mean", help="comma-separated subset of zero,mean")
+    p.add_argument("--circuit-threshold", type=positive(float), default=10.0, help="percent degradation allowed")
+    p.add_argument("--role-control-reps", type=positive(int), default=5)
     p.add_argument("--no-random-control", action="store_true", help="skip the random-weights control model")
-    p.add_argument("--batch-size", type=_positive(int), default=64)
-    p.add_argument("--max-batch", type=_positive(int), default=64, help="batch elements per batched-conditions pass")
-    p.add_argument("--max-memory", type=_bytes, default=None,
+    p.add_argument("--batch-size", type=positive(int), default=64)
+    p.add_argument("--max-batch", type=positive(int), default=64, help="batch elements per batched-conditions pass")
+    p.add_argument("--max-memory", type=byte_size, default=None,
                    help="memory one batched pass may use, e.g. 2GiB (default: half of what is free)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=_positive(int), default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--seed", type=non_negative(int), default=0)
+    p.add_argument("--threads", type=positive(int), default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--device", type=device, default="cpu")
+    p.add_argument("--out", type=writable_folder, required=True, help="output folder (checked to be writable first)")
     p.set_defaults(func=run)
     return p
 
 
+@reports_input_errors
 def run(args) -> int:
     import torch
 
@@ -76,9 +57,7 @@ def run(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    modes = tuple(m.strip() for m in args.ablation_modes.split(",") if m.strip())
-    if not modes or set(modes) - {"zero", "mean"}:
-        raise SystemExit(f"--ablation-modes must be a subset of zero,mean, got {args.ablation_modes!r}")
+    modes = args.ablation_modes
     spec = args.synthetic_spec or ("synthetic" if args.natural.startswith("celeba") else "synthetic-gray")
     config = AnalysisConfig(
         out=args.out, model=args.model, synthetic=args.synthetic, synthetic_spec=spec, natural=args.natural,
@@ -89,6 +68,8 @@ def run(args) -> int:
         max_memory=args.max_memory,
         seed=args.seed, device=args.device)
     out, summary = run_analysis(config)
+    if summary is None:  # not rank 0 of a torchrun launch: rank 0 reports
+        return 0
     print_summary(summary)
     print(f"\nreport: {out / 'report.html'}  (also report.md, summary.json, tables *.parquet)")
     return 0

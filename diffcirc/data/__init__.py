@@ -8,15 +8,15 @@ Every dataset yields dicts ``{"image": (3, S, S) float32 in [-1, 1], "labels": (
 from .celeba import CelebA
 from .faces import SyntheticFaces, export_faces
 from .folder import ImageFolder
-from .items import collate, make_item, slic_labels
+from .items import DatasetError, collate, make_item, slic_labels
 from .skimage_sets import PHOTOS, LFWFaces, NaturalPhotos
-from .specs import load_dataset, parse_mix
+from .specs import check_spec, load_dataset, parse_mix
 from .splits import HELDOUT_SEED_BASE, LFW_SPLIT_SEED, LFW_TRAIN_COUNT, TRAIN_SEED_BASE, TRAIN_SEED_COUNT, lfw_split_indices
 from .synthetic import PART_LABELS, generate, render_face, sample_attributes
 
 __all__ = [
-    "CelebA", "ImageFolder", "LFWFaces", "NaturalPhotos", "SyntheticFaces", "PHOTOS", "PART_LABELS",
+    "CelebA", "DatasetError", "ImageFolder", "LFWFaces", "NaturalPhotos", "SyntheticFaces", "PHOTOS", "PART_LABELS",
     "HELDOUT_SEED_BASE", "LFW_SPLIT_SEED", "LFW_TRAIN_COUNT", "TRAIN_SEED_BASE", "TRAIN_SEED_COUNT",
-    "collate", "export_faces", "generate", "lfw_split_indices", "load_dataset", "make_item", "parse_mix",
+    "check_spec", "collate", "export_faces", "generate", "lfw_split_indices", "load_dataset", "make_item", "parse_mix",
     "render_face", "sample_attributes", "slic_labels",
 ]

@@ -10,12 +10,13 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import torch
-from PIL import Image
 
-from .items import make_item, resize, slic_labels, to_rgb01
+from .folder import read_image
+from .items import DatasetError, decodes, make_item, resize, slic_labels, to_rgb01
 
 SPLITS = {"train": 0, "valid": 1, "test": 2}
 # The usual CelebA 64x64 preprocessing: the central 140x140 of the 178x218 aligned image.
@@ -30,22 +31,44 @@ def find_root(root: str) -> str:
     raise FileNotFoundError(f"no img_align_celeba/ under {root!r} or {os.path.join(root, 'celeba')!r}")
 
 
+def _lines(path: str) -> list[str]:
+    """The lines of a CelebA index file, with a message that says which file is missing."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"CelebA index file {path!r} is missing; it comes with the CelebA download")
+    with open(path, errors="replace") as f:  # a binary file then fails the format checks, not the decoder
+        return f.read().splitlines()
+
+
 def read_attributes(path: str) -> tuple[list[str], dict[str, dict[str, bool]]]:
     """Parse list_attr_celeba.txt -> (attribute names, {filename: {name: bool}})."""
-    with open(path) as f:
-        lines = f.read().splitlines()
-    names = lines[1].split()
+    lines = _lines(path)
+    names = lines[1].split() if len(lines) > 1 else []
+    if not names:
+        raise DatasetError(f"{path!r} is not a CelebA attribute file: expected a count line, then a line of "
+                           "attribute names, then one line per image")
     table = {}
-    for line in lines[2:]:
+    for number, line in enumerate(lines[2:], start=3):
         parts = line.split()
-        if parts:
-            table[parts[0]] = {n: v == "1" for n, v in zip(names, parts[1:])}
+        if not parts:
+            continue
+        if len(parts) != len(names) + 1 or any(v not in ("1", "-1") for v in parts[1:]):
+            raise DatasetError(f"{path!r} line {number}: expected a file name and {len(names)} values of 1 or -1, "
+                               f"got {line[:80]!r}")
+        table[parts[0]] = {n: v == "1" for n, v in zip(names, parts[1:])}
     return names, table
 
 
 def read_partition(path: str) -> dict[str, int]:
-    with open(path) as f:
-        return {p[0]: int(p[1]) for p in (line.split() for line in f) if len(p) == 2}
+    """Parse list_eval_partition.txt -> {filename: 0 (train) | 1 (valid) | 2 (test)}."""
+    partition = {}
+    for number, line in enumerate(_lines(path), start=1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 2 or parts[1] not in ("0", "1", "2"):
+            raise DatasetError(f"{path!r} line {number}: expected 'FILE 0|1|2', got {line[:80]!r}")
+        partition[parts[0]] = int(parts[1])
+    return partition
 
 
 class CelebA(torch.utils.data.Dataset):
@@ -54,7 +77,13 @@ class CelebA(torch.utils.data.Dataset):
     split: "train", "valid", "test" or "all". attributes: keep images whose attributes match, e.g.
     ``{"Male": False, "Eyeglasses": False}``. n: keep n of the matching images, chosen by a
     permutation from ``default_rng(seed)`` and then sorted by file name (None: all).
-    Labels are SLIC superpixels. Files listed but missing on disk are dropped (counted in ``skipped``).
+    Labels are SLIC superpixels.
+
+    Unreadable files, as in ``ImageFolder``: listed files that are missing on disk or cannot be
+    decoded (corrupt, truncated, empty, not an image) are skipped with one warning that counts
+    them; ``self.skipped`` holds the count and ``self.skipped_files`` the names. Only the files
+    the dataset keeps are decoded, and a skipped file is replaced by the next one of the ``seed``
+    permutation, so ``n`` is still honoured. No usable image at all raises ``DatasetError``.
     """
 
     def __init__(self, root: str, size: int = 64, split: str = "all", attributes: dict | None = None,
@@ -72,21 +101,44 @@ class CelebA(torch.utils.data.Dataset):
             files = [f for f in files if part.get(f) == SPLITS[split]]
         for key, want in (attributes or {}).items():
             files = [f for f in files if table[f][key] == bool(want)]
-        present = [f for f in files if os.path.isfile(os.path.join(self.root, "img_align_celeba", f))]
-        self.skipped = len(files) - len(present)
-        if n is not None and n < len(present):
-            pick = np.random.default_rng(seed).permutation(len(present))[:n]
-            present = [present[k] for k in sorted(pick)]
-        self.files, self._table, self._part = present, table, part
+        if n is not None and n < 1:
+            raise ValueError(f"n must be >= 1 (or None for every image), got {n}")
+        if not files:
+            raise DatasetError(f"no CelebA image in {self.root!r} matches split={split!r}, attributes={attributes}")
+        self.files, self.skipped_files = self._usable(files, n, seed)
+        self.skipped = len(self.skipped_files)
+        self._table, self._part = table, part
+
+    def _usable(self, files: list[str], n: int | None, seed: int) -> tuple[list[str], list[str]]:
+        """(kept files sorted, skipped files sorted): the first n readable files in the order of the
+        seed's permutation (all files, in order, when n is None)."""
+        if n is None or n >= len(files):
+            order = range(len(files))
+        else:
+            order = np.random.default_rng(seed).permutation(len(files))
+        kept, skipped = [], []
+        for k in order:
+            if n is not None and len(kept) == n:
+                break
+            path = os.path.join(self.root, "img_align_celeba", files[k])
+            (kept if os.path.isfile(path) and decodes(path, self.size) else skipped).append(files[k])
+        if not kept:
+            folder = os.path.join(self.root, "img_align_celeba")
+            raise DatasetError(f"none of the {len(skipped)} selected CelebA images in {folder!r} exists or can be "
+                               f"read, e.g. {skipped[0]!r}")
+        if skipped:
+            warnings.warn(f"CelebA({self.root!r}): skipped {len(skipped)} missing or unreadable file(s), e.g. "
+                          f"{skipped[0]!r}", stacklevel=3)
+        return sorted(kept), sorted(skipped)
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> dict:
         name = self.files[i]
-        with Image.open(os.path.join(self.root, "img_align_celeba", name)) as pil:
-            w, h = pil.size
-            left, top = (w - CROP) // 2, (h - CROP) // 2
-            image = to_rgb01(resize(pil.convert("RGB").crop((left, top, left + CROP, top + CROP)), self.size))
+        pil = read_image(os.path.join(self.root, "img_align_celeba", name))
+        w, h = pil.size
+        left, top = (w - CROP) // 2, (h - CROP) // 2
+        image = to_rgb01(resize(pil.crop((left, top, left + CROP, top + CROP)), self.size))
         attrs = {"dataset": "celeba", "file": name, "partition": self._part.get(name, -1), **self._table[name]}
         return make_item(image, slic_labels(image), attrs, f"celeba:{name}")

@@ -41,9 +41,38 @@ def collate(items: list[dict]) -> dict:
     }
 
 
+class DatasetError(ValueError):
+    """A dataset that cannot be used as it is (no usable images, a malformed index file); the message
+    names the folder or file and says what is wrong."""
+
+
+def decodes(path: str, size: int) -> bool:
+    """Whether PIL can fully decode ``path``. JPEGs decode at reduced scale (draft) to keep this cheap;
+    a truncated JPEG still fails, since every scale reads all of the compressed data."""
+    try:
+        with Image.open(path) as pil:
+            pil.draft("RGB", (size, size))
+            pil.load()
+        return True
+    except Exception:  # any decoder error means "unreadable": PIL raises many types
+        return False
+
+
+def to_rgb8(pil: Image.Image) -> Image.Image:
+    """PIL image of any mode -> 8-bit RGB.
+
+    16-bit grayscale (modes I;16* and I) is scaled by 1/257: PIL's own conversion to RGB clips such
+    values at 255, which would silently turn most of a 16-bit image white.
+    """
+    if pil.mode == "I" or pil.mode.startswith("I;16"):
+        gray = np.clip(np.round(np.asarray(pil, dtype=np.float64) / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    return pil.convert("RGB")
+
+
 def to_rgb01(pil: Image.Image) -> np.ndarray:
     """PIL image of any mode -> (H, W, 3) float32 in [0, 1] (grayscale repeated to 3 channels)."""
-    return np.asarray(pil.convert("RGB"), dtype=np.float32) / 255.0
+    return np.asarray(to_rgb8(pil), dtype=np.float32) / 255.0
 
 
 def center_square(pil: Image.Image) -> Image.Image:

@@ -26,6 +26,31 @@ DEFAULT_N = 1000  # items of the generated sets (synthetic, photos) when n is no
 _CELEBA_SPLIT = {"train": "train", "valid": "valid", "test": "test", "heldout": "test", "all": "all"}
 
 
+_PLAIN = ("synthetic", "synthetic-gray", "lfw", "lfw-train", "lfw-heldout", "photos")  # take no argument
+_WITH_PATH = ("celeba", "folder")  # take ":PATH"
+
+
+def check_spec(spec: str) -> str:
+    """``spec`` if it names a dataset that can be built, without building it (cheap: for up-front checks).
+
+    Raises ValueError for an unknown kind, a missing or stray argument, and FileNotFoundError for a
+    celeba:/folder: path that is not a folder. Whether the folder holds usable images is only known
+    when the dataset is built (``DatasetError``).
+    """
+    import os
+
+    kind, colon, arg = spec.partition(":")
+    if kind in _PLAIN and colon:
+        raise ValueError(f"dataset spec {spec!r}: {kind} takes no ':' argument (in a training mix a count "
+                         f"goes last, e.g. {kind}:1000; elsewhere the number of images has its own option)")
+    if kind in _WITH_PATH and arg and not os.path.isdir(arg):
+        raise FileNotFoundError(f"dataset spec {spec!r}: folder {arg!r} does not exist or is not a folder")
+    if kind not in _PLAIN and not (kind in _WITH_PATH and arg):
+        raise ValueError(f"unknown dataset spec {spec!r}; expected one of synthetic, synthetic-gray, lfw, "
+                         "lfw-train, lfw-heldout, photos, celeba:PATH, folder:PATH")
+    return spec
+
+
 def load_dataset(spec: str, size: int = 32, n: int | None = None, seed: int = 0, split: str = "heldout"):
     """Build the dataset a spec names.
 
@@ -34,6 +59,9 @@ def load_dataset(spec: str, size: int = 32, n: int | None = None, seed: int = 0,
     partition ("heldout" means CelebA's "test"; "valid" and "all" also work). n: number of items
     (generated sets: default DEFAULT_N; finite sets: the first n, or all when None).
     """
+    check_spec(spec)
+    if n is not None and int(n) < 1:
+        raise ValueError(f"n must be >= 1 (or None for the default), got {n}")
     kind, _, arg = spec.partition(":")
     if kind in ("synthetic", "synthetic-gray"):
         n = DEFAULT_N if n is None else int(n)
@@ -56,12 +84,18 @@ def load_dataset(spec: str, size: int = 32, n: int | None = None, seed: int = 0,
 
 
 def parse_mix(mix: str) -> list[tuple[str, int | None]]:
-    """``"synthetic:3000,lfw-train"`` -> ``[("synthetic", 3000), ("lfw-train", None)]``."""
+    """``"synthetic:3000,lfw-train"`` -> ``[("synthetic", 3000), ("lfw-train", None)]``.
+
+    A COUNT must be >= 1: a component drawn zero times would contribute nothing (or, for a
+    generated set, no images at all). Specs are not checked here; see ``check_spec``.
+    """
     out = []
     for part in (p.strip() for p in mix.split(",")):
         if not part:
             continue
-        m = re.fullmatch(r"(.+):(\d+)", part)
+        m = re.fullmatch(r"(.+):(-?\d+)", part)
+        if m and int(m.group(2)) < 1:
+            raise ValueError(f"dataset mix {mix!r}: the count of {m.group(1)!r} must be >= 1, got {m.group(2)}")
         out.append((m.group(1), int(m.group(2))) if m else (part, None))
     if not out:
         raise ValueError(f"empty dataset mix {mix!r}")

@@ -8,7 +8,9 @@ Layout of a checkpoint folder:
     state.json             step, config, optimizer param_groups, loss history, elapsed seconds
 
 Saving writes a fresh folder next to the target and swaps it in with renames, so an interruption
-leaves either the previous or the new checkpoint, never a half-written one.
+leaves either the previous or the new checkpoint, never a half-written one. Loading checks every file
+first and raises ``CorruptWeightsError`` / ``WeightsMismatchError`` naming it; it never deletes or
+rewrites a damaged checkpoint, so nothing is lost by a failed resume.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ import shutil
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from .load import CorruptWeightsError, WeightsMismatchError, check_safetensors
+
+TENSOR_FILES = ("model", "ema", "optimizer", "rng")
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
@@ -67,12 +73,60 @@ def find_checkpoint(path: str) -> str | None:
     return None
 
 
+def _restart_hint(path: str) -> str:
+    return f"delete {path!r} to train from scratch (its progress is lost) or restore it from a copy"
+
+
+def read_state(path: str) -> dict:
+    """state.json of the checkpoint folder ``path`` (step, config, param_groups, ...), checked to be complete."""
+    file = os.path.join(path, "state.json")
+    try:
+        with open(file) as f:
+            state = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CorruptWeightsError(f"checkpoint file {file!r} is not valid JSON ({e}); {_restart_hint(path)}") from None
+    missing = [k for k in ("step", "config", "param_groups") if not isinstance(state, dict) or k not in state]
+    if missing or not isinstance(state["config"], dict):
+        raise CorruptWeightsError(f"checkpoint file {file!r} lacks {missing or ['a config object']}; "
+                                  f"{_restart_hint(path)}")
+    return state
+
+
+def _check_like(tensors: dict[str, torch.Tensor], model: torch.nn.Module, file: str, path: str) -> None:
+    """The tensors of ``file`` must be exactly the model's: same names, same shapes, finite."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in tensors.items()}
+    if got != expected:
+        diff = sorted(set(got) ^ set(expected)) or sorted(k for k in got if got[k] != expected[k])
+        raise WeightsMismatchError(f"checkpoint file {file!r} does not fit the model being trained "
+                                   f"({len(diff)} tensor(s) differ, e.g. {diff[:3]}); {_restart_hint(path)}")
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CorruptWeightsError(f"checkpoint file {file!r} holds NaN or inf in {bad[:3]}; {_restart_hint(path)}")
+
+
 def load_checkpoint(path: str, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     generator: torch.Generator) -> tuple[dict[str, torch.Tensor], dict]:
-    """Restore model, optimizer and generator in place; return (ema tensors, state dict from JSON)."""
-    model.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
-    with open(os.path.join(path, "state.json")) as f:
-        state = json.load(f)
-    load_optimizer(optimizer, load_file(os.path.join(path, "optimizer.safetensors")), state.pop("param_groups"))
-    generator.set_state(load_file(os.path.join(path, "rng.safetensors"))["generator"])
-    return load_file(os.path.join(path, "ema.safetensors")), state
+    """Restore model, optimizer and generator in place; return (ema tensors, state dict from JSON).
+
+    Every tensor file is checked (complete, same names and shapes as the model, finite) before
+    anything is restored, so a damaged or mismatched file raises naming it.
+    """
+    state = read_state(path)
+    files = {name: os.path.join(path, f"{name}.safetensors") for name in TENSOR_FILES}
+    for file in files.values():
+        check_safetensors(file, _restart_hint(path))
+    tensors = {name: load_file(file) for name, file in files.items()}
+    for name in ("model", "ema"):
+        _check_like(tensors[name], model, files[name], path)
+    if set(tensors["rng"]) != {"generator"}:
+        raise CorruptWeightsError(f"checkpoint file {files['rng']!r} holds {sorted(tensors['rng'])}, expected "
+                                  f"['generator']; {_restart_hint(path)}")
+    model.load_state_dict(tensors["model"])
+    try:
+        load_optimizer(optimizer, tensors["optimizer"], state.pop("param_groups"))
+        generator.set_state(tensors["rng"]["generator"])
+    except (ValueError, KeyError, RuntimeError, TypeError) as e:  # what torch raises for a state of another shape
+        raise CorruptWeightsError(f"checkpoint {path!r} holds an optimizer or RNG state that does not fit this "
+                                  f"run ({type(e).__name__}: {e}); {_restart_hint(path)}") from e
+    return tensors["ema"], state

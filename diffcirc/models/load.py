@@ -1,25 +1,69 @@
 """Loading a UNet and its DDPM scheduler: the bundled default, a local diffusers folder, or a hub id.
 
 Weights are read only from safetensors files (``use_safetensors=True``); nothing is unpickled.
+
+A model either loads exactly as saved or fails with a ``ModelLoadError`` that names the file and
+says what to do; it never runs with weights it did not read. In particular:
+
+- weights that are not a complete safetensors file (truncated, empty, random bytes, a Git LFS
+  pointer) raise ``CorruptWeightsError`` before diffusers sees them, as do non-finite weights;
+- weights that do not fit config.json (missing, unexpected or differently shaped tensors) raise
+  ``WeightsMismatchError``. diffusers' ``from_pretrained`` with ``low_cpu_mem_usage=False`` only
+  logs missing and unexpected keys and leaves the missing tensors randomly initialised (with
+  ``low_cpu_mem_usage=True`` it refuses missing keys but still ignores unexpected ones), so the
+  loader asks for its loading info and decides itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import re
 
 import torch
 
 BUNDLED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights", "bundled")
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+WEIGHTS_INDEX_NAME = WEIGHTS_NAME + ".index.json"  # a sharded checkpoint
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name
+_SHOWN = 5  # keys quoted per kind in a mismatch message; the rest are counted
+
+
+class ModelLoadError(ValueError):
+    """A model that cannot be loaded as it is; the message names the file and says what to do."""
+
+
+class CorruptWeightsError(ModelLoadError):
+    """A weights file that is not a complete safetensors file, or holds NaN/inf."""
+
+
+class WeightsMismatchError(ModelLoadError):
+    """Weights that do not fit the architecture config.json describes."""
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` has the shape of a hub repo id (owner/name). Says nothing about whether it exists."""
+    return bool(_HUB_ID.fullmatch(name)) and ".." not in name
+
+
+def _fix_hint(unet_dir: str) -> str:
+    """What to do about a broken model folder: the bundled one ships with the package."""
+    if os.path.realpath(unet_dir) == os.path.realpath(BUNDLED):
+        return ("the bundled model ships with diffcirc: reinstall the package "
+                "(from a checkout, run `git lfs pull` first)")
+    return ("re-export the model with `save_pretrained(folder)` (writes config.json and the safetensors together) "
+            "or copy it again")
 
 
 def _unet_class(config: dict):
     import diffusers
 
     name = config.get("_class_name", "UNet2DModel")
-    cls = getattr(diffusers, name, None)
+    cls = getattr(diffusers, name, None) if isinstance(name, str) else None
     if cls is None or "UNet" not in name:
-        raise ValueError(f"config names class {name!r}, which is not a diffusers UNet")
+        raise ModelLoadError(f"config names class {name!r}, which is not a diffusers UNet")
     return cls
 
 
@@ -35,27 +79,171 @@ def _local(folder: str):
     raise FileNotFoundError(f"{folder!r} holds neither unet/config.json nor config.json")
 
 
+def _read_config(unet_dir: str) -> dict:
+    path = os.path.join(unet_dir, "config.json")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise ModelLoadError(f"{path} is not valid JSON ({e}); {_fix_hint(unet_dir)}") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{path} holds a JSON {type(config).__name__}, not a model config object")
+    return config
+
+
+def _weight_files(unet_dir: str) -> list[str]:
+    """The safetensors files diffusers will read from ``unet_dir`` (one file, or the shards of an index)."""
+    index = os.path.join(unet_dir, WEIGHTS_INDEX_NAME)
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CorruptWeightsError(f"{index} is not a valid shard index ({type(e).__name__}: {e}); "
+                                      f"{_fix_hint(unet_dir)}") from None
+        return [os.path.join(unet_dir, s) for s in shards]
+    single = os.path.join(unet_dir, WEIGHTS_NAME)
+    if os.path.isfile(single):
+        return [single]
+    pickled = sorted(f for f in os.listdir(unet_dir) if f.endswith((".bin", ".ckpt", ".pt", ".pth")))
+    why = (f"; found {pickled}, but diffcirc reads only safetensors (pickle files can run code): load them yourself "
+           "in a trusted environment and save with save_pretrained(folder, safe_serialization=True)") if pickled else ""
+    raise FileNotFoundError(f"no {WEIGHTS_NAME} in {unet_dir!r}{why}")
+
+
+def check_safetensors(path: str, hint: str = "") -> dict[str, tuple[int, ...]]:
+    """-> {tensor name: shape} of a safetensors file, after checking it is complete.
+
+    Reads only the header; safetensors itself rejects a header whose tensors do not exactly cover
+    the rest of the file, which catches truncated, padded and random-byte files.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    hint = f"; {hint}" if hint else ""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file {path!r} is missing{hint}")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise CorruptWeightsError(f"weights file {path!r} is empty (0 bytes){hint}")
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(b"version https://git-lfs"):
+        raise CorruptWeightsError(f"weights file {path!r} is a Git LFS pointer, not the weights: "
+                                  f"run `git lfs pull`{hint}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise CorruptWeightsError(f"weights file {path!r} ({size} bytes) is not a complete safetensors file: {e}; "
+                                  f"it is truncated or damaged{hint}") from None
+
+
+def _from_pretrained(cls, where: str, hint: str, **kwargs):
+    """``cls.from_pretrained`` that raises instead of leaving any tensor at its random initialisation.
+
+    ``ignore_mismatched_sizes=True`` only makes diffusers report mismatched shapes in its loading
+    info instead of raising its own error (whose advice is that very flag); every kind of
+    disagreement then raises ``WeightsMismatchError`` here, listing them all at once.
+    """
+    with _quiet_loading_report():
+        unet, info = cls.from_pretrained(where, use_safetensors=True, low_cpu_mem_usage=False,  # no `accelerate` needed
+                                         ignore_mismatched_sizes=True, output_loading_info=True, **kwargs)
+    problems = []
+    for kind, keys in (("missing from the weights", info.get("missing_keys", [])),
+                       ("in the weights but not in the model", info.get("unexpected_keys", []))):
+        if keys:
+            keys = sorted(keys)
+            more = f" and {len(keys) - _SHOWN} more" if len(keys) > _SHOWN else ""
+            problems.append(f"{len(keys)} tensor(s) {kind}: {', '.join(keys[:_SHOWN])}{more}")
+    mismatched = sorted(info.get("mismatched_keys", []))
+    if mismatched:
+        shown = ", ".join(f"{k} {tuple(a)} in the weights vs {tuple(b)} in the model"
+                          for k, a, b in mismatched[:_SHOWN])
+        more = f" and {len(mismatched) - _SHOWN} more" if len(mismatched) > _SHOWN else ""
+        problems.append(f"{len(mismatched)} tensor(s) of another shape: {shown}{more}")
+    if problems:
+        raise WeightsMismatchError(
+            f"the weights in {where!r} do not fit the {cls.__name__} its config.json describes "
+            f"(different channels, layers or blocks?): {'; '.join(problems)}. Use the config.json saved with "
+            f"these weights; {hint}")
+    _check_finite(unet, where, hint)
+    return unet
+
+
+@contextlib.contextmanager
+def _quiet_loading_report():
+    """Mute diffusers' "newly initialized ... you should probably TRAIN this model" report while loading:
+    it describes a model diffcirc is about to refuse, and the error raised instead says it all."""
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _check_finite(unet: torch.nn.Module, where: str, hint: str) -> None:
+    """safetensors has no checksum: damaged bytes inside the data often decode to NaN or inf."""
+    bad = [k for k, v in unet.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        more = f" and {len(bad) - _SHOWN} more" if len(bad) > _SHOWN else ""
+        raise CorruptWeightsError(f"the weights in {where!r} hold NaN or inf in "
+                                  f"{', '.join(bad[:_SHOWN])}{more}; {hint}")
+
+
+def _load_local(path: str):
+    """(unet, scheduler or None) from a local folder, with every file checked before diffusers reads it."""
+    from diffusers import DDPMScheduler
+
+    unet_dir, sched_dir = _local(path)
+    hint = _fix_hint(unet_dir)
+    cls = _unet_class(_read_config(unet_dir))
+    for file in _weight_files(unet_dir):
+        check_safetensors(file, hint)
+    try:
+        unet = _from_pretrained(cls, unet_dir, hint)
+    except ModelLoadError:
+        raise
+    except (TypeError, ValueError, RuntimeError) as e:  # config values diffusers cannot build a model from
+        raise ModelLoadError(f"could not build {cls.__name__} from {os.path.join(unet_dir, 'config.json')!r}: "
+                             f"{type(e).__name__}: {e}; {hint}") from e
+    scheduler = None
+    if sched_dir:
+        try:
+            scheduler = DDPMScheduler.from_pretrained(sched_dir)
+        except (OSError, ValueError, TypeError) as e:  # diffusers reports bad JSON as OSError
+            raise ModelLoadError(f"{os.path.join(sched_dir, 'scheduler_config.json')!r} is not a valid scheduler "
+                                 f"config ({type(e).__name__}: {e})") from e
+    return unet, scheduler
+
+
 def load(name_or_path: str = "bundled", device: str | None = None, dtype=None):
     """-> (unet in eval mode, DDPMScheduler).
 
     name_or_path: "bundled" (the default model shipped in diffcirc/weights/bundled), a local folder
     (a pipeline folder with unet/ and scheduler/ subfolders, or a UNet folder, optionally with its
-    scheduler_config.json beside config.json), or a Hugging Face hub id (pipeline or UNet repo;
-    downloaded by diffusers). Without a scheduler config the DDPM default of ``build_scheduler`` is used.
-    """
-    from diffusers import DDPMScheduler
+    scheduler_config.json beside config.json), or a Hugging Face hub id ``owner/name`` (pipeline or
+    UNet repo; downloaded by diffusers). Without a scheduler config the DDPM default of
+    ``build_scheduler`` is used.
 
+    Raises FileNotFoundError for a folder, file or hub id that is not there, and ``ModelLoadError``
+    (``CorruptWeightsError``, ``WeightsMismatchError``) for one that is there but broken (see the
+    module docstring).
+    """
     from .unet import build_scheduler
 
     path = BUNDLED if name_or_path == "bundled" else name_or_path
     if os.path.isdir(path):
-        unet_dir, sched_dir = _local(path)
-        with open(os.path.join(unet_dir, "config.json")) as f:
-            cls = _unet_class(json.load(f))
-        unet = cls.from_pretrained(unet_dir, use_safetensors=True, low_cpu_mem_usage=False)  # no `accelerate` needed
-        scheduler = DDPMScheduler.from_pretrained(sched_dir) if sched_dir else build_scheduler()
+        unet, scheduler = _load_local(path)
+        scheduler = scheduler or build_scheduler()
     elif name_or_path == "bundled":
-        raise FileNotFoundError(f"bundled weights missing at {BUNDLED}")
+        raise FileNotFoundError(f"bundled weights missing at {BUNDLED}; reinstall diffcirc")
+    elif os.path.exists(path):
+        raise ModelLoadError(f"{path!r} is a file; pass the folder that holds config.json and {WEIGHTS_NAME}")
+    elif not is_hub_id(name_or_path):
+        raise FileNotFoundError(f"model {name_or_path!r} is neither 'bundled', an existing folder, nor a hub id "
+                                "of the form owner/name")
     else:
         unet, scheduler = _from_hub(name_or_path)
     unet = unet.eval()
@@ -69,12 +257,13 @@ def _from_hub(repo_id: str):
     """A hub repo laid out as a pipeline (unet/, scheduler/) or as a bare UNet (config.json at the root)."""
     from diffusers import DDPMScheduler, UNet2DModel
 
+    hint = f"the hub repo {repo_id!r} may hold another architecture or a broken upload"
     for sub in ("unet", None):
         try:
             config = UNet2DModel.load_config(repo_id, subfolder=sub)
         except (OSError, EnvironmentError, ValueError):
             continue
-        unet = _unet_class(config).from_pretrained(repo_id, subfolder=sub, use_safetensors=True, low_cpu_mem_usage=False)
+        unet = _from_pretrained(_unet_class(config), repo_id, hint, subfolder=sub)
         for sched_sub in (("scheduler",) if sub else ()) + (None,):
             try:
                 return unet, DDPMScheduler.from_pretrained(repo_id, subfolder=sched_sub)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..data import load_dataset, parse_mix
-from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import find_checkpoint, load_checkpoint, read_state, save_checkpoint
 from .sampling import sample, save_grid
 from .unet import build_scheduler, build_unet
 
@@ -50,6 +50,30 @@ class TrainConfig:
     progress: bool = True
 
 
+_GENERATED = ("synthetic", "synthetic-gray", "photos")  # mix components rendered from seeds
+
+
+def check_mix(mix: str) -> list[tuple[str, int | None]]:
+    """``parse_mix(mix)`` after checking, without rendering anything, that every component can be built
+    and that synthetic components keep to their own seed range (component k draws seeds
+    k * MIX_SEED_STRIDE .. + COUNT, below TRAIN_SEED_COUNT); raises ValueError or FileNotFoundError."""
+    from ..data import TRAIN_SEED_COUNT, check_spec
+    from ..data.specs import DEFAULT_N
+
+    parts = parse_mix(mix)
+    for k, (spec, count) in enumerate(parts):
+        check_spec(spec)
+        if spec in ("synthetic", "synthetic-gray"):  # the only components drawn from the training seed range
+            n = DEFAULT_N if count is None else count
+            if n > MIX_SEED_STRIDE:
+                raise ValueError(f"mix component {spec}:{n}: a synthetic component holds at most {MIX_SEED_STRIDE} "
+                                 "images, so that components never share a seed")
+            if k * MIX_SEED_STRIDE + n > TRAIN_SEED_COUNT:
+                raise ValueError(f"mix {mix!r} has too many components: component {k + 1} would draw seeds beyond "
+                                 f"the training range (< {TRAIN_SEED_COUNT})")
+    return parts
+
+
 def build_training_data(mix: str, size: int) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
     """Render a mix into memory.
 
@@ -57,8 +81,8 @@ def build_training_data(mix: str, size: int) -> tuple[torch.Tensor, torch.Tensor
     (N,) so that component k is drawn in proportion to its COUNT, and a description per component.
     """
     images, weights, parts = [], [], []
-    for k, (spec, count) in enumerate(parse_mix(mix)):
-        generated = spec.split(":")[0] in ("synthetic", "synthetic-gray", "photos")
+    for k, (spec, count) in enumerate(check_mix(mix)):
+        generated = spec in _GENERATED
         ds = load_dataset(spec, size=size, n=count if generated else None, seed=k * MIX_SEED_STRIDE, split="train")
         imgs = torch.stack([ds[i]["image"] for i in range(len(ds))])
         count = len(ds) if count is None else count
@@ -84,6 +108,7 @@ def train(cfg: TrainConfig, command: str | None = None) -> dict:
     cfg.out/ema/          at the end: EMA UNet + scheduler in diffusers' save_pretrained layout, training.json
     cfg.out/log.jsonl     step, loss, lr, grad norm every cfg.log_every steps
     """
+    check_mix(cfg.data)  # a bad mix fails now, not after the model is built and a checkpoint read
     torch.set_num_threads(cfg.threads)
     os.makedirs(cfg.out, exist_ok=True)
     torch.manual_seed(cfg.seed)  # model initialisation
@@ -97,11 +122,13 @@ def train(cfg: TrainConfig, command: str | None = None) -> dict:
     ckpt_dir = os.path.join(cfg.out, "checkpoint")
     found = find_checkpoint(ckpt_dir)
     if found:
-        ema, state = load_checkpoint(found, model=unet, optimizer=optimizer, generator=generator)
-        changed = {k: (state["config"].get(k), v) for k, v in dataclasses.asdict(cfg).items()
-                   if k in ("data", "size", "batch_size", "seed") and state["config"].get(k) != v}
+        # settings first: a checkpoint of another size would otherwise fail inside load_state_dict
+        saved = read_state(found)["config"]
+        changed = {k: (saved.get(k), v) for k, v in dataclasses.asdict(cfg).items()
+                   if k in ("data", "size", "batch_size", "seed") and saved.get(k) != v}
         if changed:
             raise ValueError(f"checkpoint in {ckpt_dir} was made with different settings (saved, now): {changed}")
+        ema, state = load_checkpoint(found, model=unet, optimizer=optimizer, generator=generator)
         state["config"] = dataclasses.asdict(cfg)
 
     images, weights, parts = build_training_data(cfg.data, cfg.size)

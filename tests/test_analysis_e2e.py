@@ -132,6 +132,22 @@ def test_truncated_unit_is_redone_and_matches(run, copy_of_run):
     assert {k: after[k] for k in others} == others  # only the broken unit was recomputed
 
 
+def test_unit_whose_inputs_changed_is_redone(run, copy_of_run):
+    # as if the trace had been recomputed to other numbers after "features" read it
+    manifest_path = copy_of_run / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert set(manifest["units"]["features"]["inputs"]) == {"trace"}
+    manifest["units"]["features"]["inputs"]["trace"]["aggregates.parquet"] = "0" * 64
+    manifest_path.write_text(json.dumps(manifest))
+    before = _table_mtimes(copy_of_run)
+    assert cli([*analyze_args(run.parent / "tiny-unet"), "--out", str(copy_of_run)]) == 0
+    after = _table_mtimes(copy_of_run)
+    assert after["features_maps.parquet"] != before["features_maps.parquet"]
+    unchanged = {k for k in before if k != "features_maps.parquet"}
+    # the recomputed features equal the old ones, so role_ablations (which reads them) stays
+    assert {k: after[k] for k in unchanged} == {k: before[k] for k in unchanged}
+
+
 def test_folder_of_another_configuration_is_refused(run, copy_of_run):
     with pytest.raises(ValueError, match="different configuration"):
         cli([*analyze_args(run.parent / "tiny-unet"), "--seed", "1", "--out", str(copy_of_run)])
@@ -189,3 +205,57 @@ def test_killed_run_resumes_to_identical_results(run, tmp_path):
     for name in ("aggregates", "histograms", "per_image", "ablations", "attribution", "role_ablations", "circuit"):
         pd.testing.assert_frame_equal(pd.read_parquet(out / f"{name}.parquet"), pd.read_parquet(run / f"{name}.parquet"),
                                       rtol=1e-6)
+
+
+def _sorted(frame, values):
+    keys = [c for c in frame.columns if c not in values]
+    return frame.sort_values(keys).reset_index(drop=True)
+
+
+def _assert_close(a, b, path="summary"):
+    """Recursive equality of two JSON values, numbers within float tolerance."""
+    if isinstance(a, dict):
+        assert set(a) == set(b), path
+        for k in a:
+            _assert_close(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_close(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) and isinstance(b, (int, float)):
+        # abs: percent changes of losses equal to ~1e-6 relative are ~1e-4 percentage points apart
+        assert b == pytest.approx(a, rel=1e-4, abs=1e-3, nan_ok=True), path
+    else:
+        assert a == b, path
+
+
+def test_two_processes_give_the_results_of_one(run, tmp_path):
+    """torchrun --nproc_per_node=2 (gloo on the CPU) shards images, conditions and steps over two
+    processes; the merged tables and the summary equal the one-process run's."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "diffcirc", *analyze_args(run.parent / "tiny-unet"), "--out", str(out)]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert json.loads((out / "meta.json").read_text())["processes"] == 2
+    values = {"count", "mean", "std", "m2", "loss_clean", "loss_ablated", "score", "err_clean", "err_ablated",
+              "degradation", "kept", "entropy", "edge_corr", "texture_corr"}
+    for name in ("aggregates", "per_image", "maps", "features_maps", "ablations", "attribution", "role_ablations"):
+        one, two = pd.read_parquet(run / f"{name}.parquet"), pd.read_parquet(out / f"{name}.parquet")
+        assert len(two) == len(one), name
+        pd.testing.assert_frame_equal(_sorted(two, values), _sorted(one, values), rtol=1e-4, atol=1e-6,
+                                      check_dtype=False, obj=name)
+    # histograms: the same samples, but a value within rounding of a bin edge may land on either side
+    # (two processes run batches of other sizes, so GEMMs round differently)
+    one, two = (_sorted(pd.read_parquet(f / "histograms.parquet"), values) for f in (run, out))
+    pd.testing.assert_frame_equal(two.drop(columns="count"), one.drop(columns="count"), obj="histograms")
+    assert two["count"].sum() == one["count"].sum()
+    assert (two["count"] - one["count"]).abs().sum() <= 1e-3 * one["count"].sum()
+    one, two = json.loads((run / "summary.json").read_text()), json.loads((out / "summary.json").read_text())
+    one.pop("meta"), two.pop("meta")
+    _assert_close(two, one)

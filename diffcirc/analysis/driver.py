@@ -12,7 +12,9 @@ Phases, each writing its tables into ``config.out`` (atomically):
   4. attribution one backward pass per (dataset, timestep) scores every head
   5. roles       role assignment, then role ablations against size-matched random head sets
   6. circuit     greedy minimal circuit per dataset under a degradation threshold
-Noise is seeded per (seed, dataset, image, timestep), so any row can be recomputed alone.
+Noise is seeded per (seed, dataset, image, timestep), so any row can be recomputed alone, on
+any process: under torchrun each phase shards its images, conditions or steps over the ranks
+(``distributed.Ranks``) and every rank ends the phase with the full tables; rank 0 writes them.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from ..data import load_dataset
 from ..models import load, random_like
 from ..processor import Mean, Recorder, Session, Zero, head_attribution, mean_head_outputs, run_conditions
 from . import image_maps
+from .distributed import Ranks
 from .tables import write_json, write_table
 from .units import WorkUnits
 
@@ -111,19 +114,24 @@ class _Data:
         self.ids = list(range(len(items)))
         self.sources = [it.get("source", "") for it in items]
 
-    def batches(self, batch_size, n=None):
-        n = len(self.ids) if n is None else min(n, len(self.ids))
-        for i in range(0, n, batch_size):
-            j = min(i + batch_size, n)
-            yield self.ids[i:j], self.images[i:j], self.labels[i:j]
+    def batches(self, batch_size, n=None, ids=None):
+        """(ids, images, labels) batches of the first n images, or of these ids."""
+        if ids is None:
+            ids = self.ids[: len(self.ids) if n is None else min(n, len(self.ids))]
+        for i in range(0, len(ids), batch_size):
+            chunk = list(ids[i:i + batch_size])
+            yield chunk, self.images[chunk], self.labels[chunk]
 
 
 class Experiment:
-    def __init__(self, config: AnalysisConfig):
+    def __init__(self, config: AnalysisConfig, ranks: Ranks | None = None):
+        self.ranks = ranks or Ranks()
         self.c = config
+        self.device = self.ranks.device(config.device)
         self.out = Path(config.out)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.unet, self.scheduler = load(config.model, device=config.device)
+        if self.ranks.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.unet, self.scheduler = load(config.model, device=self.device)
         self.size = int(self.unet.config.sample_size)
         self.alphas = self.scheduler.alphas_cumprod.to(torch.float32)
         self.data = {
@@ -137,9 +145,14 @@ class Experiment:
         self.tables: dict = {}
 
     def load_tables(self, names) -> None:
-        """Reads the tables of a unit finished by an earlier run of the same configuration."""
-        for name in names:
-            self.tables[name] = pd.read_parquet(self.out / f"{name}.parquet")
+        """Reads the tables of a unit finished by an earlier run of the same configuration (rank 0
+        reads; every rank receives them, so ranks need not share a file system)."""
+        tables = {name: pd.read_parquet(self.out / f"{name}.parquet") for name in names} if self.ranks.is_main else None
+        self.tables.update(self.ranks.broadcast(tables))
+
+    def progress(self, **kwargs):
+        """A progress bar on rank 0 only."""
+        return tqdm(disable=not self.ranks.is_main, **kwargs)
 
     # -- helpers ---------------------------------------------------------------------------
     def noisy(self, d: _Data, ids, x0, t):
@@ -149,7 +162,7 @@ class Experiment:
 
     def forward(self, unet, x, t):
         tt = torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
-        return unet(x.to(self.c.device), tt).sample.float().cpu()
+        return unet(x.to(self.device), tt).sample.float().cpu()
 
     def x0_from_eps(self, x_t, eps_hat, t):
         a = self.alphas[t]
@@ -163,20 +176,22 @@ class Experiment:
             models.append(("random", random_like(self.unet, seed=CONTROL_SEED_OFFSET + self.c.seed)))
         aggregates, histograms, per_image, maps = [], [], [], []
         samples = {name: d.ids[: self.c.sample_maps] for name, d in self.data.items()}
-        total = len(models) * sum(len(d.ids) for d in self.data.values()) * len(self.c.timesteps)
-        bar = tqdm(total=total, desc="trace", unit="img")
+        shards = {name: self.ranks.shard(d.ids) for name, d in self.data.items()}
+        total = len(models) * sum(len(ids) for ids in shards.values()) * len(self.c.timesteps)
+        bar = self.progress(total=total, desc="trace", unit="img")
         for model_name, unet in models:
             session = self.session if unet is self.unet else Session(unet)
             for name, d in self.data.items():
                 rec = Recorder(stats=("entropy", "distance", "label_mass"), bins=self.c.bins, per_image=True,
                                maps={"images": samples[name], "stats": ["entropy"]})
                 for t in self.c.timesteps:
-                    for ids, x0, labels in d.batches(self.c.batch_size):
+                    for ids, x0, labels in d.batches(self.c.batch_size, ids=shards[name]):
                         x_t, _ = self.noisy(d, ids, x0, t)
                         rec.set_tags(model=model_name, dataset=name, timestep=int(t), image_ids=ids)
-                        with torch.no_grad(), session.trace(rec, labels=labels.to(self.c.device)):
+                        with torch.no_grad(), session.trace(rec, labels=labels.to(self.device)):
                             self.forward(unet, x_t, t)
                         bar.update(len(ids))
+                rec.all_reduce()
                 aggregates.append(rec.to_frame())
                 histograms.append(rec.histograms())
                 per_image.append(rec.per_image_frame())
@@ -191,8 +206,6 @@ class Experiment:
             "per_image": pd.concat(per_image, ignore_index=True),
             "maps": pd.concat(maps, ignore_index=True).rename(columns={"value": "entropy"}).drop(columns=["stat"]),
         })
-        for name in TRACE_TABLES:
-            write_table(self.tables[name], self.out / f"{name}.parquet")
 
     def layer_table(self) -> pd.DataFrame:
         rows = []
@@ -258,11 +271,12 @@ class Experiment:
                 rows.append({"model": model, "dataset": name, "timestep": int(t), "layer": layer, "head": int(head),
                              "edge_corr": float(np.mean(corr_e)), "texture_corr": float(np.mean(corr_t))})
         self.tables["features_maps"] = pd.DataFrame(rows)
-        write_table(self.tables["features_maps"], self.out / "features_maps.parquet")
 
     # -- 3. single-head ablations ------------------------------------------------------------
     def run_batched(self, conditions, x_t, t):
         """eps predictions (C, B, 3, S, S) of C conditions, in passes bounded by max_batch and the memory budget."""
+        if not conditions:
+            return torch.empty(0, *x_t.shape)
         return run_conditions(self.session, lambda x: self.forward(self.unet, x, t), x_t, conditions,
                               max_batch=max(self.c.max_batch, x_t.shape[0]), max_bytes=self.memory_budget)
 
@@ -270,12 +284,21 @@ class Experiment:
     def memory_budget(self) -> int:
         if self.c.max_memory is not None:
             return int(self.c.max_memory)
-        return free_memory_bytes(self.c.device) // 2
+        return free_memory_bytes(self.device) // 2
+
+    def my_conditions(self, n: int) -> list:
+        """Indices of the conditions of a batched step this rank runs: 0 (the clean pass, which
+        every rank needs as its baseline) and its share of 1..n-1."""
+        return [0, *self.ranks.shard(range(1, n))]
+
+    def gathered(self, keyed_rows: list) -> list:
+        """Rows of every rank, in the order of their keys (the order one process would have made)."""
+        return [row for _, row in sorted(self.ranks.gather_rows(keyed_rows), key=lambda kr: kr[0])]
 
     def ablations(self):
         rows = []
         steps = [(name, t) for name in DATASETS for t in self.c.resolved_ablation_timesteps()]
-        for name, t in tqdm(steps, desc="ablations", unit="step"):
+        for step, (name, t) in enumerate(self.progress(iterable=steps, desc="ablations", unit="step")):
             d = self.data[name]
             ids, x0, _ = next(d.batches(self.c.ablation_images, self.c.ablation_images))
             x_t, eps = self.noisy(d, ids, x0, t)
@@ -288,31 +311,31 @@ class Experiment:
                     means = mean_head_outputs(self.session, lambda x: self.forward(self.unet, x, t), [x_t])
                 conditions += [[Mean(layer, h, means=means)] for layer, h in self.heads]
                 labels += [("mean", layer, h) for layer, h in self.heads]
+            mine = self.my_conditions(len(conditions))
             with torch.no_grad():
-                eps_hat = self.run_batched(conditions, x_t, t)
-            loss = (eps_hat - eps[None]).square().flatten(2).mean(-1)  # (C, B)
-            for c, lab in enumerate(labels[1:], start=1):
-                mode, layer, h = lab
+                eps_hat = self.run_batched([conditions[c] for c in mine], x_t, t)
+            loss = (eps_hat - eps[None]).square().flatten(2).mean(-1)  # (len(mine), B)
+            for i, c in enumerate(mine[1:], start=1):
+                mode, layer, h = labels[c]
                 for b, image in enumerate(ids):
-                    rows.append({"dataset": name, "timestep": int(t), "layer": layer, "head": h, "mode": mode,
-                                 "image": int(image), "loss_clean": float(loss[0, b]), "loss_ablated": float(loss[c, b])})
-        self.tables["ablations"] = pd.DataFrame(rows)
-        write_table(self.tables["ablations"], self.out / "ablations.parquet")
+                    rows.append(((step, c, b), {
+                        "dataset": name, "timestep": int(t), "layer": layer, "head": h, "mode": mode, "image": int(image),
+                        "loss_clean": float(loss[0, b]), "loss_ablated": float(loss[i, b])}))
+        self.tables["ablations"] = pd.DataFrame(self.gathered(rows))
 
     # -- 4. attribution ----------------------------------------------------------------------
     def attribution(self):
         frames = []
-        for name in DATASETS:
+        steps = list(enumerate((name, t) for name in DATASETS for t in self.c.resolved_ablation_timesteps()))
+        for step, (name, t) in self.ranks.shard(steps):
             d = self.data[name]
             ids, x0, _ = next(d.batches(self.c.ablation_images, self.c.ablation_images))
-            for t in self.c.resolved_ablation_timesteps():
-                x_t, eps = self.noisy(d, ids, x0, t)
-                scores = head_attribution(self.session, lambda: (self.forward(self.unet, x_t, t) - eps).square().mean())
-                scores.insert(0, "timestep", int(t))
-                scores.insert(0, "dataset", name)
-                frames.append(scores)
-        self.tables["attribution"] = pd.concat(frames, ignore_index=True)
-        write_table(self.tables["attribution"], self.out / "attribution.parquet")
+            x_t, eps = self.noisy(d, ids, x0, t)
+            scores = head_attribution(self.session, lambda: (self.forward(self.unet, x_t, t) - eps).square().mean())
+            scores.insert(0, "timestep", int(t))
+            scores.insert(0, "dataset", name)
+            frames.append((step, scores))
+        self.tables["attribution"] = pd.concat(self.gathered(frames), ignore_index=True)
 
     # -- 5. roles and role ablations ------------------------------------------------------------
     def role_ablations(self):
@@ -329,7 +352,7 @@ class Experiment:
             role_sets[role] = [(r.layer, int(r.head)) for r in g.itertuples()]
         rows = []
         steps = [(name, t) for name in DATASETS for t in self.c.resolved_ablation_timesteps()]
-        for name, t in tqdm(steps, desc="role ablations", unit="step"):
+        for step, (name, t) in enumerate(self.progress(iterable=steps, desc="role ablations", unit="step")):
             d = self.data[name]
             ids, x0, labels = next(d.batches(self.c.ablation_images, self.c.ablation_images))
             x_t, eps = self.noisy(d, ids, x0, t)
@@ -337,24 +360,27 @@ class Experiment:
             for role, heads in role_sets.items():
                 conditions.append([Zero(layer, h) for layer, h in heads])
                 tags.append((role, "role", 0))
+                if len(heads) == len(self.heads):
+                    continue  # a size-matched random set would be the role itself: no control exists
                 for rep in range(self.c.role_control_reps):
                     pick = rng.choice(len(self.heads), size=len(heads), replace=False)
                     conditions.append([Zero(*self.heads[i]) for i in pick])
                     tags.append((role, "random", rep))
+            # every rank draws every random set above (same rng stream), then runs its share
+            mine = self.my_conditions(len(conditions))
             with torch.no_grad():
-                eps_hat = self.run_batched(conditions, x_t, t)
+                eps_hat = self.run_batched([conditions[c] for c in mine], x_t, t)
             x0_hat = self.x0_from_eps(x_t[None], eps_hat, t)
-            errors = [self.errors(eps_hat[c], eps, x0_hat[c], x0, labels) for c in range(len(conditions))]
-            for c, tag in enumerate(tags[1:], start=1):
-                role, control, rep = tag
-                for err_name in errors[0]:
+            errors = [self.errors(eps_hat[i], eps, x0_hat[i], x0, labels) for i in range(len(mine))]
+            for i, c in enumerate(mine[1:], start=1):
+                role, control, rep = tags[c]
+                for e, err_name in enumerate(errors[0]):
                     for b, image in enumerate(ids):
-                        rows.append({"dataset": name, "timestep": int(t), "role": role, "control": control, "rep": rep,
-                                     "image": int(image), "error_name": err_name,
-                                     "err_clean": float(errors[0][err_name][b]),
-                                     "err_ablated": float(errors[c][err_name][b])})
-        self.tables["role_ablations"] = pd.DataFrame(rows)
-        write_table(self.tables["role_ablations"], self.out / "role_ablations.parquet")
+                        rows.append(((step, c, e, b), {
+                            "dataset": name, "timestep": int(t), "role": role, "control": control, "rep": rep,
+                            "image": int(image), "error_name": err_name, "err_clean": float(errors[0][err_name][b]),
+                            "err_ablated": float(errors[i][err_name][b])}))
+        self.tables["role_ablations"] = pd.DataFrame(self.gathered(rows))
 
     @staticmethod
     def errors(eps_hat, eps, x0_hat, x0, labels) -> dict:
@@ -370,7 +396,7 @@ class Experiment:
         t = self.c.circuit_timestep if self.c.circuit_timestep is not None else steps[len(steps) // 2]
         abl = self.tables["ablations"]
         frames = []
-        for name in DATASETS:
+        for index, name in self.ranks.shard(enumerate(DATASETS)):
             d = self.data[name]
             ids, x0, _ = next(d.batches(self.c.ablation_images, self.c.ablation_images))
             x_t, eps = self.noisy(d, ids, x0, t)
@@ -387,36 +413,59 @@ class Experiment:
             order = sorted(self.heads, key=lambda lh: effect.get(lh, np.inf)) if len(effect) else None
             _, trace = greedy_minimal_circuit(self.heads, degradation_of, self.c.circuit_threshold, order=order)
             trace.insert(0, "dataset", name)
-            frames.append(trace)
-        self.tables["circuit"] = pd.concat(frames, ignore_index=True)
-        write_table(self.tables["circuit"], self.out / "circuit.parquet")
+            frames.append((index, trace))
+        self.tables["circuit"] = pd.concat(self.gathered(frames), ignore_index=True)
 
 
-def run_analysis(config: AnalysisConfig) -> Path:
-    """Runs every phase and writes tables, summary.json, report.html and report.md into config.out."""
+def run_analysis(config: AnalysisConfig, ranks: Ranks | None = None):
+    """Runs every phase and writes tables, summary.json, report.html and report.md into config.out.
+
+    Returns (out folder, summary dict). Under torchrun (``ranks``: default ``Ranks.from_env``)
+    every process calls it; rank 0 writes and returns the summary, the others return None.
+    """
+    ranks = ranks or Ranks.from_env(config.device)
+    try:
+        return _run(config, ranks)
+    finally:
+        ranks.close()
+
+
+def _run(config: AnalysisConfig, ranks: Ranks):
     from ..report import render
     from .summary import summarise
 
     start = time.time()
     torch.manual_seed(config.seed)
-    exp = Experiment(config)
+    exp = Experiment(config, ranks)
     settings = {k: v for k, v in asdict(config).items() if k != "out"}
-    units = WorkUnits(exp.out, {"config": settings, "diffcirc": __version__})
-    phases = [  # (unit, method, tables it writes); later phases read earlier tables
-        ("trace", exp.trace, TRACE_TABLES),
-        ("features", exp.map_features, ("features_maps",)),
-        ("ablations", exp.ablations, ("ablations",)),
-        ("attribution", exp.attribution, ("attribution",)),
-        ("role_ablations", exp.role_ablations, ("role_ablations",)),
-        ("circuit", exp.circuit, ("circuit",)),
+    units, error = None, None
+    if ranks.is_main:
+        try:
+            units = WorkUnits(exp.out, {"config": settings, "diffcirc": __version__})
+        except ValueError as e:  # a folder of another configuration: every rank must stop
+            error = e
+    ranks.check(error)
+    phases = [  # (unit, method, tables it writes, units whose tables it reads)
+        ("trace", exp.trace, TRACE_TABLES, ()),
+        ("features", exp.map_features, ("features_maps",), ("trace",)),
+        ("ablations", exp.ablations, ("ablations",), ()),
+        ("attribution", exp.attribution, ("attribution",), ()),
+        ("role_ablations", exp.role_ablations, ("role_ablations",), ("trace", "features")),
+        ("circuit", exp.circuit, ("circuit",), ("ablations",)),
     ]
-    for unit, method, tables in phases:
-        if units.done(unit):
-            print(f"{unit}: finished by an earlier run, skipped")
+    for unit, method, tables, inputs in phases:
+        if ranks.broadcast(units.done(unit) if ranks.is_main else None):
+            if ranks.is_main:
+                print(f"{unit}: finished by an earlier run, skipped")
             exp.load_tables(tables)
             continue
         method()
-        units.finish(unit, [f"{name}.parquet" for name in tables])
+        if ranks.is_main:
+            for name in tables:
+                write_table(exp.tables[name], exp.out / f"{name}.parquet")
+            units.finish(unit, [f"{name}.parquet" for name in tables], inputs)
+    if not ranks.is_main:
+        return exp.out, None
     exp.save_samples()
     meta = {
         "config": asdict(config),
@@ -428,6 +477,7 @@ def run_analysis(config: AnalysisConfig) -> Path:
         "timesteps": list(config.timesteps),
         "ablation_timesteps": config.resolved_ablation_timesteps(),
         "seed": config.seed,
+        "processes": ranks.world,
         "versions": {"diffcirc": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "wall_time_s": round(time.time() - start, 1),
     }

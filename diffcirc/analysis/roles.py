@@ -264,6 +264,10 @@ def roles_by_model(aggregates: pd.DataFrame, layers: Optional[pd.DataFrame] = No
             for m in models if m in present}
 
 
+# Relative size (of the clean error) below which two error increases are float32 rounding apart.
+_TIE = 1e-6
+
+
 def role_validation(role_ablations: pd.DataFrame, n_resamples: int = 9999, seed: int = 0) -> pd.DataFrame:
     """Does ablating a role's heads hurt its role-relevant error more than ablating as many random heads?
 
@@ -275,7 +279,8 @@ def role_validation(role_ablations: pd.DataFrame, n_resamples: int = 9999, seed:
     - ratio: role_increase / random_increase; n_units, n_reps;
     - p_value: paired sign-flip permutation test of role vs the per-unit mean over random reps;
     - p_mannwhitney: Mann-Whitney U of role increases vs all random (rep, unit) increases;
-    - p_rank: (1 + #{reps with mean increase >= role's}) / (1 + n_reps), one-sided;
+    - p_rank: (1 + #{reps with mean increase >= role's}) / (1 + n_reps), one-sided; increases closer
+      than 1e-6 of the clean error count as ties;
     - p_holm: Holm-adjusted p_value across roles within (dataset, error_name).
     Group i (sorted keys) uses seed + i.
     """
@@ -307,7 +312,9 @@ def role_validation(role_ablations: pd.DataFrame, n_resamples: int = 9999, seed:
         else:
             p_perm = math.nan
         p_mw = stats.mann_whitney(r["_inc"], c["_inc"]).p_value if len(r) and len(c) else math.nan
-        p_rank = (1 + int((c_rep >= role_inc).sum())) / (1 + len(c_rep)) if len(c_rep) and len(r) else math.nan
+        # increases within float32 rounding of each other are ties (counted against the role)
+        tie = _TIE * abs(clean) if clean == clean else 0.0
+        p_rank = (1 + int((c_rep >= role_inc - tie).sum())) / (1 + len(c_rep)) if len(c_rep) and len(r) else math.nan
         rows.append((ds, role, err, len(r), int(c_rep.size), role_inc, rand_inc, role_pct, rand_pct, ratio, p_perm,
                      p_mw, p_rank))
     out = pd.DataFrame(rows, columns=cols[:-1])

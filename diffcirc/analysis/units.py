@@ -2,9 +2,10 @@
 
 Each phase of the driver is a unit: when it finishes, its tables (already written atomically) are
 recorded in ``manifest.json`` with a SHA-256 of their contents, beside a fingerprint of the run's
-configuration. Rerunning the same command on the same folder skips every unit whose files are
-present and intact, redoes a unit whose file is missing, truncated or altered, and refuses a folder
-made with a different configuration.
+configuration. A unit also records the checksums of the units it read. Rerunning the same
+command on the same folder skips every unit whose files are present and intact, redoes a unit
+whose file is missing, truncated or altered, redoes every unit that read a redone unit (its inputs
+changed), and refuses a folder made with a different configuration.
 """
 
 from __future__ import annotations
@@ -49,17 +50,20 @@ class WorkUnits:
                 self.units = manifest.get("units", {})
 
     def done(self, name: str) -> bool:
-        """Whether unit ``name`` finished and every file it wrote is still intact."""
-        files = self.units.get(name)
-        if not files:
+        """Whether unit ``name`` finished, every file it wrote is intact, and the units it read are
+        still the ones it read."""
+        entry = self.units.get(name)
+        if not entry or not entry.get("files"):
             return False
-        for rel, digest in files.items():
+        for rel, digest in entry["files"].items():
             path = self.out / rel
             if not path.is_file() or _sha256(path) != digest:
                 return False
-        return True
+        return all(self.units.get(dep, {}).get("files") == files for dep, files in entry.get("inputs", {}).items())
 
-    def finish(self, name: str, files) -> None:
-        """Records unit ``name`` as finished with these files (relative to the folder)."""
-        self.units[name] = {str(rel): _sha256(self.out / rel) for rel in files}
+    def finish(self, name: str, files, inputs=()) -> None:
+        """Records unit ``name`` as finished with these files (relative to the folder), having read
+        the finished units ``inputs``."""
+        self.units[name] = {"files": {str(rel): _sha256(self.out / rel) for rel in files},
+                            "inputs": {dep: self.units[dep]["files"] for dep in inputs}}
         write_json({"config_sha256": self.config_sha256, "units": self.units}, self.path)

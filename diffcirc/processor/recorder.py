@@ -228,6 +228,95 @@ class Recorder:
             slot[1] += n
         return self
 
+    def all_reduce(self, group=None) -> "Recorder":
+        """Merges the recorders of every process of a torch.distributed group into each of them.
+
+        A collective: every process calls it once, after its last forward pass, and each ends
+        holding what one recorder would have seen over all processes' passes. Histograms are
+        summed (all_reduce); counts, means and M2 are all-gathered as one float64 tensor and
+        merged with Chan's formula in rank order, which stays exact where summing raw power sums
+        would cancel. Per-image means and maps (usually of disjoint images) travel as objects.
+        """
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized() or dist.get_world_size(group) == 1:
+            return self
+        world = dist.get_world_size(group)
+        layout = self._union_layout(world, group)
+        total = sum(heads for _, heads, _ in layout)
+        moments = torch.zeros(3, total, dtype=torch.float64)  # count, mean, m2 per (key, head)
+        hist = torch.zeros(total, self.bins, dtype=torch.int64)
+        for key, heads, offset in layout:
+            agg = self._agg.get(key)
+            if agg is not None:
+                cols = slice(offset, offset + heads)
+                moments[0, cols] = agg.count
+                moments[1, cols], moments[2, cols] = agg.mean.cpu(), agg.m2.cpu()
+                hist[cols] = agg.hist.cpu()
+        gathered = [torch.empty_like(moments) for _ in range(world)]
+        dist.all_gather(gathered, moments, group=group)
+        dist.all_reduce(hist, group=group)
+        merged = {}
+        for key, heads, offset in layout:
+            cols = slice(offset, offset + heads)
+            device = self._agg[key].mean.device if key in self._agg else torch.device("cpu")
+            agg = _Aggregate(heads, self.bins, "cpu")
+            no_hist = torch.zeros(heads, self.bins, dtype=torch.int64)
+            for part in gathered:
+                if int(part[0, offset]):
+                    agg.merge(int(part[0, offset]), part[1, cols], part[2, cols], no_hist)
+            agg.hist = hist[cols].clone()
+            agg.mean, agg.m2, agg.hist = agg.mean.to(device), agg.m2.to(device), agg.hist.to(device)
+            merged[key] = agg
+        self._agg = merged
+        self._gather_images(world, group)
+        return self
+
+    def _union_layout(self, world: int, group) -> list:
+        """[(aggregate key, heads, offset)] over every process's keys (rank order of first
+        appearance); also unites tag names, histogram ranges and grids."""
+        import torch.distributed as dist
+
+        mine = {"config": (self.stats, self.bins, self.per_image), "keys": [(k, a.mean.numel()) for k, a in self._agg.items()],
+                "ranges": self._ranges, "grids": self._grids, "tags": self._tag_names}
+        metas = [None] * world
+        dist.all_gather_object(metas, mine, group=group)
+        heads_of: dict = {}
+        for meta in metas:
+            if meta["config"] != mine["config"]:
+                raise ValueError("Recorder.all_reduce: processes' recorders differ in stats, bins or per_image")
+            for k, rng in meta["ranges"].items():
+                if self._ranges.setdefault(k, rng) != rng:
+                    raise ValueError(f"Recorder.all_reduce: histogram range of {k} differs ({self._ranges[k]} vs {rng})")
+            for layer, grid in meta["grids"].items():
+                self._grids.setdefault(layer, grid)
+            self._tag_names.extend(n for n in meta["tags"] if n not in self._tag_names)
+            for key, heads in meta["keys"]:
+                heads_of.setdefault(key, heads)
+        layout, offset = [], 0
+        for key, heads in heads_of.items():
+            layout.append((key, heads, offset))
+            offset += heads
+        return layout
+
+    def _gather_images(self, world: int, group) -> None:
+        """Per-image means and maps of every process, in rank order."""
+        import torch.distributed as dist
+
+        if not self.per_image and self.maps is None:
+            return
+        mine = ([(k, ids, layer, stat, m.cpu()) for k, ids, layer, stat, m in self._image_rows],
+                {k: (s.cpu() if isinstance(s, torch.Tensor) else s, n) for k, (s, n) in self._maps.items()})
+        parts = [None] * world
+        dist.all_gather_object(parts, mine, group=group)
+        self._image_rows, self._maps = [], {}
+        for rows, maps in parts:
+            self._image_rows.extend(rows)
+            for k, (s, n) in maps.items():
+                slot = self._maps.setdefault(k, [0.0, 0])
+                slot[0] = slot[0] + s
+                slot[1] += n
+
     def nbytes(self) -> int:
         """Bytes held in tensors (aggregates, per-image means, maps)."""
         total = sum(a.nbytes() for a in self._agg.values())

@@ -72,10 +72,9 @@ DC_HOST_DEVICE float shifted_logit(float s, float m) {
   return z > kMinShiftedLogit ? z : kMinShiftedLogit;
 }
 
-// Marks the row as having seen a NaN or +inf logit (from NaN / inf inputs; torch's softmax gives NaN
-// there too): its
-// outputs and statistics become NaN instead of a silently wrong finite value. Poison persists:
-// l stays NaN through every later rescale and add.
+// Marks the row as having seen a NaN or +inf logit of an unmasked key (from NaN / inf inputs; torch's
+// softmax gives NaN there too): its outputs and statistics become NaN instead of a silently wrong
+// finite value. Poison persists: l stays NaN through every later rescale and add.
 DC_HOST_DEVICE void row_state_poison(RowState& st) {
   st.l = NAN;
   st.ent = NAN;

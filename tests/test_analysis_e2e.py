@@ -148,9 +148,11 @@ def test_unit_whose_inputs_changed_is_redone(run, copy_of_run):
     assert {k: after[k] for k in unchanged} == {k: before[k] for k in unchanged}
 
 
-def test_folder_of_another_configuration_is_refused(run, copy_of_run):
-    with pytest.raises(ValueError, match="different configuration"):
-        cli([*analyze_args(run.parent / "tiny-unet"), "--seed", "1", "--out", str(copy_of_run)])
+def test_folder_of_another_configuration_is_refused(run, copy_of_run, capsys):
+    before = _table_mtimes(copy_of_run)
+    assert cli([*analyze_args(run.parent / "tiny-unet"), "--seed", "1", "--out", str(copy_of_run)]) == 1
+    assert "holds results of a different configuration" in capsys.readouterr().err
+    assert _table_mtimes(copy_of_run) == before  # nothing overwritten
 
 
 def test_memory_budget_chunks_passes_without_changing_results(run, tmp_path):

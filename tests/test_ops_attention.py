@@ -229,3 +229,42 @@ def test_non_finite_inputs_give_nan_rows_not_silent_values(dtype, isa):
     assert torch.isfinite(r.out[good]).all()
     tol = 2e-5 if dtype == torch.float32 else 2e-2
     assert (r.out[good].double() - ref.out[good]).abs().max().item() <= tol
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_masked_keys_never_poison(dtype, isa):
+    # a masked key never influences its row, whatever its logit: NaN / +inf in masked k rows
+    # (garbage in padding) leave the row finite, equal to the reference and bit-equal to the same
+    # call with those rows zeroed, as with PyTorch's SDPA; an unmasked NaN key still poisons.
+    # Nk = 603: the key blocks are 512 + 91 keys, so bad keys sit in the vector loop of both blocks
+    # and in the scalar tail of the last one, for the 16- and the 8-lane kernels alike.
+    B, H, Nq, Nk, D = 3, 2, 20, 603, 16
+    q, k, v, kw = full_case(B, H, Nq, Nk, D, D, dtype)
+    mask = kw["key_padding_mask"]
+    mask[0, [5, 530, 601]] = False
+    k[0, :, 5] = float("nan")  # a whole row
+    k[0, :, 530] = float("inf")  # logits +inf, -inf or NaN (inf - inf), depending on q
+    k[0, :, 601, 2] = float("inf")  # +inf where q[..., 2] > 0
+    mask[1, 590:] = False  # a padded prompt: every key after the 590th is garbage
+    k[1, :, 590:] = float("nan")
+    k[1, 0, 600:, 0] = float("inf")
+    mask[2] = False  # no key at all, every one garbage: the fully masked row rule still holds
+    k[2] = float("nan")
+    k[0, 1, 300, 1] = float("nan")  # an unmasked key
+    mask[0, 300] = True
+    r = attention(q, k, v, **kw)
+    ref = reference_attention(q, k, v, **kw)
+    bad = torch.zeros(B, H, Nq, dtype=torch.bool)
+    bad[0, 1] = True
+    assert torch.equal(torch.isnan(ref.out).any(-1), bad)  # the oracle agrees on which rows
+    assert torch.isnan(r.out[bad]).all() and torch.isnan(r.entropy[bad]).all()
+    assert torch.isfinite(r.out[~bad]).all() and torch.isfinite(r.entropy[~bad]).all()
+    assert torch.all(r.out[2] == 0) and torch.all(torch.isneginf(r.lse[2]))
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    assert (r.out[~bad].double() - ref.out[~bad]).abs().max().item() <= tol
+    assert_stats_close(r, ref, dtype, ALL_STATS)
+    clean = k.clone()
+    clean.masked_fill_(~mask[:, None, :, None], 0)
+    r0 = attention(q, clean, v, **kw)
+    for name in ("out", *ALL_STATS):
+        torch.testing.assert_close(getattr(r, name), getattr(r0, name), rtol=0, atol=0, equal_nan=True, msg=name)

@@ -34,6 +34,23 @@ def test_gradients_match_reference_autograd(with_mask):
         assert torch.allclose(g.double(), w, atol=2e-4, rtol=1e-4), (name, (g.double() - w).abs().max().item())
 
 
+def test_nan_in_masked_keys_leaves_gradients_finite():
+    # garbage in padded key rows reaches neither the forward nor the backward
+    q, k, v = _inputs(Nk=70)
+    mask = torch.ones(2, 70, dtype=torch.bool)
+    mask[:, 60:] = False
+    bad = k.detach().clone()
+    bad[:, :, 60:] = float("nan")
+    bad.requires_grad_(True)
+    grad_out = torch.randn(2, 3, 40, 16)
+    got = torch.autograd.grad(attention(q, bad, v, key_padding_mask=mask).out, (q, bad), grad_out)
+    want = torch.autograd.grad(attention(q, k, v, key_padding_mask=mask).out, (q, k), grad_out)
+    assert torch.isfinite(got[0]).all() and torch.isfinite(got[1]).all()
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1][:, :, :60], want[1][:, :, :60])
+    assert torch.all(got[1][:, :, 60:] == 0)
+
+
 def test_attribution_gradient_of_head_scale_at_one():
     # d loss / d head_scale at 1 ranks heads in one backward pass (attribution patching)
     q, k, v = _inputs(B=1, H=4, Nq=16, Nk=16, D=8, Dv=8)

@@ -31,8 +31,12 @@ DC_TARGET void process_rows(const BlockArgs& a) {
     const float scale = a.scale;
 
     // 1. block max of the logits scale * s (masked keys read as -inf)
+    // A masked key never influences its row: its logit may be NaN or +inf (garbage in a padded k
+    // row) without poisoning it, as in the reference and PyTorch's SDPA. Adding its -inf bias then
+    // gives NaN, which every max below skips (it is the first operand; see V::max) and which pass 2
+    // turns into p = 0 (see shifted_logit), so no extra pass or select is needed.
     float mb = -INFINITY;
-    bool poisoned = false;  // a NaN or +inf logit (from NaN / inf inputs): the row's result is NaN
+    bool poisoned = false;  // an unmasked key's NaN or +inf logit (NaN / inf inputs): the row is NaN
     int64_t j = 0;
     if constexpr (V::W > 0) {
       const auto vscale = V::set1(scale);
@@ -40,18 +44,24 @@ DC_TARGET void process_rows(const BlockArgs& a) {
       auto bad = V::no_lanes();
       for (; j + V::W <= cols; j += V::W) {
         auto x = V::mul(V::load(s + j), vscale);
-        bad = V::or_poison(bad, x);
-        if (bias) x = V::add(x, V::load(bias + j));
-        vm = V::max(vm, x);
+        if (bias) {
+          const auto b = V::load(bias + j);
+          bad = V::or_poison_unmasked(bad, x, b);
+          x = V::add(x, b);
+        } else {
+          bad = V::or_poison(bad, x);
+        }
+        vm = V::max(x, vm);  // x first: a NaN x leaves vm as it was
       }
       mb = V::hmax(vm);
       poisoned = V::any(bad);
     }
     for (; j < cols; ++j) {
       float x = s[j] * scale;
-      poisoned |= !(x < INFINITY);
-      x += bias ? bias[j] : 0.f;
-      mb = x > mb ? x : mb;
+      const float b = bias ? bias[j] : 0.f;
+      poisoned |= b > -INFINITY && !(x < INFINITY);  // masked keys (bias -inf) never poison
+      x += b;
+      mb = x > mb ? x : mb;  // false for a NaN x: skipped
     }
 
     RowState& st = a.state[r];
@@ -83,6 +93,7 @@ DC_TARGET void process_rows(const BlockArgs& a) {
       for (; j + V::W <= cols; j += V::W) {
         auto x = V::mul(V::load(s + j), vscale);
         if (bias) x = V::add(x, V::load(bias + j));
+        // z - m first: a masked key's NaN (NaN / +inf logit + -inf bias) becomes vmin, so p = 0
         const auto z = V::max(V::sub(x, vmnew), vmin);
         const auto p = V::exp(z);
         acc_p = V::add(acc_p, p);

@@ -18,6 +18,7 @@ struct V {
   DC_TARGET static reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
   DC_TARGET static reg sub(reg a, reg b) { return _mm256_sub_ps(a, b); }
   DC_TARGET static reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
+  // b when either is NaN (MAXPS returns its second operand): row_block_impl.h relies on this
   DC_TARGET static reg max(reg a, reg b) { return _mm256_max_ps(a, b); }
   DC_TARGET static reg fmadd(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
   DC_TARGET static reg sqrt(reg a) { return _mm256_sqrt_ps(a); }
@@ -32,6 +33,11 @@ struct V {
   DC_TARGET static lanes no_lanes() { return _mm256_setzero_ps(); }
   DC_TARGET static lanes or_poison(lanes acc, reg x) {
     return _mm256_or_ps(acc, _mm256_cmp_ps(x, _mm256_set1_ps(INFINITY), _CMP_NLT_UQ));
+  }
+  // the same, counting only unmasked keys (bias b > -inf): a masked key never poisons its row
+  DC_TARGET static lanes or_poison_unmasked(lanes acc, reg x, reg b) {
+    const reg unmasked = _mm256_cmp_ps(b, _mm256_set1_ps(-INFINITY), _CMP_GT_OQ);
+    return _mm256_or_ps(acc, _mm256_and_ps(unmasked, _mm256_cmp_ps(x, _mm256_set1_ps(INFINITY), _CMP_NLT_UQ)));
   }
   DC_TARGET static bool any(lanes acc) { return _mm256_movemask_ps(acc) != 0; }
   DC_TARGET static float hmax(reg a) {

@@ -19,6 +19,7 @@ struct V {
   DC_TARGET static reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
   DC_TARGET static reg sub(reg a, reg b) { return _mm512_sub_ps(a, b); }
   DC_TARGET static reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
+  // b when either is NaN (MAXPS returns its second operand): row_block_impl.h relies on this
   DC_TARGET static reg max(reg a, reg b) { return _mm512_max_ps(a, b); }
   DC_TARGET static reg fmadd(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
   DC_TARGET static reg sqrt(reg a) { return _mm512_sqrt_ps(a); }
@@ -28,6 +29,11 @@ struct V {
   DC_TARGET static lanes no_lanes() { return 0; }
   DC_TARGET static lanes or_poison(lanes acc, reg x) {
     return acc | _mm512_cmp_ps_mask(x, _mm512_set1_ps(INFINITY), _CMP_NLT_UQ);
+  }
+  // the same, counting only unmasked keys (bias b > -inf): a masked key never poisons its row
+  DC_TARGET static lanes or_poison_unmasked(lanes acc, reg x, reg b) {
+    const __mmask16 unmasked = _mm512_cmp_ps_mask(b, _mm512_set1_ps(-INFINITY), _CMP_GT_OQ);
+    return acc | _mm512_mask_cmp_ps_mask(unmasked, x, _mm512_set1_ps(INFINITY), _CMP_NLT_UQ);
   }
   DC_TARGET static bool any(lanes acc) { return acc != 0; }
   DC_TARGET static float hmax(reg a) { return _mm512_reduce_max_ps(a); }

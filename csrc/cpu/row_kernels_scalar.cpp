@@ -17,13 +17,14 @@ struct V {
   static reg add(reg a, reg b) { return a + b; }
   static reg sub(reg a, reg b) { return a - b; }
   static reg mul(reg a, reg b) { return a * b; }
-  static reg max(reg a, reg b) { return a > b ? a : b; }
+  static reg max(reg a, reg b) { return a > b ? a : b; }  // b when either is NaN, like MAXPS
   static reg fmadd(reg a, reg b, reg c) { return a * b + c; }
   static reg sqrt(reg a) { return std::sqrt(a); }
   static float hsum(reg a) { return a; }
   using lanes = bool;
   static lanes no_lanes() { return false; }
   static lanes or_poison(lanes acc, reg x) { return acc || !(x < INFINITY); }
+  static lanes or_poison_unmasked(lanes acc, reg x, reg b) { return acc || (b > -INFINITY && !(x < INFINITY)); }
   static bool any(lanes acc) { return acc; }
   static float hmax(reg a) { return a; }
   static reg select_eq(const int32_t* labels, int32_t ql, reg p) { return *labels == ql ? p : 0.f; }

@@ -16,9 +16,9 @@
 //
 // Masking and non-finite logits follow the CPU kernel: a masked key or a -inf logit has weight 0,
 // a fully masked row gives out = 0, lse = -inf and statistics 0, and a row that meets a NaN or
-// +inf logit (from NaN / inf inputs) gives NaN in out, lse and every statistic
-// (row_state_poison). Detecting that costs one compare per logit while the row max is taken; the
-// flag then travels inside the max itself.
+// +inf logit of an unmasked key (from NaN / inf inputs) gives NaN in out, lse and every statistic
+// (row_state_poison); a masked key never poisons, whatever its logit. Detecting that costs one
+// compare per logit while the row max is taken; the flag then travels inside the max itself.
 //
 // Register layout (the m16n8 accumulator): lane = 4 g + t holds, for each 8-column tile n,
 // rows g and g + 8 at columns 8 n + 2 t and 8 n + 2 t + 1. The four lanes of a quad (same g)
@@ -330,12 +330,14 @@ __global__ void __launch_bounds__(TileConfig<T, DP>::kThreads, 1) attention_fwd_
         for (int e = 0; e < 2; ++e) {
           const int jj = 8 * n + 2 * t + e;
           // The logit before the mask bias, rounded as the CPU kernel's s * scale (an unfused multiply,
-          // so an overflow to +inf is seen as such). A NaN or +inf logit of any real key, masked or
-          // not, poisons the row, as on the CPU; -inf stays a key of weight 0.
+          // so an overflow to +inf is seen as such). A NaN or +inf logit of a real, unmasked key
+          // poisons the row, as on the CPU; -inf stays a key of weight 0. A masked key (bias -inf)
+          // never influences its row: it becomes exactly -inf whatever its logit (garbage in a
+          // padded k row may be NaN or inf), so neither the max nor p sees a NaN.
           float x = __fmul_rn(s[n][2 * ri + e], p.scale);
-          const bool real = jj < kv_valid;
-          bad |= real && !(x < INFINITY);
-          x = real ? x + bias[jj] : -INFINITY;
+          const bool attend = jj < kv_valid && bias[jj] > -INFINITY;
+          bad |= attend && !(x < INFINITY);
+          x = attend ? x + bias[jj] : -INFINITY;
           s[n][2 * ri + e] = x;
           mb = fmaxf(mb, x);
         }

@@ -29,6 +29,10 @@ def fingerprint(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
 
+class ConfigMismatchError(ValueError):
+    """The output folder holds results of another configuration."""
+
+
 class WorkUnits:
     """The manifest of one output folder. config: what the results depend on (JSON-serialisable)."""
 
@@ -44,7 +48,7 @@ class WorkUnits:
                 manifest = None  # an unreadable manifest vouches for nothing: every unit is redone
             if manifest is not None:
                 if manifest.get("config_sha256") != self.config_sha256:
-                    raise ValueError(
+                    raise ConfigMismatchError(
                         f"{self.out} holds results of a different configuration (manifest.json); "
                         "rerun with the same options, or choose a new --out")
                 self.units = manifest.get("units", {})

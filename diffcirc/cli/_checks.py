@@ -184,17 +184,19 @@ EXIT_INPUT_ERROR = 1
 
 def reports_input_errors(run):
     """Decorate a command's ``run(args)``: a broken input found only while working (corrupt or
-    mismatched weights, a folder without a readable image, a missing file) prints its message and
+    mismatched weights, a folder without a readable image, a missing file, an output folder of
+    another configuration) prints its message and
     exits with EXIT_INPUT_ERROR instead of a traceback. These errors name the file and what to do;
     anything else is a bug and keeps its traceback."""
     @functools.wraps(run)
     def wrapper(args) -> int:
+        from ..analysis.units import ConfigMismatchError
         from ..data import DatasetError
         from ..models.load import ModelLoadError
 
         try:
             return run(args)
-        except (ModelLoadError, DatasetError, FileNotFoundError) as e:
+        except (ModelLoadError, DatasetError, FileNotFoundError, ConfigMismatchError) as e:
             print(f"diffcirc {args.command}: error: {e}", file=sys.stderr)
             return EXIT_INPUT_ERROR
     return wrapper

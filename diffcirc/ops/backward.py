@@ -24,6 +24,8 @@ def attention_backward(grad_out, q, k, v, scale, key_padding_mask, head_scale, h
     Nk = k.shape[2]
     g = grad_out.float()
     kf, vf = k.float(), v.float()
+    if key_padding_mask is not None:  # a masked key never reaches its rows, not even as NaN x 0 in dq
+        kf = torch.where(key_padding_mask[:, None, :, None], kf, torch.zeros((), device=kf.device))
     s = head_scale.float()[:, :, None, None] if head_scale is not None else None
     d_o = g * s if s is not None else g  # gradient reaching the attention output O
 

@@ -16,6 +16,7 @@ rank 0 touches the output folder.
 from __future__ import annotations
 
 import os
+import pickle
 from datetime import timedelta
 
 import pandas as pd
@@ -58,9 +59,18 @@ class Ranks:
 
     def device(self, device: str) -> str:
         """'cuda' means this rank's own GPU (LOCAL_RANK) when several processes share a node."""
-        if self.active and str(device) == "cuda":
+        device = str(device)
+        if self.active and device.startswith("cuda"):
+            if device != "cuda":
+                raise ValueError(f"--device {device} under torchrun would put every process on one GPU; "
+                                 "use --device cuda: each process takes the GPU of its LOCAL_RANK")
             return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        return str(device)
+        return device
+
+    @property
+    def per_host(self) -> int:
+        """Processes of this run on this machine (torchrun's LOCAL_WORLD_SIZE), which share its memory."""
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) if self.active else 1
 
     def shard(self, items) -> list:
         """This rank's share of items: items[rank::world]."""
@@ -94,14 +104,37 @@ class Ranks:
         return box[0]
 
     def check(self, error: BaseException | None) -> None:
-        """Raises on every rank if any rank failed (so no rank is left waiting in a collective)."""
-        errors = [e for e in self.all_gather(None if error is None else (type(error).__name__, str(error)))
-                  if e is not None]
+        """Raises on every rank if any rank failed (so no rank is left waiting in a collective):
+        the failing rank's own exception, on the others the first failure (same type and message,
+        so the CLI reports it the same way on every rank)."""
+        if not self.active:
+            if error is not None:
+                raise error
+            return
+        travelling = error
+        if error is not None:
+            try:
+                pickle.loads(pickle.dumps(error))
+            except Exception:  # an exception that does not pickle travels as its text
+                travelling = RuntimeError(f"{type(error).__name__}: {error}")
+        shared = self.all_gather(travelling)
         if error is not None:
             raise error
-        if errors:
-            name, message = errors[0]
-            raise RuntimeError(f"another process of this run failed: {name}: {message}")
+        for e in shared:
+            if e is not None:
+                raise e
+
+    def on_main(self, fn):
+        """fn() on rank 0 alone (its result there, None elsewhere); an exception it raises is raised
+        on every rank instead of leaving the others waiting in the next collective."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = fn()
+            except Exception as e:
+                error = e
+        self.check(error)
+        return result
 
     def close(self) -> None:
         if self._owns_group and dist.is_initialized():

@@ -147,7 +147,7 @@ class Experiment:
     def load_tables(self, names) -> None:
         """Reads the tables of a unit finished by an earlier run of the same configuration (rank 0
         reads; every rank receives them, so ranks need not share a file system)."""
-        tables = {name: pd.read_parquet(self.out / f"{name}.parquet") for name in names} if self.ranks.is_main else None
+        tables = self.ranks.on_main(lambda: {name: pd.read_parquet(self.out / f"{name}.parquet") for name in names})
         self.tables.update(self.ranks.broadcast(tables))
 
     def progress(self, **kwargs):
@@ -284,7 +284,9 @@ class Experiment:
     def memory_budget(self) -> int:
         if self.c.max_memory is not None:
             return int(self.c.max_memory)
-        return free_memory_bytes(self.device) // 2
+        if str(self.device).startswith("cuda"):
+            return free_memory_bytes(self.device) // 2
+        return free_memory_bytes(self.device) // (2 * self.ranks.per_host)  # the processes of a host share it
 
     def my_conditions(self, n: int) -> list:
         """Indices of the conditions of a batched step this rank runs: 0 (the clean pass, which
@@ -436,15 +438,15 @@ def _run(config: AnalysisConfig, ranks: Ranks):
 
     start = time.time()
     torch.manual_seed(config.seed)
-    exp = Experiment(config, ranks)
-    settings = {k: v for k, v in asdict(config).items() if k != "out"}
-    units, error = None, None
-    if ranks.is_main:
-        try:
-            units = WorkUnits(exp.out, {"config": settings, "diffcirc": __version__})
-        except ValueError as e:  # a folder of another configuration: every rank must stop
-            error = e
+    exp, error = None, None
+    try:
+        exp = Experiment(config, ranks)
+    except Exception as e:  # e.g. a model or dataset one machine cannot read: every rank stops
+        error = e
     ranks.check(error)
+    settings = {k: v for k, v in asdict(config).items() if k != "out"}
+    # a folder of another configuration stops every rank with rank 0's error
+    units = ranks.on_main(lambda: WorkUnits(exp.out, {"config": settings, "diffcirc": __version__}))
     phases = [  # (unit, method, tables it writes, units whose tables it reads)
         ("trace", exp.trace, TRACE_TABLES, ()),
         ("features", exp.map_features, ("features_maps",), ("trace",)),
@@ -454,16 +456,19 @@ def _run(config: AnalysisConfig, ranks: Ranks):
         ("circuit", exp.circuit, ("circuit",), ("ablations",)),
     ]
     for unit, method, tables, inputs in phases:
-        if ranks.broadcast(units.done(unit) if ranks.is_main else None):
+        if ranks.broadcast(ranks.on_main(lambda: units.done(unit))):
             if ranks.is_main:
                 print(f"{unit}: finished by an earlier run, skipped")
             exp.load_tables(tables)
             continue
         method()
-        if ranks.is_main:
+
+        def save():
             for name in tables:
                 write_table(exp.tables[name], exp.out / f"{name}.parquet")
             units.finish(unit, [f"{name}.parquet" for name in tables], inputs)
+
+        ranks.on_main(save)  # a full disk on rank 0 stops every rank
     if not ranks.is_main:
         return exp.out, None
     exp.save_samples()

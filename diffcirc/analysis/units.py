@@ -46,12 +46,16 @@ class WorkUnits:
                 manifest = json.loads(self.path.read_text())
             except (OSError, ValueError):
                 manifest = None  # an unreadable manifest vouches for nothing: every unit is redone
-            if manifest is not None:
+            if isinstance(manifest, dict):
                 if manifest.get("config_sha256") != self.config_sha256:
                     raise ConfigMismatchError(
                         f"{self.out} holds results of a different configuration (manifest.json); "
                         "rerun with the same options, or choose a new --out")
-                self.units = manifest.get("units", {})
+                units = manifest.get("units")
+                # only well-formed entries count; an old or foreign entry is redone, never trusted
+                self.units = {name: entry for name, entry in units.items()
+                              if isinstance(entry, dict) and isinstance(entry.get("files"), dict)
+                              and isinstance(entry.get("inputs", {}), dict)} if isinstance(units, dict) else {}
 
     def done(self, name: str) -> bool:
         """Whether unit ``name`` finished, every file it wrote is intact, and the units it read are

@@ -116,6 +116,7 @@ class Recorder:
         self._grids: dict = {}  # layer -> (h, w) or None
         self._image_rows: list = []  # (tag_keys per element, ids, layer, stat, means (b, H))
         self._maps: dict = {}  # (tag_key, image, layer, stat) -> [sum (H, N) float64, count]
+        self._reduced = False  # all_reduce has merged the other processes in
 
     # ---- configuration -------------------------------------------------------------------
     def set_tags(self, *, image_ids=None, **tags) -> None:
@@ -241,9 +242,15 @@ class Recorder:
 
         if not dist.is_available() or not dist.is_initialized() or dist.get_world_size(group) == 1:
             return self
+        if self._reduced:
+            raise RuntimeError("Recorder.all_reduce was already called: a second call would count the other "
+                               "processes' samples twice")
+        self._reduced = True
         world = dist.get_world_size(group)
         layout = self._union_layout(world, group)
         total = sum(heads for _, heads, _ in layout)
+        # an NCCL-only group moves CUDA tensors alone; gloo (and "cpu:gloo,cuda:nccl") takes CPU ones
+        wire = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
         moments = torch.zeros(3, total, dtype=torch.float64)  # count, mean, m2 per (key, head)
         hist = torch.zeros(total, self.bins, dtype=torch.int64)
         for key, heads, offset in layout:
@@ -253,9 +260,12 @@ class Recorder:
                 moments[0, cols] = agg.count
                 moments[1, cols], moments[2, cols] = agg.mean.cpu(), agg.m2.cpu()
                 hist[cols] = agg.hist.cpu()
+        if wire is not None:
+            moments, hist = moments.to(wire), hist.to(wire)
         gathered = [torch.empty_like(moments) for _ in range(world)]
         dist.all_gather(gathered, moments, group=group)
         dist.all_reduce(hist, group=group)
+        gathered, hist = [g.cpu() for g in gathered], hist.cpu()
         merged = {}
         for key, heads, offset in layout:
             cols = slice(offset, offset + heads)
@@ -277,14 +287,14 @@ class Recorder:
         appearance); also unites tag names, histogram ranges and grids."""
         import torch.distributed as dist
 
-        mine = {"config": (self.stats, self.bins, self.per_image), "keys": [(k, a.mean.numel()) for k, a in self._agg.items()],
+        mine = {"config": (self.stats, self.bins, self.per_image, self.maps is not None), "keys": [(k, a.mean.numel()) for k, a in self._agg.items()],
                 "ranges": self._ranges, "grids": self._grids, "tags": self._tag_names}
         metas = [None] * world
         dist.all_gather_object(metas, mine, group=group)
         heads_of: dict = {}
         for meta in metas:
             if meta["config"] != mine["config"]:
-                raise ValueError("Recorder.all_reduce: processes' recorders differ in stats, bins or per_image")
+                raise ValueError("Recorder.all_reduce: processes' recorders differ in stats, bins, per_image or maps")
             for k, rng in meta["ranges"].items():
                 if self._ranges.setdefault(k, rng) != rng:
                     raise ValueError(f"Recorder.all_reduce: histogram range of {k} differs ({self._ranges[k]} vs {rng})")

@@ -27,8 +27,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from diffcirc.bench.harness import (  # noqa: E402,F401  (the shared pieces, re-exported)
     ALL_STATS, BASELINES, CUDA_IMPLEMENTATIONS, DTYPES, IMPLEMENTATIONS, OPTIONAL_BASELINES, check,
     cuda_machine_info, cuda_peak_extra_memory, cuda_time_call, fused, machine_info, make_case, materialising,
-    optional_baselines, peak_extra_memory, sdpa, sdpa_backend, summarize, time_call)
+    optional_baselines, peak_extra_memory, sdpa, sdpa_backend, skip_reason, summarize, time_call)
 from diffcirc.bench.op import HEADER, run_op  # noqa: E402
+from diffcirc.cli._checks import positive  # noqa: E402
 from diffcirc.ops import extension  # noqa: E402
 
 CPU_DEFAULTS = {"n": [1024, 4096], "d": [40, 64, 160], "dtype": ["f32", "bf16"], "impl": list(IMPLEMENTATIONS)}
@@ -61,14 +62,14 @@ def run_cuda(args, known: dict) -> int:
                 err = check(name, fn, case, DTYPES[dt])
                 times = cuda_time_call(fn, case, args.repeats)
                 mem = cuda_peak_extra_memory(fn, case)
-            except (RuntimeError, AssertionError) as e:  # a baseline may not support a case, or run out of memory
-                if name not in BASELINES:
+            except Exception as e:  # a baseline may not support a case, or run out of memory; a wrong one is refused
+                reason = skip_reason(name, e)
+                if reason is None:  # IncorrectImplementation included: never shown as merely n/a
                     raise
                 torch.cuda.empty_cache()
-                reason = "out of memory" if isinstance(e, torch.cuda.OutOfMemoryError) else str(e).splitlines()[0]
-                print(f"{dt:5} {n:>6} {d:>4} {name:16} n/a: {reason[:80]}")
+                print(f"{dt:5} {n:>6} {d:>4} {name:16} skipped: {reason}")
                 rows.append({"dtype": dt, "n": n, "d": d, "b": args.b, "h": args.h, "implementation": name,
-                             "error": reason})
+                             "skipped": reason})
                 continue
             results[name] = {**summarize(times), "peak_extra_bytes": mem, "max_abs_err": err}
         base = (results.get("sdpa-flash") or results.get("sdpa-efficient") or {}).get("ms")
@@ -99,17 +100,17 @@ def run_cuda(args, known: dict) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--b", type=int, default=2)
-    p.add_argument("--h", type=int, default=8)
-    p.add_argument("--n", type=int, nargs="+", help="default: 1024 4096 (cpu), 1024 4096 16384 (cuda)")
-    p.add_argument("--d", type=int, nargs="+", help="default: 40 64 160 (cpu), 40 64 128 160 (cuda)")
+    p.add_argument("--b", type=positive(int), default=2)
+    p.add_argument("--h", type=positive(int), default=8)
+    p.add_argument("--n", type=positive(int), nargs="+", help="default: 1024 4096 (cpu), 1024 4096 16384 (cuda)")
+    p.add_argument("--d", type=positive(int), nargs="+", help="default: 40 64 160 (cpu), 40 64 128 160 (cuda)")
     p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), help="default: f32 bf16 (cpu), f16 bf16 (cuda)")
     p.add_argument("--impl", nargs="+",
                    choices=list(dict.fromkeys([*IMPLEMENTATIONS, *CUDA_IMPLEMENTATIONS, *OPTIONAL_BASELINES])),
                    help=f"default (cpu): {' '.join(IMPLEMENTATIONS)}; (cuda): {' '.join(CUDA_IMPLEMENTATIONS)} "
                         f"and those of {' '.join(OPTIONAL_BASELINES)} that import")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=positive(int), default=5)
+    p.add_argument("--threads", type=positive(int), default=2)
     p.add_argument("--quick", action="store_true", help="N=1024, D=64 only, 3 repeats")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)

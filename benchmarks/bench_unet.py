@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
 from diffcirc.bench.harness import machine_info, peak_extra_memory  # noqa: E402
+from diffcirc.cli._checks import non_negative, positive  # noqa: E402
 from diffcirc.ops import extension  # noqa: E402
 from diffcirc.processor import FusedAttnProcessor, Recorder, Session, Zero, run_conditions  # noqa: E402
 
@@ -315,24 +316,27 @@ QUICK = {"latent": 16, "unet_batch": 2, "sweep_images": 1, "repeats": 2, "sweep_
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--latent", type=int, help=f"SD-block latent side, N = latent^2 (default {FULL['latent']}, "
-                                              f"--quick {QUICK['latent']})")
-    p.add_argument("--widths", type=int, nargs="+", default=[320, 640], help="SD-block widths (8 heads each)")
-    p.add_argument("--sd-batch", type=int, default=1)
-    p.add_argument("--unet-batch", type=int, help=f"default {FULL['unet_batch']}, --quick {QUICK['unet_batch']}")
-    p.add_argument("--sweep-images", type=int, help=f"default {FULL['sweep_images']}, --quick {QUICK['sweep_images']}")
-    p.add_argument("--conditions", type=int, nargs="+",
+    p.add_argument("--latent", type=positive(int),
+                   help=f"SD-block latent side, N = latent^2 (default {FULL['latent']}, --quick {QUICK['latent']})")
+    p.add_argument("--widths", type=positive(int), nargs="+", default=[320, 640], help="SD-block widths (8 heads each)")
+    p.add_argument("--sd-batch", type=positive(int), default=1)
+    p.add_argument("--unet-batch", type=positive(int),
+                   help=f"default {FULL['unet_batch']}, --quick {QUICK['unet_batch']}")
+    p.add_argument("--sweep-images", type=positive(int),
+                   help=f"default {FULL['sweep_images']}, --quick {QUICK['sweep_images']}")
+    p.add_argument("--conditions", type=positive(int), nargs="+",
                    help="sweep: numbers of conditions, the clean run + the first single-head ablations "
                         f"(default: all, --quick {QUICK['conditions'][0]})")
-    p.add_argument("--max-batch", type=int, nargs="+",
+    p.add_argument("--max-batch", type=positive(int), nargs="+",
                    help="sweep: batch elements per batched pass (default: images x 1, 5 and all conditions)")
     p.add_argument("--impl", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, help=f"default {FULL['repeats']}, --quick {QUICK['repeats']}")
-    p.add_argument("--sweep-repeats", type=int,
+    p.add_argument("--warmup", type=non_negative(int), default=1)
+    p.add_argument("--repeats", type=positive(int), help=f"default {FULL['repeats']}, --quick {QUICK['repeats']}")
+    p.add_argument("--sweep-repeats", type=positive(int),
                    help=f"default {FULL['sweep_repeats']}, --quick {QUICK['sweep_repeats']}")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--tolerance", type=float, default=1e-3, help="max abs output error vs AttnProcessor2_0")
+    p.add_argument("--threads", type=positive(int), default=2)
+    p.add_argument("--tolerance", type=non_negative(float), default=1e-3,
+                   help="max abs output error vs AttnProcessor2_0")
     p.add_argument("--no-sweep", action="store_true")
     p.add_argument("--quick", action="store_true", help="16x16 latent, small batches, 2 repeats, 9 sweep conditions")
     p.add_argument("--json", help="write the results here")

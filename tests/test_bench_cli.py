@@ -216,3 +216,146 @@ def test_baseline_that_cannot_run_a_case_is_skipped_but_fused_is_not():
     assert skipped == {"sdpa": None, "flash-attn": "failed: FlashAttention only supports fp16 and bf16 data type"}
     with pytest.raises(RuntimeError):
         op.run_op([SHAPE], ["f32"], {"fused": unsupported}, repeats=1, log=lambda *a: None)
+
+
+def _fails_on_n(n, error):
+    """A (B, N, H, D) kernel that raises error for sequence length n and is right otherwise."""
+    def kernel(q, k, v):
+        if q.shape[1] == n:
+            raise error
+        return _attention_bnhd(q, k, v)
+    return kernel
+
+
+@pytest.mark.parametrize("name", list(harness.OPTIONAL_BASELINES))
+def test_optional_baseline_failing_with_any_error_is_skipped_and_the_run_goes_on(absent, monkeypatch, name):
+    _install(monkeypatch, name, _fails_on_n(32, TypeError("unsupported head dim 16\nmore")))
+    found, _ = harness.optional_baselines("cuda")
+    other = (1, 2, 48, 16)
+    rows = op.run_op([SHAPE, other], ["f32"], {"sdpa": harness.sdpa, name: found[name]}, repeats=1,
+                     log=lambda *a: None)
+    by_case = {(r["n"], r["implementation"]): r for r in rows}
+    assert by_case[(32, name)]["skipped"] == "failed: unsupported head dim 16" and "ms" not in by_case[(32, name)]
+    assert "ms" in by_case[(48, name)] and "ms" in by_case[(32, "sdpa")]
+
+
+def test_only_optional_baselines_are_skipped_on_any_error():
+    def broken(c):
+        raise TypeError("a bug")
+
+    for name in ("sdpa", "fused"):  # a TypeError of torch's own or of diffcirc's is a bug, not an unsupported case
+        with pytest.raises(TypeError):
+            op.run_op([SHAPE], ["f32"], {name: broken}, repeats=1, log=lambda *a: None)
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmarks/bench_attention.py --device cuda, run on the CPU (the GPU timers replaced by the CPU ones)
+
+def _bench_attention():
+    """benchmarks/bench_attention.py as a fresh module."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                        "bench_attention.py")
+    spec = importlib.util.spec_from_file_location("bench_attention_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def run_cuda(monkeypatch, tmp_path):
+    """bench_attention.run_cuda(impls) -> its JSON rows, on the CPU: cases on the CPU, CPU timing, no
+    memory figures."""
+    import argparse
+
+    mod = _bench_attention()
+    monkeypatch.setattr(mod, "make_case", lambda *a, device=None, **k: harness.make_case(*a, **k))
+    monkeypatch.setattr(mod, "cuda_time_call", harness.time_call)
+    monkeypatch.setattr(mod, "cuda_peak_extra_memory", lambda fn, case: 0)
+    monkeypatch.setattr(mod, "cuda_machine_info", lambda: {})
+
+    def run(impls):
+        b, h, _, d = SHAPE
+        out = tmp_path / "results.json"
+        args = argparse.Namespace(dtype=["f32"], n=[32, 48], d=[d], b=b, h=h, impl=list(impls), repeats=1,
+                                  json=str(out))
+        assert mod.run_cuda(args, impls) == 0
+        return json.loads(out.read_text())["results"]
+    return run
+
+
+@pytest.mark.parametrize("name", list(harness.OPTIONAL_BASELINES))
+def test_bench_attention_refuses_a_wrong_optional_baseline(absent, monkeypatch, run_cuda, name):
+    _install(monkeypatch, name, lambda q, k, v: _attention_bnhd(q, k, v) + 0.5)
+    found, _ = harness.optional_baselines("cuda")
+    with pytest.raises(harness.IncorrectImplementation, match=name):
+        run_cuda({"sdpa": harness.sdpa, name: found[name]})
+
+
+@pytest.mark.parametrize("name", list(harness.OPTIONAL_BASELINES))
+def test_bench_attention_skips_an_optional_baseline_that_fails(absent, monkeypatch, run_cuda, name):
+    _install(monkeypatch, name, _fails_on_n(32, TypeError("unsupported head dim 16")))
+    found, _ = harness.optional_baselines("cuda")
+    rows = run_cuda({"sdpa": harness.sdpa, name: found[name]})
+    by_case = {(r["n"], r["implementation"]): r for r in rows}
+    assert by_case[(32, name)]["skipped"] == "failed: unsupported head dim 16" and "ms" not in by_case[(32, name)]
+    assert "ms" in by_case[(48, name)]
+
+
+# ---------------------------------------------------------------------------------------------
+# option ranges: a count out of range is a usage error before anything runs
+
+class _Started(Exception):
+    """The benchmark started despite a bad option."""
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["sweep", "--images", "0"], "--images"),
+    (["sweep", "--images", "-1"], "--images"),
+    (["sweep", "--repeats", "0"], "--repeats"),
+    (["sweep", "--max-batch", "4", "0"], "--max-batch"),
+    (["sweep", "--conditions", "0"], "--conditions"),
+    (["unet", "--repeats", "-2"], "--repeats"),
+    (["op", "--threads", "0"], "--threads"),
+    (["op", "--repeats", "0"], "--repeats"),
+    (["op", "--b", "0"], "--b"),
+    (["op", "--shapes", "2x8x0x64"], "--shapes"),
+    (["op", "--shapes", "64xq"], "--shapes"),
+    (["op", "--mem-budget-gib", "-1"], "--mem-budget-gib"),
+    (["op", "--threshold", "nan"], "--threshold"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_bench_count_out_of_range_is_a_usage_error(tmp_path, monkeypatch, capsys, argv, option):
+    import diffcirc.bench.unet as bench_unet
+
+    def started(*args, **kwargs):
+        raise _Started
+
+    for module, name in ((op, "run_op"), (bench_unet, "run_unet"), (bench_unet, "run_sweep")):
+        monkeypatch.setattr(module, name, started)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["bench", *argv, "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}:" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("bench_unet", ["--sweep-repeats", "0"]), ("bench_unet", ["--sweep-images", "-1"]),
+    ("bench_unet", ["--repeats", "0"]), ("bench_unet", ["--threads", "0"]), ("bench_unet", ["--latent", "0"]),
+    ("bench_unet", ["--warmup", "-1"]), ("bench_unet", ["--max-batch", "0"]),
+    ("bench_attention", ["--repeats", "0"]), ("bench_attention", ["--threads", "0"]),
+    ("bench_attention", ["--n", "0"]), ("bench_attention", ["--b", "-1"]),
+])
+def test_bench_scripts_check_their_counts(monkeypatch, script, argv, capsys):
+    if script == "bench_unet":
+        parse = load_bench_unet().build_parser().parse_args
+    else:
+        module = _bench_attention()
+        monkeypatch.setattr(module, "run_op", lambda *a, **k: (_ for _ in ()).throw(_Started()))
+        parse = module.main
+    with pytest.raises(SystemExit) as exit_info:
+        parse(argv)
+    assert exit_info.value.code == 2 and f"argument {argv[0]}:" in capsys.readouterr().err

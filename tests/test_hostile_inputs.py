@@ -119,6 +119,96 @@ def test_unknown_model_name_is_not_sent_to_the_hub(tmp_path):
         load(str(tmp_path / "weights.safetensors"))
 
 
+
+# -- 1b. a hub id that cannot be loaded (no network: the hub calls of diffusers are replaced) -----------
+
+HUB_ID = "someone/tiny-unet"
+
+
+def _hub_error(message, missing=False):
+    """An OSError as diffusers raises it for the hub; with missing, raised while handling huggingface_hub's
+    EntryNotFoundError (a file the repo lacks), as diffusers does for a 404."""
+    from huggingface_hub.utils import EntryNotFoundError
+
+    error = OSError(message)
+    if missing:
+        error.__context__ = EntryNotFoundError("404 Client Error: Entry Not Found")
+    return error
+
+
+def _raising(error):
+    def fail(cls, *args, **kwargs):
+        raise error
+    return classmethod(fail)
+
+
+@pytest.fixture
+def hub(monkeypatch, saved_unet, tmp_path):
+    """HUB_ID as a bare UNet repo without a scheduler config, served from ``saved_unet``; a test
+    replaces one of the calls (UNet2DModel.load_config / .from_pretrained, DDPMScheduler.from_pretrained)
+    with a failure."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    monkeypatch.chdir(tmp_path)  # HUB_ID is no local folder
+    real_config, real_load = UNet2DModel.load_config.__func__, UNet2DModel.from_pretrained.__func__
+
+    def load_config(cls, repo_id, subfolder=None, **kwargs):
+        if subfolder:
+            raise _hub_error(f"{repo_id} does not appear to have a file named {subfolder}/config.json.", missing=True)
+        return real_config(cls, str(saved_unet), **kwargs)
+
+    def from_pretrained(cls, repo_id, subfolder=None, **kwargs):
+        return real_load(cls, str(saved_unet), **kwargs)
+
+    monkeypatch.setattr(UNet2DModel, "load_config", classmethod(load_config))
+    monkeypatch.setattr(UNet2DModel, "from_pretrained", classmethod(from_pretrained))
+    monkeypatch.setattr(DDPMScheduler, "from_pretrained", _raising(
+        _hub_error(f"{HUB_ID} does not appear to have a file named scheduler_config.json.", missing=True)))
+    return UNet2DModel, DDPMScheduler
+
+
+def test_hub_repo_without_scheduler_config_gets_the_default(hub):
+    unet, scheduler = load(HUB_ID)
+    assert list(unet.config.block_out_channels) == [32, 64] and scheduler.config.beta_end == pytest.approx(0.02)
+
+
+OFFLINE = ("We couldn't connect to 'https://huggingface.co' to load this file, couldn't find it in the cached files\n"
+           "and it looks like someone/tiny-unet is not the path to a directory containing a config.json file.")
+NO_SAFETENSORS = (f"{HUB_ID} does not appear to have a file named diffusion_pytorch_model.safetensors.\n"
+                  "Checkout 'https://huggingface.co/someone/tiny-unet/tree/main' for available files.")
+GATED = ("You are trying to access a gated repo.\nMake sure to have access to it at https://huggingface.co/someone/"
+         "tiny-unet.\n401 Client Error.")
+
+
+@pytest.mark.parametrize("call, message, expected", [
+    ("load_config", OFFLINE, "no UNet config could be read.*couldn't connect to 'https://huggingface.co'"),
+    ("load_config", GATED, "no UNet config could be read.*gated repo"),
+    ("from_pretrained", NO_SAFETENSORS, "does not appear to have a file named diffusion_pytorch_model.safetensors"),
+    ("from_pretrained", GATED, "could not load the UNet weights.*gated repo"),
+    ("scheduler", "401 Client Error: Unauthorized for url", "scheduler config.*401 Client Error"),
+], ids=["config-offline", "config-gated", "weights-bin-only", "weights-gated", "scheduler-401"])
+def test_hub_failure_is_a_model_load_error_naming_the_cause(hub, monkeypatch, call, message, expected):
+    unet_cls, scheduler_cls = hub
+    monkeypatch.setattr(scheduler_cls if call == "scheduler" else unet_cls,
+                        "from_pretrained" if call == "scheduler" else call, _raising(OSError(message)))
+    with pytest.raises(ModelLoadError, match=expected) as err:
+        load(HUB_ID)
+    assert HUB_ID in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("call", ["load_config", "from_pretrained"])
+def test_cli_reports_hub_failure_in_one_line(hub, monkeypatch, capsys, tmp_path, call):
+    import diffcirc.analysis.driver as driver
+
+    unet_cls, _ = hub
+    monkeypatch.setattr(unet_cls, call, _raising(OSError(GATED)))
+    monkeypatch.setattr(driver, "run_analysis", lambda config: load(config.model))  # the load is what is tested
+    assert cli(["analyze", "--model", HUB_ID, "--out", str(tmp_path / "out"), "--synthetic", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("diffcirc analyze: error:") and err.count("\n") == 1, err
+    assert "gated repo" in err and "Traceback" not in err
+
+
 # -- 2. config that does not match the weights ---------------------------------------------------------
 
 def _drop(key):
@@ -207,6 +297,20 @@ def test_resume_with_another_size_names_the_setting(tmp_path):
     (ckpt / "state.json").write_text(json.dumps({"step": 5, "config": saved, "param_groups": []}))
     with pytest.raises(ValueError, match=r"different settings.*'size': \(32, 64\)"):
         train(TrainConfig(out=str(tmp_path), data="synthetic:8", size=64, steps=10, batch_size=4, progress=False))
+
+
+
+def test_cli_resume_with_another_size_is_one_line(tmp_path, capsys):
+    ckpt = tmp_path / "checkpoint"
+    ckpt.mkdir()
+    saved = {"data": "synthetic:8", "size": 32, "batch_size": 4, "seed": 0}
+    (ckpt / "state.json").write_text(json.dumps({"step": 5, "config": saved, "param_groups": []}))
+    code = cli(["train", "--out", str(tmp_path), "--data", "synthetic:8", "--size", "64", "--steps", "10",
+                "--batch-size", "4", "--no-progress"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("diffcirc train: error: checkpoint in") and err.count("\n") == 1, err
+    assert "'size': (32, 64)" in err and "Traceback" not in err
 
 
 # -- 3. unreadable images ------------------------------------------------------------------------------
@@ -436,3 +540,23 @@ def test_writable_check_leaves_nothing_behind(tmp_path):
     new = tmp_path / "a" / "b"
     assert check_writable_folder(str(new)) == str(new)
     assert not (tmp_path / "a").exists()  # checking does not create
+
+
+def test_only_rank_0_of_a_torchrun_launch_checks_the_output_folder(tmp_path, monkeypatch):
+    """Only rank 0 writes; the other ranks need not share its file system, so they do not probe it."""
+    import argparse
+
+    from diffcirc.cli._checks import writable_folder
+
+    blocker = tmp_path / "results.txt"
+    blocker.write_text("precious")
+    for rank in (None, "0"):
+        if rank is None:
+            monkeypatch.delenv("RANK", raising=False)
+        else:
+            monkeypatch.setenv("RANK", rank)
+        with pytest.raises(argparse.ArgumentTypeError, match="is an existing file"):
+            writable_folder(str(blocker))
+    monkeypatch.setenv("RANK", "1")
+    assert writable_folder(str(blocker)) == str(blocker)
+    assert blocker.read_text() == "precious"

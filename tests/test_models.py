@@ -85,6 +85,54 @@ def test_load_rejects_folder_without_config(tmp_path):
         load(str(tmp_path))
 
 
+
+def _fp16_variant(folder, **save_kwargs):
+    """A paper-like UNet saved as an fp16 variant only (save_pretrained(..., variant="fp16")); returns
+    the original float32 state dict."""
+    torch.manual_seed(0)
+    unet = build_unet(32)
+    original = {k: v.clone() for k, v in unet.state_dict().items()}
+    unet.half().save_pretrained(folder, variant="fp16", **save_kwargs)
+    return original
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["single-file", "sharded"])
+def test_load_folder_holding_only_a_variant(tmp_path, sharded):
+    original = _fp16_variant(tmp_path, **({"max_shard_size": "1MB"} if sharded else {}))
+    names = set(os.listdir(tmp_path))
+    assert "diffusion_pytorch_model.safetensors" not in names
+    if sharded:
+        assert "diffusion_pytorch_model.safetensors.index.fp16.json" in names
+        assert len([n for n in names if n.startswith("diffusion_pytorch_model.fp16-")]) > 1
+    else:
+        assert "diffusion_pytorch_model.fp16.safetensors" in names
+    loaded, _ = load(str(tmp_path))
+    state = loaded.state_dict()
+    assert state.keys() == original.keys()
+    for k, v in original.items():
+        assert torch.equal(state[k].float(), v.half().float()), k
+
+
+def test_load_refuses_a_folder_of_several_variants_naming_them(tmp_path):
+    from diffcirc.models import ModelLoadError
+
+    _fp16_variant(tmp_path)
+    torch.manual_seed(0)
+    build_unet(32).save_pretrained(tmp_path, variant="ema")
+    with pytest.raises(ModelLoadError, match=r"\['ema', 'fp16'\]"):
+        load(str(tmp_path))
+
+
+def test_variant_weights_are_still_checked(tmp_path):
+    from diffcirc.models import CorruptWeightsError
+
+    _fp16_variant(tmp_path)
+    path = tmp_path / "diffusion_pytorch_model.fp16.safetensors"
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(CorruptWeightsError, match="fp16.safetensors.*not a complete safetensors file"):
+        load(str(tmp_path))
+
+
 @pytest.mark.slow
 def test_bundled_checkpoint_loads_offline_and_denoises():
     """The acceptance bound of the bundled model on a small held-out batch (full figures: README)."""

@@ -89,6 +89,25 @@ OPTIONAL_BASELINES = {
 BASELINES = ("sdpa", "sdpa-flash", "sdpa-efficient", "materialising", *OPTIONAL_BASELINES)
 
 
+def skip_reason(name: str, error: BaseException) -> str | None:
+    """Why implementation ``name`` is skipped for a case after raising ``error``, or None when the
+    error must propagate.
+
+    A wrong result (IncorrectImplementation) is never skipped: it is refused. Running out of memory
+    skips any implementation. The optional libraries (xformers, flash-attn) refuse dtypes, head
+    dims and shapes with whatever exception they like (ValueError, TypeError, AssertionError, ...),
+    so any Exception skips them; torch's own baselines are skipped only for a RuntimeError
+    (NotImplementedError included); anything else, and any failure of diffcirc's own kernels, is a bug.
+    """
+    if isinstance(error, IncorrectImplementation) or not isinstance(error, Exception):
+        return None
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return "out of memory"
+    if name in OPTIONAL_BASELINES or (name in BASELINES and isinstance(error, RuntimeError)):
+        return f"failed: {(str(error) or type(error).__name__).splitlines()[0][:100]}"
+    return None
+
+
 def _bnhd(c):
     """q, k, v of a case as contiguous (B, N, H, D), made once per case and kept in it, so that the
     transposition is not timed (a caller of these libraries holds that layout already)."""

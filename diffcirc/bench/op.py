@@ -72,19 +72,19 @@ def _over_budget(name, shape, dtype, mem_budget) -> str | None:
 
 def _measure(row, name, fn, case, dtype, ref, time_call, peak, repeats) -> str | None:
     """Checks fn against ref, then times it and measures its peak memory into row; returns why it
-    was skipped, or None. A wrong result raises harness.IncorrectImplementation; running out of
-    memory skips any implementation, failing otherwise skips only a baseline (harness.BASELINES:
-    xformers and flash-attn refuse some dtypes and head dims), never diffcirc's own."""
+    was skipped, or None. A wrong result raises harness.IncorrectImplementation; which other
+    failures skip the implementation is harness.skip_reason's call (running out of memory, a
+    baseline that cannot run the case), the rest propagate."""
     try:
         err = harness.check(name, fn, case, dtype, ref)  # the gate, before any timing
         times = time_call(fn, case, repeats)
         mem = peak(fn, case)
-    except RuntimeError as e:  # NotImplementedError and torch.cuda.OutOfMemoryError included
-        oom = isinstance(e, torch.cuda.OutOfMemoryError)
-        if not oom and name not in harness.BASELINES:
+    except Exception as e:
+        reason = harness.skip_reason(name, e)
+        if reason is None:
             raise
         torch.cuda.empty_cache()
-        return "out of memory" if oom else f"failed: {(str(e) or type(e).__name__).splitlines()[0][:100]}"
+        return reason
     row.update(harness.summarize(times), peak_extra_bytes=mem, max_abs_err=err)
     return None
 

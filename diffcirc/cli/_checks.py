@@ -171,8 +171,18 @@ def check_writable_folder(path: str) -> str:
     return path
 
 
+def _writes_output() -> bool:
+    """Whether this process writes the output folder: every process but ranks 1.. of a torchrun
+    launch (RANK set and not "0"). Only rank 0 writes, and the other ranks need not share its file
+    system (another machine), so probing the folder there would refuse a good run."""
+    return os.environ.get("RANK", "").strip() in ("", "0")
+
+
 def writable_folder(text):
-    """type= for an output folder: see ``check_writable_folder``."""
+    """type= for an output folder: see ``check_writable_folder``; not checked on ranks 1.. of a
+    torchrun launch (see ``_writes_output``)."""
+    if not _writes_output():
+        return text
     try:
         return check_writable_folder(text)
     except ValueError as e:
@@ -184,8 +194,8 @@ EXIT_INPUT_ERROR = 1
 
 def reports_input_errors(run):
     """Decorate a command's ``run(args)``: a broken input found only while working (corrupt or
-    mismatched weights, a folder without a readable image, a missing file, an output folder of
-    another configuration) prints its message and
+    mismatched weights, a hub repo that cannot be read, a folder without a readable image, a missing
+    file, an output folder or a training checkpoint of another configuration) prints its message and
     exits with EXIT_INPUT_ERROR instead of a traceback. These errors name the file and what to do;
     anything else is a bug and keeps its traceback."""
     @functools.wraps(run)

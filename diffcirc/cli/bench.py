@@ -13,10 +13,13 @@ the op benchmark adds xformers and flash-attn where they import; where not, it s
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
 import time
+
+from ._checks import non_negative, positive
 
 EXIT_REGRESSION = 1
 EXIT_REFUSED = 3
@@ -34,13 +37,29 @@ def parse_shape(text: str, b: int, h: int) -> tuple:
     raise ValueError(f"shape {text!r}: expected BxHxNxD, NxD or N")
 
 
+def shape_arg(text: str) -> str:
+    """type= for --shapes: the form parse_shape takes, every size > 0 (a 0 or a typo would fail, or
+    divide by zero, only once the benchmark runs)."""
+    try:
+        sizes = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        sizes = []
+    if len(sizes) not in (1, 2, 4) or min(sizes) <= 0:
+        raise argparse.ArgumentTypeError(f"expected BxHxNxD, NxD or N of integers > 0, got {text!r}")
+    return text
+
+
+# Every count below is range-checked by its type=: a 0 or a negative is a usage error (exit 2) now,
+# not a ZeroDivisionError, StatisticsError or torch RuntimeError after the first measurements.
 def _common(p, default_out):
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--repeats", type=int, default=None, help="timed calls per case after one warm-up (median)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=positive(int), default=None,
+                   help="timed calls per case after one warm-up (median)")
+    p.add_argument("--threads", type=positive(int), default=2)
     p.add_argument("--out", default=default_out, help="directory for results.json, results.csv (and plots)")
     p.add_argument("--compare", metavar="OLD.json", help="print the change per case; exit 1 on a regression")
-    p.add_argument("--threshold", type=float, default=10.0, help="regression threshold in %% (default 10)")
+    p.add_argument("--threshold", type=non_negative(float), default=10.0,
+                   help="regression threshold in %% (default 10)")
     p.add_argument("--quick", action="store_true", help="small cases, few repeats")
     p.add_argument("--no-plots", action="store_true", help="no PNG figures")
 
@@ -53,13 +72,13 @@ def register(subparsers):
                                    "flash-attn where installed; benchmarks/bench_attention.py)")
     _common(op, os.path.join("runs", "bench", "op"))
     op.add_argument("--dtype", nargs="+", help="f32 bf16 f16 (default: f32 bf16 on cpu, f16 bf16 on cuda)")
-    op.add_argument("--shapes", nargs="+", help="BxHxNxD, NxD or N (default: N in 1024 4096, D in 40 64 160)")
-    op.add_argument("--b", type=int, default=2)
-    op.add_argument("--h", type=int, default=8)
+    op.add_argument("--shapes", type=shape_arg, nargs="+", help="BxHxNxD, NxD or N (default: N in 1024 4096, D in 40 64 160)")
+    op.add_argument("--b", type=positive(int), default=2)
+    op.add_argument("--h", type=positive(int), default=8)
     op.add_argument("--impl", nargs="+", help="implementations (default: all for the device)")
     op.add_argument("--scaling", action="store_true",
                     help="N = 256 .. 16384 (--quick: .. 2048), B=1 H=2 D=64 unless --shapes; fit time and memory ~ N^k")
-    op.add_argument("--mem-budget-gib", type=float, default=4.0,
+    op.add_argument("--mem-budget-gib", type=positive(float), default=4.0,
                     help="skip the materialising path where it would need more (cpu; default 4)")
     op.set_defaults(func=run_op_command)
     unet = sub.add_parser("unet", help="diffusers forward passes per attention processor (benchmarks/bench_unet.py)")
@@ -68,17 +87,17 @@ def register(subparsers):
     sweep = sub.add_parser("sweep", help="the single-head ablation sweep of a tiny UNet: batched vs one condition "
                                          "at a time (benchmarks/bench_unet.py)")
     _common(sweep, os.path.join("runs", "bench", "sweep"))
-    sweep.add_argument("--conditions", type=int, nargs="+",
+    sweep.add_argument("--conditions", type=positive(int), nargs="+",
                        help="numbers of conditions: the clean run + the first single-head ablations "
                             "(default: all 25, --quick 9)")
-    sweep.add_argument("--max-batch", type=int, nargs="+",
+    sweep.add_argument("--max-batch", type=positive(int), nargs="+",
                        help="batch elements per batched pass (default: images x 1, 5 and all conditions)")
-    sweep.add_argument("--images", type=int, help="images per condition (default 8, --quick 1)")
+    sweep.add_argument("--images", type=positive(int), help="images per condition (default 8, --quick 1)")
     sweep.set_defaults(func=run_sweep_command)
     cmp = sub.add_parser("compare", help="compare two results.json files")
     cmp.add_argument("new")
     cmp.add_argument("old")
-    cmp.add_argument("--threshold", type=float, default=10.0)
+    cmp.add_argument("--threshold", type=non_negative(float), default=10.0)
     cmp.set_defaults(func=lambda a: compare_files(a.new, a.old, a.threshold))
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
     return p

@@ -11,7 +11,12 @@ says what to do; it never runs with weights it did not read. In particular:
   ``WeightsMismatchError``. diffusers' ``from_pretrained`` with ``low_cpu_mem_usage=False`` only
   logs missing and unexpected keys and leaves the missing tensors randomly initialised (with
   ``low_cpu_mem_usage=True`` it refuses missing keys but still ignores unexpected ones), so the
-  loader asks for its loading info and decides itself.
+  loader asks for its loading info and decides itself;
+- a folder that holds no plain weights file but exactly one variant of it
+  (``diffusion_pytorch_model.<variant>.safetensors``, or its sharded index, as
+  ``save_pretrained(folder, variant=...)`` writes them) loads that variant, with the same checks;
+- a hub repo that cannot be read (offline, gated, only pickle or variant weights) raises
+  ``ModelLoadError`` carrying the hub's own reason.
 """
 
 from __future__ import annotations
@@ -29,6 +34,11 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX_NAME = WEIGHTS_NAME + ".index.json"  # a sharded checkpoint
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name
 _SHOWN = 5  # keys quoted per kind in a mismatch message; the rest are counted
+_CAUSE_CHARS = 600  # of a hub error quoted in a message (diffusers' own run to several lines)
+# diffusers' names for a variant (see diffusers.utils._add_variant): the variant goes before the last extension
+_VARIANT_FILE = re.compile(r"diffusion_pytorch_model\.(?P<variant>[^.]+)\.safetensors")
+_VARIANT_INDEX = re.compile(r"diffusion_pytorch_model\.safetensors\.index\.(?P<variant>[^.]+)\.json")
+_SHARD = re.compile(r".*-\d+-of-\d+")  # "fp16-00001-of-00002": a shard of a variant, not a variant itself
 
 
 class ModelLoadError(ValueError):
@@ -91,9 +101,37 @@ def _read_config(unet_dir: str) -> dict:
     return config
 
 
-def _weight_files(unet_dir: str) -> list[str]:
-    """The safetensors files diffusers will read from ``unet_dir`` (one file, or the shards of an index)."""
-    index = os.path.join(unet_dir, WEIGHTS_INDEX_NAME)
+def _with_variant(name: str, variant: str | None) -> str:
+    """``name`` with ``variant`` before its last extension, as diffusers names variant files."""
+    if variant is None:
+        return name
+    stem, ext = name.rsplit(".", 1)
+    return f"{stem}.{variant}.{ext}"
+
+
+def _variant(unet_dir: str) -> str | None:
+    """The weights variant to load from ``unet_dir``: None where the plain file (or its shard index)
+    is there, as diffusers reads by default; else the one variant present, e.g. "fp16" for a folder
+    written by ``save_pretrained(folder, variant="fp16")``. Several variants and no plain file:
+    ModelLoadError, since picking one would be a guess."""
+    if any(os.path.isfile(os.path.join(unet_dir, n)) for n in (WEIGHTS_NAME, WEIGHTS_INDEX_NAME)):
+        return None
+    found = set()
+    for name in os.listdir(unet_dir):
+        match = _VARIANT_FILE.fullmatch(name) or _VARIANT_INDEX.fullmatch(name)
+        if match and not _SHARD.fullmatch(match["variant"]):
+            found.add(match["variant"])
+    if len(found) > 1:
+        raise ModelLoadError(f"{unet_dir!r} holds no {WEIGHTS_NAME} but {len(found)} variants of it: {sorted(found)}; "
+                             f"keep the files of only the variant to load there, or save that one with "
+                             f"save_pretrained(folder) (no variant)")
+    return found.pop() if found else None
+
+
+def _weight_files(unet_dir: str, variant: str | None = None) -> list[str]:
+    """The safetensors files diffusers will read from ``unet_dir`` for ``variant`` (one file, or the
+    shards of an index)."""
+    index = os.path.join(unet_dir, _with_variant(WEIGHTS_INDEX_NAME, variant))
     if os.path.isfile(index):
         try:
             with open(index) as f:
@@ -102,7 +140,7 @@ def _weight_files(unet_dir: str) -> list[str]:
             raise CorruptWeightsError(f"{index} is not a valid shard index ({type(e).__name__}: {e}); "
                                       f"{_fix_hint(unet_dir)}") from None
         return [os.path.join(unet_dir, s) for s in shards]
-    single = os.path.join(unet_dir, WEIGHTS_NAME)
+    single = os.path.join(unet_dir, _with_variant(WEIGHTS_NAME, variant))
     if os.path.isfile(single):
         return [single]
     pickled = sorted(f for f in os.listdir(unet_dir) if f.endswith((".bin", ".ckpt", ".pt", ".pth")))
@@ -199,10 +237,11 @@ def _load_local(path: str):
     unet_dir, sched_dir = _local(path)
     hint = _fix_hint(unet_dir)
     cls = _unet_class(_read_config(unet_dir))
-    for file in _weight_files(unet_dir):
+    variant = _variant(unet_dir)
+    for file in _weight_files(unet_dir, variant):
         check_safetensors(file, hint)
     try:
-        unet = _from_pretrained(cls, unet_dir, hint)
+        unet = _from_pretrained(cls, unet_dir, hint, variant=variant)
     except ModelLoadError:
         raise
     except (TypeError, ValueError, RuntimeError) as e:  # config values diffusers cannot build a model from
@@ -227,9 +266,10 @@ def load(name_or_path: str = "bundled", device: str | None = None, dtype=None):
     UNet repo; downloaded by diffusers). Without a scheduler config the DDPM default of
     ``build_scheduler`` is used.
 
-    Raises FileNotFoundError for a folder, file or hub id that is not there, and ``ModelLoadError``
-    (``CorruptWeightsError``, ``WeightsMismatchError``) for one that is there but broken (see the
-    module docstring).
+    Raises FileNotFoundError for a folder or file that is not there, and ``ModelLoadError``
+    (``CorruptWeightsError``, ``WeightsMismatchError``) for one that is there but broken, and for a
+    hub id that cannot be loaded, whether it is not there or cannot be reached (see the module
+    docstring).
     """
     from .unet import build_scheduler
 
@@ -254,22 +294,82 @@ def load(name_or_path: str = "bundled", device: str | None = None, dtype=None):
 
 
 def _from_hub(repo_id: str):
-    """A hub repo laid out as a pipeline (unet/, scheduler/) or as a bare UNet (config.json at the root)."""
-    from diffusers import DDPMScheduler, UNet2DModel
+    """A hub repo laid out as a pipeline (unet/, scheduler/) or as a bare UNet (config.json at the root).
 
-    hint = f"the hub repo {repo_id!r} may hold another architecture or a broken upload"
+    Every failure of a hub call becomes a ``ModelLoadError`` quoting the hub's reason: diffusers
+    reports them all (not found, offline, gated, 401, only .bin weights) as OSError, so telling
+    them apart here would be guesswork, and the CLI prints a ModelLoadError as one line.
+    """
+    from diffusers import UNet2DModel
+
+    last = None
     for sub in ("unet", None):
         try:
             config = UNet2DModel.load_config(repo_id, subfolder=sub)
-        except (OSError, EnvironmentError, ValueError):
+        except (OSError, ValueError) as e:  # e.g. no unet/ in a bare UNet repo: try the root
+            last = e
             continue
-        unet = _from_pretrained(_unet_class(config), repo_id, hint, subfolder=sub)
-        for sched_sub in (("scheduler",) if sub else ()) + (None,):
-            try:
-                return unet, DDPMScheduler.from_pretrained(repo_id, subfolder=sched_sub)
-            except (OSError, EnvironmentError, ValueError):
-                continue
-        from .unet import build_scheduler
+        return _hub_unet(_unet_class(config), repo_id, sub), _hub_scheduler(repo_id, sub)
+    raise ModelLoadError(f"{repo_id!r} is not a local folder, and no UNet config could be read for it from the hub "
+                         f"(unet/config.json or config.json): {_cause(last)}")
 
-        return unet, build_scheduler()
-    raise FileNotFoundError(f"{repo_id!r} is not a local folder and no UNet config was found for it on the hub")
+
+def _cause(error: BaseException) -> str:
+    """An exception as one line, its type first: a hub error's message often runs to several lines."""
+    text = " ".join(str(error).split()) or "no message"
+    if len(text) > _CAUSE_CHARS:
+        text = text[:_CAUSE_CHARS] + " ..."
+    return f"{type(error).__name__}: {text}"
+
+
+def _hub_unet(cls, repo_id: str, sub: str | None):
+    """The UNet of a hub repo, by ``_from_pretrained``; any failure becomes a ``ModelLoadError``."""
+    from safetensors import SafetensorError
+
+    hint = f"the hub repo {repo_id!r} may hold another architecture or a broken upload"
+    try:
+        return _from_pretrained(cls, repo_id, hint, subfolder=sub)
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, TypeError, RuntimeError, SafetensorError) as e:
+        where = f"{repo_id}/{sub}" if sub else repo_id
+        raise ModelLoadError(
+            f"could not load the UNet weights of the hub repo {where!r}: {_cause(e)}. From the hub diffcirc reads only "
+            f"{WEIGHTS_NAME} (no pickle .bin files, no variants such as fp16); for another repo, download it "
+            f"(`hf download {repo_id}`) and pass its folder, which may hold one variant") from e
+
+
+def _hub_scheduler(repo_id: str, sub: str | None):
+    """The DDPMScheduler of a hub repo: from scheduler/ of a pipeline, else the root, else (no
+    scheduler config in the repo) the default of ``build_scheduler``. A config that is there but
+    cannot be read raises ``ModelLoadError``: the default in its place would silently change
+    every result."""
+    from diffusers import DDPMScheduler
+
+    from .unet import build_scheduler
+
+    for sched_sub in (("scheduler",) if sub else ()) + (None,):
+        try:
+            return DDPMScheduler.from_pretrained(repo_id, subfolder=sched_sub)
+        except (OSError, ValueError, TypeError) as e:
+            if not _absent_from_repo(e):
+                where = f"{sched_sub}/scheduler_config.json" if sched_sub else "scheduler_config.json"
+                raise ModelLoadError(f"could not read the scheduler config {where} of the hub repo {repo_id!r}: "
+                                     f"{_cause(e)}") from e
+    return build_scheduler()
+
+
+def _absent_from_repo(error: BaseException) -> bool:
+    """Whether a hub error means the file is not in the repo (the hub answered 404 for it), not that
+    the repo could not be read. diffusers raises its OSError while handling huggingface_hub's
+    EntryNotFoundError; the local kind of it means "not cached and offline", which says nothing
+    about the repo."""
+    from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, EntryNotFoundError):
+            return not isinstance(error, LocalEntryNotFoundError)
+        error = error.__cause__ or error.__context__
+    return False

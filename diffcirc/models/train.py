@@ -21,12 +21,18 @@ from tqdm import tqdm
 
 from ..data import load_dataset, parse_mix
 from .checkpoint import find_checkpoint, load_checkpoint, read_state, save_checkpoint
+from .load import ModelLoadError
 from .sampling import sample, save_grid
 from .unet import build_scheduler, build_unet
 
 # Synthetic components of a mix get disjoint seed ranges inside the training range: component k
 # starts at k * MIX_SEED_STRIDE, so "synthetic" and "synthetic-gray" never show the same face.
 MIX_SEED_STRIDE = 100_000
+
+
+class CheckpointMismatchError(ModelLoadError):
+    """A run folder whose checkpoint was made with other settings (data, size, batch size, seed) than
+    the run resuming from it. A ModelLoadError (a ValueError): the CLI reports it in one line."""
 
 
 @dataclasses.dataclass
@@ -127,7 +133,9 @@ def train(cfg: TrainConfig, command: str | None = None) -> dict:
         changed = {k: (saved.get(k), v) for k, v in dataclasses.asdict(cfg).items()
                    if k in ("data", "size", "batch_size", "seed") and saved.get(k) != v}
         if changed:
-            raise ValueError(f"checkpoint in {ckpt_dir} was made with different settings (saved, now): {changed}")
+            raise CheckpointMismatchError(
+                f"checkpoint in {ckpt_dir} was made with different settings (saved, now): {changed}; resume with the "
+                "saved settings, or train into another --out")
         ema, state = load_checkpoint(found, model=unet, optimizer=optimizer, generator=generator)
         state["config"] = dataclasses.asdict(cfg)
 

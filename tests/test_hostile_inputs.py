@@ -49,6 +49,18 @@ def unet_dir(saved_unet, tmp_path):
     return folder
 
 
+@pytest.fixture(params=["low-memory", "full-init"])
+def loading_path(request, monkeypatch):
+    """Run a test under each of the loader's ways of building the model: low_cpu_mem_usage=True (on the
+    meta device, no random initialisation; the default where accelerate is installed) and
+    low_cpu_mem_usage=False (the fallback without accelerate)."""
+    low = request.param == "low-memory"
+    if low:
+        pytest.importorskip("accelerate")
+    monkeypatch.setattr(load_module, "_low_memory_loading", lambda: low)
+    return request.param
+
+
 def _edit_config(folder, **changes):
     path = folder / "config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
@@ -82,7 +94,7 @@ def test_corrupt_weights_file_is_refused_naming_it(unet_dir, damage, message):
     assert str(path) in str(err.value) and "save_pretrained" in str(err.value)  # which file, and what to do
 
 
-def test_weights_with_nan_are_refused(unet_dir):
+def test_weights_with_nan_are_refused(unet_dir, loading_path):
     # safetensors has no checksum: damaged data bytes parse fine, but typically decode to NaN/inf
     _edit_weights(unet_dir, lambda t: t["conv_in.bias"].__setitem__(0, float("nan")))
     with pytest.raises(CorruptWeightsError, match="NaN or inf in conv_in.bias"):
@@ -142,11 +154,8 @@ def _raising(error):
     return classmethod(fail)
 
 
-@pytest.fixture
-def hub(monkeypatch, saved_unet, tmp_path):
-    """HUB_ID as a bare UNet repo without a scheduler config, served from ``saved_unet``; a test
-    replaces one of the calls (UNet2DModel.load_config / .from_pretrained, DDPMScheduler.from_pretrained)
-    with a failure."""
+def _serve_as_hub(monkeypatch, folder, tmp_path):
+    """HUB_ID as a bare UNet repo without a scheduler config, served from ``folder``."""
     from diffusers import DDPMScheduler, UNet2DModel
 
     monkeypatch.chdir(tmp_path)  # HUB_ID is no local folder
@@ -155,10 +164,10 @@ def hub(monkeypatch, saved_unet, tmp_path):
     def load_config(cls, repo_id, subfolder=None, **kwargs):
         if subfolder:
             raise _hub_error(f"{repo_id} does not appear to have a file named {subfolder}/config.json.", missing=True)
-        return real_config(cls, str(saved_unet), **kwargs)
+        return real_config(cls, str(folder), **kwargs)
 
     def from_pretrained(cls, repo_id, subfolder=None, **kwargs):
-        return real_load(cls, str(saved_unet), **kwargs)
+        return real_load(cls, str(folder), **kwargs)
 
     monkeypatch.setattr(UNet2DModel, "load_config", classmethod(load_config))
     monkeypatch.setattr(UNet2DModel, "from_pretrained", classmethod(from_pretrained))
@@ -167,7 +176,14 @@ def hub(monkeypatch, saved_unet, tmp_path):
     return UNet2DModel, DDPMScheduler
 
 
-def test_hub_repo_without_scheduler_config_gets_the_default(hub):
+@pytest.fixture
+def hub(monkeypatch, saved_unet, tmp_path):
+    """HUB_ID served from ``saved_unet``; a test replaces one of the calls (UNet2DModel.load_config /
+    .from_pretrained, DDPMScheduler.from_pretrained) with a failure."""
+    return _serve_as_hub(monkeypatch, saved_unet, tmp_path)
+
+
+def test_hub_repo_without_scheduler_config_gets_the_default(hub, loading_path):
     unet, scheduler = load(HUB_ID)
     assert list(unet.config.block_out_channels) == [32, 64] and scheduler.config.beta_end == pytest.approx(0.02)
 
@@ -223,7 +239,7 @@ def _reshape(key, shape):
     return lambda t: t.__setitem__(key, torch.zeros(shape))
 
 
-@pytest.mark.parametrize("config, weights, message", [
+MISMATCHES = pytest.mark.parametrize("config, weights, message", [
     ({"block_out_channels": [32, 128]}, None, "tensor\\(s\\) of another shape"),  # config says other channels
     ({"layers_per_block": 1}, None, "in the weights but not in the model"),  # config says fewer layers
     ({"layers_per_block": 3}, None, "missing from the weights"),  # config says more layers
@@ -232,8 +248,13 @@ def _reshape(key, shape):
     ({}, _reshape("conv_in.weight", (32, 3, 5, 5)),
      r"conv_in.weight \(32, 3, 5, 5\) in the weights vs \(32, 3, 3, 3\)"),
 ], ids=["channels", "fewer-layers", "more-layers", "missing-key", "unexpected-key", "shape"])
-def test_config_weights_mismatch_is_refused(unet_dir, config, weights, message):
-    """diffusers (low_cpu_mem_usage=False) only logs missing/unexpected keys and keeps random weights there."""
+
+
+@MISMATCHES
+def test_config_weights_mismatch_is_refused(unet_dir, loading_path, config, weights, message):
+    """diffusers only logs missing/unexpected keys, leaving the missing tensors unread (and, with
+    low_cpu_mem_usage=True, some versions report nothing): the folder is checked against the
+    safetensors headers first."""
     if config:
         _edit_config(unet_dir, **config)
     if weights:
@@ -243,7 +264,58 @@ def test_config_weights_mismatch_is_refused(unet_dir, config, weights, message):
     assert "config.json" in str(err.value)
 
 
-def test_config_that_is_not_json_or_not_buildable(unet_dir):
+@MISMATCHES
+def test_hub_weights_that_do_not_fit_are_refused(unet_dir, loading_path, monkeypatch, tmp_path, config, weights,
+                                                 message):
+    """A hub repo's files are only known once diffusers has them: diffusers' loading info and the
+    tensors left on the meta device decide, with the same message as for a folder."""
+    if config:
+        _edit_config(unet_dir, **config)
+    if weights:
+        _edit_weights(unet_dir, weights)
+    _serve_as_hub(monkeypatch, unet_dir, tmp_path)
+    with pytest.raises(WeightsMismatchError, match=message) as err:
+        load(HUB_ID)
+    assert HUB_ID in str(err.value) and "config.json" in str(err.value)
+
+
+def test_shard_without_a_tensor_its_index_lists_is_refused(saved_unet, tmp_path, loading_path):
+    """diffusers takes a sharded checkpoint's keys from its index: a shard that lacks one of them
+    would leave that tensor unread, unreported."""
+    from diffusers import UNet2DModel
+
+    folder = tmp_path / "sharded"
+    UNet2DModel.from_pretrained(saved_unet).save_pretrained(folder, max_shard_size="100KB")
+    index = json.loads((folder / (WEIGHTS + ".index.json")).read_text())
+    shard = folder / index["weight_map"]["conv_in.bias"]
+    tensors = load_file(str(shard))
+    del tensors["conv_in.bias"]
+    save_file(tensors, str(shard))
+    with pytest.raises(WeightsMismatchError, match="1 tensor\\(s\\) missing from the weights: conv_in.bias"):
+        load(str(folder))
+
+
+def test_weights_saved_before_the_attention_refactor_still_load(unet_dir, saved_unet, loading_path):
+    """Attention keys of old checkpoints (query/key/value/proj_attn) are renamed by diffusers on load;
+    the check before loading renames them the same way instead of calling them unexpected."""
+    old_names = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+
+    def rename(tensors):
+        for key in [k for k in tensors if ".attentions." in k]:
+            for new, old in old_names.items():
+                if f".{new}." in key:
+                    tensors[key.replace(f".{new}.", f".{old}.")] = tensors.pop(key)
+
+    _edit_weights(unet_dir, rename)
+    assert any(".query." in k for k in load_file(str(unet_dir / WEIGHTS)))
+    unet, _ = load(str(unet_dir))
+    original = load_file(str(saved_unet / WEIGHTS))
+    state = unet.state_dict()
+    assert state.keys() == original.keys()
+    assert all(torch.equal(state[k], v) for k, v in original.items())
+
+
+def test_config_that_is_not_json_or_not_buildable(unet_dir, loading_path):
     (unet_dir / "config.json").write_text('{"block_out_channels": [32,')
     with pytest.raises(ModelLoadError, match="config.json is not valid JSON"):
         load(str(unet_dir))

@@ -1,13 +1,28 @@
 """The paper-like UNet, its scheduler, random-weight controls, loading, and the bundled checkpoint."""
 
+import importlib.util
 import json
 import os
+import sys
 
 import pytest
 import torch
 
 from diffcirc.models import BUNDLED, build_scheduler, build_unet, load, random_like
 from diffcirc.models.evaluate import eps_mse
+
+load_module = sys.modules["diffcirc.models.load"]  # the attribute diffcirc.models.load is the function
+
+
+@pytest.fixture(params=["low-memory", "full-init"])
+def loading_path(request, monkeypatch):
+    """Run a test under each of the loader's ways of building the model: low_cpu_mem_usage=True (the
+    default where accelerate is installed) and low_cpu_mem_usage=False (the fallback without it)."""
+    low = request.param == "low-memory"
+    if low:
+        pytest.importorskip("accelerate")
+    monkeypatch.setattr(load_module, "_low_memory_loading", lambda: low)
+    return request.param
 
 
 def _attention_inputs(unet, size):
@@ -59,7 +74,7 @@ def test_random_like_is_seeded_untrained_copy():
 
 
 @pytest.mark.parametrize("layout", ["unet_folder", "pipeline_folder", "unet_without_scheduler"])
-def test_load_folder_saved_with_save_pretrained(tmp_path, layout):
+def test_load_folder_saved_with_save_pretrained(tmp_path, layout, loading_path):
     torch.manual_seed(0)
     unet, sched = build_unet(32), build_scheduler()
     sched = sched.from_config(sched.config, beta_end=0.03)  # a distinguishable scheduler
@@ -80,6 +95,28 @@ def test_load_folder_saved_with_save_pretrained(tmp_path, layout):
     assert loaded_sched.config.beta_end == pytest.approx(expected_end)
 
 
+def test_low_memory_loading_where_accelerate_is_installed(tmp_path, monkeypatch):
+    """low_cpu_mem_usage=True (the model built on the meta device, then given the checkpoint tensors)
+    exactly where diffusers can do it, i.e. where accelerate imports."""
+    from diffusers import UNet2DModel
+
+    expected = importlib.util.find_spec("accelerate") is not None
+    assert load_module._low_memory_loading() is expected
+    asked = []
+    real = UNet2DModel.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        asked.append(kwargs.get("low_cpu_mem_usage"))
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DModel, "from_pretrained", classmethod(spy))
+    torch.manual_seed(0)
+    build_unet(32).save_pretrained(tmp_path)
+    unet, _ = load(str(tmp_path))
+    assert asked == [expected]
+    assert not any(v.is_meta for v in unet.state_dict().values())
+
+
 def test_load_rejects_folder_without_config(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load(str(tmp_path))
@@ -97,7 +134,7 @@ def _fp16_variant(folder, **save_kwargs):
 
 
 @pytest.mark.parametrize("sharded", [False, True], ids=["single-file", "sharded"])
-def test_load_folder_holding_only_a_variant(tmp_path, sharded):
+def test_load_folder_holding_only_a_variant(tmp_path, sharded, loading_path):
     original = _fp16_variant(tmp_path, **({"max_shard_size": "1MB"} if sharded else {}))
     names = set(os.listdir(tmp_path))
     assert "diffusion_pytorch_model.safetensors" not in names
@@ -107,6 +144,7 @@ def test_load_folder_holding_only_a_variant(tmp_path, sharded):
     else:
         assert "diffusion_pytorch_model.fp16.safetensors" in names
     loaded, _ = load(str(tmp_path))
+    assert loaded.dtype == torch.float32  # the dtype of the model config.json describes, as before, either way
     state = loaded.state_dict()
     assert state.keys() == original.keys()
     for k, v in original.items():
@@ -133,8 +171,18 @@ def test_variant_weights_are_still_checked(tmp_path):
         load(str(tmp_path))
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for a test, and the count it found restored after it: left at 1, later
+    in-process runs differ in the last bits from the subprocesses test_analysis_e2e compares them with."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.slow
-def test_bundled_checkpoint_loads_offline_and_denoises():
+def test_bundled_checkpoint_loads_offline_and_denoises(one_thread):
     """The acceptance bound of the bundled model on a small held-out batch (full figures: README)."""
     from diffcirc.data import load_dataset
 
@@ -143,7 +191,6 @@ def test_bundled_checkpoint_loads_offline_and_denoises():
     assert sum(os.path.getsize(os.path.join(BUNDLED, f)) for f in files) <= 30 * 2**20
     with open(os.path.join(BUNDLED, "training.json")) as f:
         assert json.load(f)["steps"] > 0
-    torch.set_num_threads(1)
     unet, scheduler = load("bundled")
     assert unet.config.sample_size == 32
     for spec, n in (("synthetic-gray", 24), ("lfw", 20)):

@@ -24,10 +24,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from diffcirc.bench.harness import (  # noqa: E402,F401  (the shared pieces, re-exported)
-    ALL_STATS, BASELINES, CUDA_IMPLEMENTATIONS, DTYPES, IMPLEMENTATIONS, OPTIONAL_BASELINES, check,
-    cuda_machine_info, cuda_peak_extra_memory, cuda_time_call, fused, machine_info, make_case, materialising,
-    optional_baselines, peak_extra_memory, sdpa, sdpa_backend, skip_reason, summarize, time_call)
+from diffcirc.bench.harness import (  # noqa: E402
+    CUDA_IMPLEMENTATIONS, DTYPES, IMPLEMENTATIONS, OPTIONAL_BASELINES, check, cuda_machine_info,
+    cuda_peak_extra_memory, cuda_time_call, machine_info, make_case, optional_baselines, skip_reason, summarize)
 from diffcirc.bench.op import HEADER, run_op  # noqa: E402
 from diffcirc.cli._checks import positive  # noqa: E402
 from diffcirc.ops import extension  # noqa: E402

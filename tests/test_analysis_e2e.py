@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from diffcirc.analysis import metrics
-from diffcirc.analysis.summary import summarise
 from diffcirc.cli import main as cli
 from diffcirc.models import build_scheduler, build_unet
 

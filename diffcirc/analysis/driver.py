@@ -273,12 +273,27 @@ class Experiment:
         self.tables["features_maps"] = pd.DataFrame(rows)
 
     # -- 3. single-head ablations ------------------------------------------------------------
-    def run_batched(self, conditions, x_t, t):
-        """eps predictions (C, B, 3, S, S) of C conditions, in passes bounded by max_batch and the memory budget."""
-        if not conditions:
-            return torch.empty(0, *x_t.shape)
-        return run_conditions(self.session, lambda x: self.forward(self.unet, x, t), x_t, conditions,
-                              max_batch=max(self.c.max_batch, x_t.shape[0]), max_bytes=self.memory_budget)
+    def ablation_steps(self) -> list:
+        """[(dataset, timestep)] of the ablation phases, in their order."""
+        return [(name, t) for name in DATASETS for t in self.c.resolved_ablation_timesteps()]
+
+    def ablation_batch(self, name: str, t: int):
+        """(ids, x0, labels, x_t, eps) of the first ablation_images images of dataset name, noised to t."""
+        d = self.data[name]
+        ids, x0, labels = next(d.batches(self.c.ablation_images, self.c.ablation_images))
+        x_t, eps = self.noisy(d, ids, x0, t)
+        return ids, x0, labels, x_t, eps
+
+    def run_share(self, conditions, x_t, t):
+        """This rank's share of a batched step: (indices into conditions, eps predictions
+        (len(indices), B, 3, S, S)). Index 0, the clean pass, is run by every rank as its baseline;
+        passes are bounded by max_batch and the memory budget."""
+        mine = [0, *self.ranks.shard(range(1, len(conditions)))]
+        with torch.no_grad():
+            eps_hat = run_conditions(self.session, lambda x: self.forward(self.unet, x, t), x_t,
+                                     [conditions[c] for c in mine], max_batch=max(self.c.max_batch, x_t.shape[0]),
+                                     max_bytes=self.memory_budget)
+        return mine, eps_hat
 
     @property
     def memory_budget(self) -> int:
@@ -288,22 +303,14 @@ class Experiment:
             return free_memory_bytes(self.device) // 2
         return free_memory_bytes(self.device) // (2 * self.ranks.per_host)  # the processes of a host share it
 
-    def my_conditions(self, n: int) -> list:
-        """Indices of the conditions of a batched step this rank runs: 0 (the clean pass, which
-        every rank needs as its baseline) and its share of 1..n-1."""
-        return [0, *self.ranks.shard(range(1, n))]
-
     def gathered(self, keyed_rows: list) -> list:
         """Rows of every rank, in the order of their keys (the order one process would have made)."""
         return [row for _, row in sorted(self.ranks.gather_rows(keyed_rows), key=lambda kr: kr[0])]
 
     def ablations(self):
         rows = []
-        steps = [(name, t) for name in DATASETS for t in self.c.resolved_ablation_timesteps()]
-        for step, (name, t) in enumerate(self.progress(iterable=steps, desc="ablations", unit="step")):
-            d = self.data[name]
-            ids, x0, _ = next(d.batches(self.c.ablation_images, self.c.ablation_images))
-            x_t, eps = self.noisy(d, ids, x0, t)
+        for step, (name, t) in enumerate(self.progress(iterable=self.ablation_steps(), desc="ablations", unit="step")):
+            ids, _, _, x_t, eps = self.ablation_batch(name, t)
             conditions, labels = [[]], [None]
             if "zero" in self.c.ablation_modes:
                 conditions += [[Zero(layer, h)] for layer, h in self.heads]
@@ -313,9 +320,7 @@ class Experiment:
                     means = mean_head_outputs(self.session, lambda x: self.forward(self.unet, x, t), [x_t])
                 conditions += [[Mean(layer, h, means=means)] for layer, h in self.heads]
                 labels += [("mean", layer, h) for layer, h in self.heads]
-            mine = self.my_conditions(len(conditions))
-            with torch.no_grad():
-                eps_hat = self.run_batched([conditions[c] for c in mine], x_t, t)
+            mine, eps_hat = self.run_share(conditions, x_t, t)
             loss = (eps_hat - eps[None]).square().flatten(2).mean(-1)  # (len(mine), B)
             for i, c in enumerate(mine[1:], start=1):
                 mode, layer, h = labels[c]
@@ -328,11 +333,8 @@ class Experiment:
     # -- 4. attribution ----------------------------------------------------------------------
     def attribution(self):
         frames = []
-        steps = list(enumerate((name, t) for name in DATASETS for t in self.c.resolved_ablation_timesteps()))
-        for step, (name, t) in self.ranks.shard(steps):
-            d = self.data[name]
-            ids, x0, _ = next(d.batches(self.c.ablation_images, self.c.ablation_images))
-            x_t, eps = self.noisy(d, ids, x0, t)
+        for step, (name, t) in self.ranks.shard(enumerate(self.ablation_steps())):
+            _, _, _, x_t, eps = self.ablation_batch(name, t)
             scores = head_attribution(self.session, lambda: (self.forward(self.unet, x_t, t) - eps).square().mean())
             scores.insert(0, "timestep", int(t))
             scores.insert(0, "dataset", name)
@@ -353,11 +355,9 @@ class Experiment:
                 continue
             role_sets[role] = [(r.layer, int(r.head)) for r in g.itertuples()]
         rows = []
-        steps = [(name, t) for name in DATASETS for t in self.c.resolved_ablation_timesteps()]
-        for step, (name, t) in enumerate(self.progress(iterable=steps, desc="role ablations", unit="step")):
-            d = self.data[name]
-            ids, x0, labels = next(d.batches(self.c.ablation_images, self.c.ablation_images))
-            x_t, eps = self.noisy(d, ids, x0, t)
+        for step, (name, t) in enumerate(self.progress(iterable=self.ablation_steps(), desc="role ablations",
+                                                       unit="step")):
+            ids, x0, labels, x_t, eps = self.ablation_batch(name, t)
             conditions, tags = [[]], [None]
             for role, heads in role_sets.items():
                 conditions.append([Zero(layer, h) for layer, h in heads])
@@ -369,9 +369,7 @@ class Experiment:
                     conditions.append([Zero(*self.heads[i]) for i in pick])
                     tags.append((role, "random", rep))
             # every rank draws every random set above (same rng stream), then runs its share
-            mine = self.my_conditions(len(conditions))
-            with torch.no_grad():
-                eps_hat = self.run_batched([conditions[c] for c in mine], x_t, t)
+            mine, eps_hat = self.run_share(conditions, x_t, t)
             x0_hat = self.x0_from_eps(x_t[None], eps_hat, t)
             errors = [self.errors(eps_hat[i], eps, x0_hat[i], x0, labels) for i in range(len(mine))]
             for i, c in enumerate(mine[1:], start=1):
@@ -399,9 +397,7 @@ class Experiment:
         abl = self.tables["ablations"]
         frames = []
         for index, name in self.ranks.shard(enumerate(DATASETS)):
-            d = self.data[name]
-            ids, x0, _ = next(d.batches(self.c.ablation_images, self.c.ablation_images))
-            x_t, eps = self.noisy(d, ids, x0, t)
+            _, _, _, x_t, eps = self.ablation_batch(name, t)
             with torch.no_grad():
                 clean = (self.forward(self.unet, x_t, t) - eps).square().mean().item()
 

@@ -25,6 +25,11 @@ namespace diffcirc {
 // shifted logits are clamped here: masked keys (-inf) then contribute p = 0 and p * z = 0.
 constexpr float kMinShiftedLogit = -104.0f;
 
+// e^z for z below this (about ln FLT_MIN, where float32 leaves the normal range) is taken as
+// exactly 0 by every kernel: the CPU vector exps keep z >= kExpUnderflow, the CPU scalar tail and
+// the CUDA kernel keep z > kExpUnderflow (the two differ only at z == kExpUnderflow itself).
+constexpr float kExpUnderflow = -87.33654f;
+
 struct RowState {
   float m;     // running max of the logits (-inf while no key was seen)
   float l;     // sum of e^{s - m}

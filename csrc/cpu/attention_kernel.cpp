@@ -340,6 +340,7 @@ AttentionResult attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, co
                          want_distance, want_label_mass);
   auto result = allocate_attention_outputs(q_in, v_in, want_entropy, want_distance, want_label_mass);
   auto& [out, lse, ent, dist, lab] = result;
+  if (lse.numel() == 0) return result;  // B, H or Nq is 0
   const auto q = cpu::gemm_compatible(q_in), k = cpu::gemm_compatible(k_in), v = cpu::gemm_compatible(v_in);
 
   cpu::Problem pb{};
@@ -355,14 +356,11 @@ AttentionResult attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, co
     pb.k_stride[d] = k.stride(d);
     pb.v_stride[d] = v.stride(d);
   }
-  if (out.numel() == 0 && lse.numel() == 0) return result;
 
   // Small per-call side inputs (O(B * N), never O(Nq * Nk)), kept alive until the kernel ends.
   at::Tensor key_bias, q_row, q_col, k_row, k_col, ql, kl, hs, rep;
   if (key_padding_mask) {
-    key_bias = at::where(key_padding_mask->contiguous(), 0.f, -std::numeric_limits<float>::infinity())
-                   .to(at::kFloat)
-                   .contiguous();
+    key_bias = at::where(*key_padding_mask, 0.f, -std::numeric_limits<float>::infinity()).to(at::kFloat).contiguous();
     pb.key_bias = key_bias.data_ptr<float>();
   }
   if (want_distance) {

@@ -65,15 +65,10 @@ DC_TARGET void process_rows(const BlockArgs& a) {
     }
 
     RowState& st = a.state[r];
-    if (poisoned) {
-      diffcirc::row_state_poison(st);
-      if (a.p_bf16) std::memset(pb, 0, cols * sizeof(uint16_t));
-      else std::memset(pf, 0, cols * sizeof(float));
-      a.alpha[r] = 1.f;
-      continue;
-    }
     const float m_new = st.m > mb ? st.m : mb;
-    if (m_new == -INFINITY) {  // every key so far masked: nothing to add, p row must be 0
+    // A poisoned row, or every key so far masked: nothing to add, the p row must be 0.
+    if (poisoned || m_new == -INFINITY) {
+      if (poisoned) diffcirc::row_state_poison(st);
       if (a.p_bf16) std::memset(pb, 0, cols * sizeof(uint16_t));
       else std::memset(pf, 0, cols * sizeof(float));
       a.alpha[r] = 1.f;
@@ -113,7 +108,8 @@ DC_TARGET void process_rows(const BlockArgs& a) {
     }
     for (; j < cols; ++j) {
       const float z = diffcirc::shifted_logit(s[j] * scale + (bias ? bias[j] : 0.f), m_new);
-      const float p = z > -87.33654f ? std::exp(z) : 0.f;  // same underflow rule as V::exp
+      // > here, >= in the vector V::exp: they differ only at z == kExpUnderflow (see row_state.h)
+      const float p = z > diffcirc::kExpUnderflow ? std::exp(z) : 0.f;
       sum_p += p;
       sum_pz += p * z;
       if constexpr (DIST) {

@@ -53,7 +53,7 @@ struct V {
   }
   // Same approximation as the AVX-512 variant; 2^n built in the exponent bits.
   DC_TARGET static reg exp(reg x) {
-    const reg lo = _mm256_set1_ps(-87.33654f);
+    const reg lo = _mm256_set1_ps(diffcirc::kExpUnderflow);
     const reg keep = _mm256_cmp_ps(x, lo, _CMP_GE_OQ);
     x = _mm256_max_ps(x, lo);
     const reg n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504089f)),

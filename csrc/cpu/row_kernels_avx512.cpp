@@ -43,9 +43,9 @@ struct V {
     return _mm512_maskz_mov_ps(eq, p);
   }
   // e^x for x <= 0: Cephes-style range reduction and degree-6 polynomial (rel. error ~1e-7);
-  // x below -87.34 (where float32 leaves the normal range) gives exactly 0.
+  // x below kExpUnderflow (-87.34, where float32 leaves the normal range) gives exactly 0.
   DC_TARGET static reg exp(reg x) {
-    const reg lo = _mm512_set1_ps(-87.33654f);
+    const reg lo = _mm512_set1_ps(diffcirc::kExpUnderflow);
     const __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ);
     x = _mm512_max_ps(x, lo);
     const reg n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504089f)),

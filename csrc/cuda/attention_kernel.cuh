@@ -36,9 +36,6 @@ namespace diffcirc::cuda {
 namespace detail {
 
 constexpr unsigned kFullMask = 0xffffffffu;
-// e^z for z below ln(FLT_MIN) is taken as exactly 0, as in the CPU row kernels, so masked keys
-// (z clamped to kMinShiftedLogit) contribute nothing.
-constexpr float kExpUnderflow = -87.33654f;
 
 __device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
@@ -361,7 +358,7 @@ __global__ void __launch_bounds__(TileConfig<T, DP>::kThreads, 1) attention_fwd_
           float pv = 0.f;
           if (live) {
             const float z = shifted_logit(s[n][2 * ri + e], m_new);
-            pv = z > kExpUnderflow ? __expf(z) : 0.f;
+            pv = z > kExpUnderflow ? __expf(z) : 0.f;  // kExpUnderflow: row_state.h
             sum_p += pv;
             sum_pz = fmaf(pv, z, sum_pz);
             if (p.want_distance) {

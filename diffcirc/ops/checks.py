@@ -26,12 +26,12 @@ class OpArgs:
     k: torch.Tensor
     v: torch.Tensor
     scale: float
-    key_padding_mask: Optional[torch.Tensor]  # bool (B, Nk), contiguous
+    key_padding_mask: Optional[torch.Tensor]  # bool (B, Nk), any strides
     head_scale: Optional[torch.Tensor]  # float32 (B, H), possibly an expanded view
     head_replacement: Optional[torch.Tensor]  # float32 (B, H, Nq, Dv), possibly an expanded view
     grid: list  # [hq, wq, hk, wk] or []
-    q_labels: Optional[torch.Tensor]  # int32 (B, Nq), contiguous
-    k_labels: Optional[torch.Tensor]  # int32 (B, Nk), contiguous
+    q_labels: Optional[torch.Tensor]  # int32 (B, Nq), any strides
+    k_labels: Optional[torch.Tensor]  # int32 (B, Nk), any strides
     stats: frozenset
 
 
@@ -96,7 +96,6 @@ def check_and_normalise(q, k, v, *, scale, key_padding_mask, head_scale, head_re
             raise ValueError(f"key_padding_mask must be bool of shape (B, Nk) = ({B}, {Nk}), got {got}")
         if key_padding_mask.device != device:
             raise ValueError(f"key_padding_mask must be on {device}, got {key_padding_mask.device}")
-        key_padding_mask = key_padding_mask.contiguous()
 
     if head_scale is not None:
         if not isinstance(head_scale, torch.Tensor):
@@ -144,8 +143,8 @@ def check_and_normalise(q, k, v, *, scale, key_padding_mask, head_scale, head_re
                 raise ValueError(f"labels: {name} must be an integer tensor of shape ({B}, {n}), got {got}")
             if t.device != device:
                 raise ValueError(f"labels: {name} must be on {device}, got {t.device}")
-        q_labels = q_labels.to(torch.int32).contiguous()  # compared as int32 in the kernels
-        k_labels = k_labels.to(torch.int32).contiguous()
+        q_labels = q_labels.to(torch.int32)  # compared as int32 in the kernels
+        k_labels = k_labels.to(torch.int32)
     elif "label_mass" in stats:
         raise ValueError("stats 'label_mass' needs labels=(q_labels (B, Nq), k_labels (B, Nk))")
 

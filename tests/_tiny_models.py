@@ -6,7 +6,6 @@ attends almost uniformly, which would make entropy tests weak).
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -167,7 +166,3 @@ def oracle_token_labels(label_map: torch.Tensor, grid) -> torch.Tensor:
 def oracle_label_mass(p: torch.Tensor, token_labels: torch.Tensor) -> torch.Tensor:
     same = (token_labels[:, :, None] == token_labels[:, None, :]).double()  # (B, N, N)
     return (p * same[:, None]).sum(-1)
-
-
-def max_entropy(n_keys: int) -> float:
-    return math.log(n_keys)

@@ -19,7 +19,6 @@ import os
 import pickle
 from datetime import timedelta
 
-import pandas as pd
 import torch
 import torch.distributed as dist
 
@@ -87,13 +86,6 @@ class Ranks:
     def gather_rows(self, rows: list) -> list:
         """Every rank's rows, concatenated in rank order."""
         return [row for part in self.all_gather(rows) for row in part]
-
-    def gather_frames(self, frame: pd.DataFrame) -> pd.DataFrame:
-        """Every rank's table, concatenated in rank order (empty shares dropped)."""
-        parts = [f for f in self.all_gather(frame) if f is not None and len(f)]
-        if not parts:
-            return frame
-        return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0].reset_index(drop=True)
 
     def broadcast(self, obj):
         """Rank 0's obj, on every rank."""

@@ -141,7 +141,7 @@ class Experiment:
                                                         seed=config.seed, split="heldout")),
         }
         self.session = Session(self.unet)
-        self.heads = [(layer.name, h) for layer in self.session.layers for h in range(layer.heads)]
+        self.heads = self.session.heads()
         self.tables: dict = {}
 
     def load_tables(self, names) -> None:
@@ -175,7 +175,7 @@ class Experiment:
             # a seed of its own, so that the control never equals a model initialised from `seed`
             models.append(("random", random_like(self.unet, seed=CONTROL_SEED_OFFSET + self.c.seed)))
         aggregates, histograms, per_image, maps = [], [], [], []
-        samples = {name: d.ids[: self.c.sample_maps] for name, d in self.data.items()}
+        samples = self.sample_ids()
         shards = {name: self.ranks.shard(d.ids) for name, d in self.data.items()}
         total = len(models) * sum(len(ids) for ids in shards.values()) * len(self.c.timesteps)
         bar = self.progress(total=total, desc="trace", unit="img")
@@ -238,11 +238,15 @@ class Experiment:
                                          "m2": float(((shares - shares.mean()) ** 2).sum())})
         return pd.DataFrame(rows)
 
+    def sample_ids(self) -> dict:
+        """{dataset: ids of the images whose per-query maps are kept}."""
+        return {name: d.ids[: self.c.sample_maps] for name, d in self.data.items()}
+
     def save_samples(self):
         """The images whose per-query maps are kept, as PNGs for the report."""
         from PIL import Image
 
-        samples = {name: d.ids[: self.c.sample_maps] for name, d in self.data.items()}
+        samples = self.sample_ids()
         folder = self.out / "samples"
         folder.mkdir(exist_ok=True)
         for name, ids in samples.items():
@@ -316,8 +320,7 @@ class Experiment:
                 conditions += [[Zero(layer, h)] for layer, h in self.heads]
                 labels += [("zero", layer, h) for layer, h in self.heads]
             if "mean" in self.c.ablation_modes:
-                with torch.no_grad():
-                    means = mean_head_outputs(self.session, lambda x: self.forward(self.unet, x, t), [x_t])
+                means = mean_head_outputs(self.session, lambda x: self.forward(self.unet, x, t), [x_t])
                 conditions += [[Mean(layer, h, means=means)] for layer, h in self.heads]
                 labels += [("mean", layer, h) for layer, h in self.heads]
             mine, eps_hat = self.run_share(conditions, x_t, t)

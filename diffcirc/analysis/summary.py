@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
@@ -41,18 +40,13 @@ import pandas as pd
 from . import metrics
 from .circuit import summarise_circuits
 from .roles import RoleRules, role_summary, role_validation, roles_by_model
+from .tables import read_table, write_json
 
 __all__ = ["TABLES", "read_table", "read_meta", "summarise", "json_safe"]
 
 TABLES = ("aggregates", "histograms", "per_image", "layers", "features_maps", "ablations", "role_ablations",
           "circuit", "attribution", "maps")
 SUMMARY_FILE = "summary.json"
-
-
-def read_table(out_dir, name: str) -> Optional[pd.DataFrame]:
-    """``out_dir/<name>.parquet`` as a DataFrame, or None when it does not exist."""
-    path = Path(out_dir) / f"{name}.parquet"
-    return pd.read_parquet(path) if path.is_file() else None
 
 
 def read_meta(out_dir) -> Optional[dict]:
@@ -216,8 +210,5 @@ def summarise(out_dir, n_resamples: int = 2000, seed: int = 0, rules: Optional[R
     summary["settings"] = {"n_resamples": n_resamples, "seed": seed, "top": top, "rules": asdict(rules)}
     summary = json_safe(summary)
     if write:
-        tmp = out_dir / f".{SUMMARY_FILE}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(summary, f, indent=2, allow_nan=False)
-        os.replace(tmp, out_dir / SUMMARY_FILE)
+        write_json(summary, out_dir / SUMMARY_FILE, allow_nan=False)
     return summary

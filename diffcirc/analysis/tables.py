@@ -30,14 +30,15 @@ def write_table(df: pd.DataFrame, path) -> Path:
     return _atomic(path, lambda tmp: df.reset_index(drop=True).to_parquet(tmp, index=False))
 
 
-def write_json(obj, path) -> Path:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-            f.write("\n")
-    return _atomic(path, write)
+def write_text(text: str, path) -> Path:
+    return _atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def write_json(obj, path, allow_nan: bool = True) -> Path:
+    return write_text(json.dumps(obj, indent=2, allow_nan=allow_nan) + "\n", path)
 
 
 def read_table(out_dir, name: str) -> pd.DataFrame | None:
+    """``out_dir/<name>.parquet`` as a DataFrame, or None when it does not exist."""
     path = Path(out_dir) / f"{name}.parquet"
-    return pd.read_parquet(path) if path.exists() else None
+    return pd.read_parquet(path) if path.is_file() else None

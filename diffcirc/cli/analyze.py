@@ -8,10 +8,6 @@ from ._checks import (byte_size, dataset_spec, device, model_name, non_negative,
                       timesteps, writable_folder)
 
 
-# the names this module always had; the checks live in _checks.py, shared with the other commands
-_positive, _timesteps, _bytes = positive, timesteps, byte_size
-
-
 def _modes(text):
     modes = tuple(m.strip() for m in text.split(",") if m.strip())
     if not modes or set(modes) - {"zero", "mean"}:

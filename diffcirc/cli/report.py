@@ -20,7 +20,7 @@ def run(args) -> int:
 
     folder = Path(args.folder)
     if not (folder / "meta.json").exists():
-        raise SystemExit(f"{folder} is not a diffcirc analysis folder (no meta.json)")
+        raise FileNotFoundError(f"{folder} is not a diffcirc analysis folder (no meta.json)")
     summary = summarise(folder)
     render(folder)
     print_summary(summary)

@@ -73,14 +73,11 @@ def load_dataset(spec: str, size: int = 32, n: int | None = None, seed: int = 0,
         return _first(LFWFaces(split=lfw_split, size=size), n)
     if kind == "photos":
         return NaturalPhotos(n=DEFAULT_N if n is None else int(n), size=size, seed=seed)
-    if kind == "celeba" and arg:
+    if kind == "celeba":  # check_spec has made sure a path follows
         if split not in _CELEBA_SPLIT:
             raise ValueError(f"CelebA split must be one of {list(_CELEBA_SPLIT)}, got {split!r}")
         return CelebA(arg, size=size, split=_CELEBA_SPLIT[split], n=n, seed=seed)
-    if kind == "folder" and arg:
-        return ImageFolder(arg, size=size, n=n, seed=seed)
-    raise ValueError(f"unknown dataset spec {spec!r}; expected one of synthetic, synthetic-gray, lfw, "
-                     "lfw-train, lfw-heldout, photos, celeba:PATH, folder:PATH")
+    return ImageFolder(arg, size=size, n=n, seed=seed)  # kind == "folder": the last kind check_spec lets through
 
 
 def parse_mix(mix: str) -> list[tuple[str, int | None]]:

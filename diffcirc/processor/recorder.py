@@ -187,7 +187,10 @@ class Recorder:
         m2_b = ((xd - mean_b[None, :, None]) ** 2).sum(dim=(0, 2))
         idx = ((xd - lo) * (self.bins / (hi - lo))).floor().clamp_(0, self.bins - 1).long()
         idx += torch.arange(heads, device=xs.device)[None, :, None] * self.bins
-        hist_b = torch.bincount(idx.reshape(-1), minlength=heads * self.bins).view(heads, self.bins)
+        # index_add_, not bincount: bincount reads min/max back to the host (two syncs per call on CUDA),
+        # and idx is already clamped into range
+        hist_b = torch.zeros(heads * self.bins, dtype=torch.int64, device=xs.device).index_add_(
+            0, idx.reshape(-1), torch.ones(idx.numel(), dtype=torch.int64, device=xs.device)).view(heads, self.bins)
         agg = self._agg.get((key, layer, stat))
         if agg is None:
             agg = self._agg[(key, layer, stat)] = _Aggregate(heads, self.bins, xs.device)

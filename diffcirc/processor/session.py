@@ -47,7 +47,7 @@ class _Trace:
     def __init__(self, recorder: Recorder, labels: Optional[torch.Tensor]):
         self.recorder = recorder
         self.labels = labels
-        self.token_labels: dict = {}  # (grid, batch) -> (B, N) int64, computed once per shape
+        self.token_labels: dict = {}  # (grid, batch) -> (B, N) int32 (the op's dtype), computed once per shape
 
 
 class Session:
@@ -220,7 +220,7 @@ class Session:
                 key = (grid, call.batch)
                 if key not in trace.token_labels:
                     lab = labels_to_grid(trace.labels.to(call.value.device), grid)
-                    trace.token_labels[key] = tile_batch(lab, call.batch, "labels")
+                    trace.token_labels[key] = tile_batch(lab, call.batch, "labels").to(torch.int32)
                 request.labels = (trace.token_labels[key], trace.token_labels[key])
         ivs = [iv for level in self._interventions for iv in level.get(call.layer, ())]
         scale, rep = head_arguments(ivs, call)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -18,6 +17,7 @@ from typing import Optional
 from ..analysis import metrics
 from ..analysis.roles import ROLE_LABELS
 from ..analysis.summary import SUMMARY_FILE, read_table, summarise
+from ..analysis.tables import write_text
 from . import figures, paper
 from .formatting import DASH, fmt, fmt_ci, fmt_p, fmt_p_eq, fmt_range, mean_sd, role_row
 
@@ -297,12 +297,6 @@ def _describe(value) -> str:
     return str(value)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def render(out_dir, summary: Optional[dict] = None, n_resamples: int = 2000, seed: int = 0) -> dict:
     """Write ``report.html``, ``report.md`` and ``figures/*.png`` into out_dir.
 
@@ -353,6 +347,6 @@ def render(out_dir, summary: Optional[dict] = None, n_resamples: int = 2000, see
                 md_parts += [f"![{item.name}](figures/{item.name}.png)", "", f"*{item.caption}*", ""]
     html_parts.append("</body></html>")
     html_path, md_path = out_dir / "report.html", out_dir / "report.md"
-    _write_atomic(html_path, "\n".join(html_parts))
-    _write_atomic(md_path, "\n".join(md_parts))
+    write_text("\n".join(html_parts), html_path)
+    write_text("\n".join(md_parts), md_path)
     return {"html": html_path, "md": md_path, "figures": pngs}

@@ -53,7 +53,8 @@ class Intervention(ABC):
 
     @abstractmethod
     def _apply(self, call: AttentionCall, rows: torch.Tensor, cols: torch.Tensor):
-        """(s, replacement or None) for the addressed rows; replacement: (n_elements, n_heads, Nq|1, Dv)."""
+        """(s, replacement or None) for the addressed rows and cols (CPU index tensors); replacement:
+        (n_elements, n_heads, Nq|1, Dv) on the call's device."""
 
     needs_positions = False  # whether the replacement varies with the query position
 
@@ -135,15 +136,16 @@ def _check_positions(shape, call: AttentionCall, layer: str, what: str, expected
         raise ValueError(f"{what}[{layer!r}] must be {expected} with (H, Nq, Dv) = {want}, got trailing dims {got}")
 
 
-def _index(values, n: int, what: str, layer: str, device) -> torch.Tensor:
+def _index(values, n: int, what: str, layer: str) -> torch.Tensor:
+    """The addressed batch elements or heads as a CPU index tensor (checked against n)."""
     if values is None:
-        return torch.arange(n, device=device)
+        return torch.arange(n)
     if isinstance(values, int):
         values = [values]
     idx = torch.as_tensor(list(values) if not isinstance(values, torch.Tensor) else values, dtype=torch.long)
     if idx.dim() != 1 or (idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n)):
         raise IndexError(f"intervention on {layer!r}: {what} {idx.tolist()} out of range [0, {n})")
-    return idx.to(device)
+    return idx
 
 
 def head_arguments(interventions: Sequence[Intervention], call: AttentionCall):
@@ -154,19 +156,22 @@ def head_arguments(interventions: Sequence[Intervention], call: AttentionCall):
     if not interventions:
         return None, None
     device = call.value.device
-    scale = torch.ones(call.batch, call.heads, device=device)
+    # the (B, H) scales are built on the host and moved once: indices and scales are host values,
+    # and a copy per intervention would stall a GPU once per addressed layer and condition
+    scale = torch.ones(call.batch, call.heads)
     rep = None
     positions = call.n_queries if any(iv.needs_positions for iv in interventions) else 1
     for iv in interventions:
-        rows = _index(iv.elements, call.batch, "elements", iv.layer, device)
-        cols = _index(iv.head, call.heads, "head", iv.layer, device)
+        rows = _index(iv.elements, call.batch, "elements", iv.layer)
+        cols = _index(iv.head, call.heads, "head", iv.layer)
         s, r = iv._apply(call, rows, cols)
         scale[rows[:, None], cols[None, :]] = s
         if r is not None and rep is None:
             rep = torch.zeros(call.batch, call.heads, positions, call.value.shape[-1], device=device)
         if rep is not None:
-            rep[rows[:, None], cols[None, :]] = 0.0 if r is None else r.to(rep.dtype).expand(-1, -1, positions, -1)
-    return scale, rep
+            rows_d, cols_d = rows.to(device), cols.to(device)
+            rep[rows_d[:, None], cols_d[None, :]] = 0.0 if r is None else r.to(rep.dtype).expand(-1, -1, positions, -1)
+    return scale.to(device), rep
 
 
 def cache_head_outputs(session, forward_fn: Callable, *args, **kwargs) -> dict:

@@ -15,7 +15,6 @@ machine, torch version, CPU ISA path and commit.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import sys
@@ -25,80 +24,49 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from diffcirc.bench.harness import (  # noqa: E402
-    CUDA_IMPLEMENTATIONS, DTYPES, IMPLEMENTATIONS, OPTIONAL_BASELINES, check, cuda_machine_info,
-    cuda_peak_extra_memory, cuda_time_call, machine_info, make_case, optional_baselines, skip_reason, summarize)
+    CUDA_IMPLEMENTATIONS, DTYPES, IMPLEMENTATIONS, OPTIONAL_BASELINES, full_machine_info, op_implementations)
 from diffcirc.bench.op import HEADER, run_op  # noqa: E402
-from diffcirc.cli._checks import positive  # noqa: E402
+from diffcirc.cli._checks import device, positive  # noqa: E402
 from diffcirc.ops import extension  # noqa: E402
 
 CPU_DEFAULTS = {"n": [1024, 4096], "d": [40, 64, 160], "dtype": ["f32", "bf16"], "impl": list(IMPLEMENTATIONS)}
 CUDA_DEFAULTS = {"n": [1024, 4096, 16384], "d": [40, 64, 128, 160], "dtype": ["f16", "bf16"]}  # impl: all that import
 
 
-# ---------------------------------------------------------------------------------------------
-# GPU
-
-def run_cuda(args, known: dict) -> int:
-    """The GPU table: fused (with and without statistics) vs SDPA's flash and memory-efficient
-    backends, xformers and flash-attn (where installed) and the materialising path, with TFLOP/s,
-    speed ratios and peak memory. known: name -> implementation, args.impl chosen from it."""
-    device = torch.device("cuda")
-    ext = extension.load()
-    if ext is None or not ext.cuda_archs():
-        print("warning: diffcirc._C has no CUDA kernels; 'fused' rows time the float64 reference", file=sys.stderr)
-    rows = []
-    header = (f"{'dtype':5} {'N':>6} {'D':>4} {'implementation':16} {'ms':>9} {'TFLOP/s':>8} {'vs flash':>8} "
-              f"{'peak MiB':>9} {'max err':>8}")
-    print(header)
-    print("-" * len(header))
-    for dt, n, d in itertools.product(args.dtype, args.n, args.d):
-        case = make_case(args.b, args.h, n, d, DTYPES[dt], device=device)
-        flops = 4 * args.b * args.h * n * n * d
-        results = {}
-        for name in args.impl:
-            fn = known[name]
-            try:
-                err = check(name, fn, case, DTYPES[dt])
-                times = cuda_time_call(fn, case, args.repeats)
-                mem = cuda_peak_extra_memory(fn, case)
-            except Exception as e:  # a baseline may not support a case, or run out of memory; a wrong one is refused
-                reason = skip_reason(name, e)
-                if reason is None:  # IncorrectImplementation included: never shown as merely n/a
-                    raise
-                torch.cuda.empty_cache()
-                print(f"{dt:5} {n:>6} {d:>4} {name:16} skipped: {reason}")
-                rows.append({"dtype": dt, "n": n, "d": d, "b": args.b, "h": args.h, "implementation": name,
-                             "skipped": reason})
-                continue
-            results[name] = {**summarize(times), "peak_extra_bytes": mem, "max_abs_err": err}
-        base = (results.get("sdpa-flash") or results.get("sdpa-efficient") or {}).get("ms")
-        for name, r in results.items():
-            r.update(dtype=dt, n=n, d=d, b=args.b, h=args.h, implementation=name,
-                     tflops=flops / (r["ms"] * 1e-3) / 1e12, vs_flash=(r["ms"] / base) if base else None)
-            rows.append(r)
-            ratio = f"{r['vs_flash']:.2f}x" if r["vs_flash"] else "-"
-            print(f"{dt:5} {n:>6} {d:>4} {name:16} {r['ms']:>9.3f} {r['tflops']:>8.1f} {ratio:>8} "
-                  f"{r['peak_extra_bytes'] / 2**20:>9.1f} {r['max_abs_err']:>8.1e}")
-        if "materialising" in results and "fused+entropy" in results:
-            speedup = results["materialising"]["ms"] / results["fused+entropy"]["ms"]
-            print(f"{'':17}fused+entropy is {speedup:.1f}x faster than the materialising path")
-        if "fused" in results and "fused+all stats" in results:
-            cost = results["fused+all stats"]["ms"] / results["fused"]["ms"]
-            print(f"{'':17}all statistics cost {cost:.2f}x the plain fused kernel")
-        del case
-        torch.cuda.empty_cache()
-        sys.stdout.flush()
+def run(args, known: dict, unavailable: dict | None = None) -> int:
+    """The table for args.device (cpu: fused vs SDPA vs the materialising path; cuda: also SDPA's
+    flash and memory-efficient backends, xformers and flash-attn where installed), through
+    diffcirc.bench.op.run_op: each implementation checked before it is timed, GFLOP/s, the ratio
+    to the baseline and peak memory; then the statistics' cost per case. known: name ->
+    implementation, args.impl chosen from it; unavailable: name -> why, listed as skipped rows."""
+    print(HEADER)
+    print("-" * len(HEADER))
+    impls = {name: known[name] for name in args.impl}
+    rows = run_op([(args.b, args.h, n, d) for n in args.n for d in args.d], args.dtype, impls, device=args.device,
+                  repeats=args.repeats, unavailable=unavailable, log=print)
+    by_case = {}
+    for r in rows:
+        by_case.setdefault((r["dtype"], r["n"], r["d"]), {})[r["implementation"]] = r
+    for (dt, n, d), results in by_case.items():
+        ms = {name: r["ms"] for name, r in results.items() if "ms" in r}
+        if "materialising" in ms and "fused+entropy" in ms:
+            print(f"{dt:5} {n:>6} {d:>4} fused+entropy is {ms['materialising'] / ms['fused+entropy']:.1f}x faster "
+                  "than the materialising path")
+        if "fused" in ms and "fused+all stats" in ms:
+            print(f"{dt:5} {n:>6} {d:>4} all statistics cost {ms['fused+all stats'] / ms['fused']:.2f}x the plain "
+                  "fused kernel")
 
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"meta": cuda_machine_info(), "results": rows}, f, indent=2)
+            json.dump({"meta": full_machine_info(args.device), "results": rows}, f, indent=2)
         print(f"wrote {args.json}")
     return 0
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--device", default="cpu", type=device, choices=["cpu", "cuda"],
+                   help="cuda needs a CUDA GPU and a CUDA build of torch")
     p.add_argument("--b", type=positive(int), default=2)
     p.add_argument("--h", type=positive(int), default=8)
     p.add_argument("--n", type=positive(int), nargs="+", help="default: 1024 4096 (cpu), 1024 4096 16384 (cuda)")
@@ -113,9 +81,11 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="N=1024, D=64 only, 3 repeats")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
-    found, status = optional_baselines(args.device)
-    known = {**CUDA_IMPLEMENTATIONS, **found} if args.device == "cuda" else IMPLEMENTATIONS
-    defaults = {**CUDA_DEFAULTS, "impl": list(known)} if args.device == "cuda" else CPU_DEFAULTS
+    cuda = args.device == "cuda"
+    known, missing, status = op_implementations(args.device)
+    # on cuda the optional baselines that did not import are listed in every case, unless --impl picked others
+    unavailable = missing if cuda and args.impl is None else {}
+    defaults = {**CUDA_DEFAULTS, "impl": list(known)} if cuda else CPU_DEFAULTS
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -126,32 +96,14 @@ def main(argv=None) -> int:
     if args.quick:
         args.n, args.d, args.repeats = [1024], [64], 3
     torch.set_num_threads(args.threads)
-    if args.device == "cuda":
-        if not torch.cuda.is_available():
-            p.error("--device cuda needs a CUDA GPU and a CUDA build of torch")
+    ext = extension.load()
+    if cuda:
         print("optional baselines: " + "; ".join(f"{name}: {why}" for name, why in status.items()))
-        return run_cuda(args, known)
-    if extension.load() is None:
+        if ext is None or not ext.cuda_archs():
+            print("warning: diffcirc._C has no CUDA kernels; 'fused' rows time the float64 reference", file=sys.stderr)
+    elif ext is None:
         print("warning: diffcirc._C is not built; 'fused' rows time the float64 reference", file=sys.stderr)
-
-    print(HEADER)
-    print("-" * len(HEADER))
-    impls = {name: IMPLEMENTATIONS[name] for name in args.impl}
-    rows = run_op([(args.b, args.h, n, d) for n in args.n for d in args.d], args.dtype, impls,
-                  repeats=args.repeats, log=print)
-    by_case = {}
-    for r in rows:
-        by_case.setdefault((r["dtype"], r["n"], r["d"]), {})[r["implementation"]] = r
-    for (dt, n, d), results in by_case.items():
-        if "ms" in results.get("materialising", {}) and "ms" in results.get("fused+entropy", {}):
-            speedup = results["materialising"]["ms"] / results["fused+entropy"]["ms"]
-            print(f"{dt:5} {n:>6} {d:>4} fused+entropy is {speedup:.1f}x faster than the materialising path")
-
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": machine_info(), "results": rows}, f, indent=2)
-        print(f"wrote {args.json}")
-    return 0
+    return run(args, known, unavailable)
 
 
 if __name__ == "__main__":

@@ -23,9 +23,7 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
-import time
 import warnings
 from contextlib import contextmanager
 
@@ -33,11 +31,9 @@ import torch
 from diffusers import Transformer2DModel, UNet2DModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, ".."))
-sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from diffcirc.bench.harness import machine_info, peak_extra_memory  # noqa: E402
+from diffcirc.bench.harness import machine_info, measurers, summarize  # noqa: E402
 from diffcirc.cli._checks import non_negative, positive  # noqa: E402
 from diffcirc.ops import extension  # noqa: E402
 from diffcirc.processor import FusedAttnProcessor, Recorder, Session, Zero, run_conditions  # noqa: E402
@@ -153,33 +149,13 @@ def implementation(name: str, model, labels, state: dict):
 # ---------------------------------------------------------------------------------------------
 # measurement
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_ms(fn, device, warmup: int, repeats: int) -> list:
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
-def peak_bytes(fn, device) -> int:
-    if device.type == "cuda":
-        sync(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        sync(device)
-        return torch.cuda.max_memory_allocated(device) - base
-    return peak_extra_memory(fn)
+def measure(fn, device, warmup: int, repeats: int) -> dict:
+    """ms, ms_min, ms_max (harness.summarize) of repeats calls of fn() after warmup untimed ones,
+    and the peak extra memory of one more call (harness.measurers: CUDA events and the allocator's
+    peak on cuda, the wall clock and resident memory on the CPU)."""
+    time_call, peak = measurers(device)
+    times = time_call(lambda _: fn(), None, repeats, warmup=warmup)
+    return {**summarize(times), "peak_extra_bytes": peak(fn)}
 
 
 def bench_case(case: str, model, forward, labels, args, device) -> list:
@@ -191,10 +167,12 @@ def bench_case(case: str, model, forward, labels, args, device) -> list:
             if reference is None and name == "sdpa":
                 reference = out
             err = (out - reference).abs().max().item() if reference is not None else float("nan")
-            if err > args.tolerance:  # checked before timing: a wrong implementation is never timed
-                raise AssertionError(f"{case} / {name}: output differs from AttnProcessor2_0 by {err:.3g}")
-            times = median_ms(forward, device, args.warmup, args.repeats)
-            mem = peak_bytes(forward, device)
+            # checked before timing: a wrong implementation is never timed; nan (no sdpa reference
+            # yet, or a nan output) is refused too
+            if not err <= args.tolerance:
+                raise AssertionError(f"{case} / {name}: output differs from AttnProcessor2_0 by {err:.3g}"
+                                     + (" (no sdpa reference before it)" if reference is None else ""))
+            measured = measure(forward, device, args.warmup, args.repeats)
         if "recorder" in state:
             f = state["recorder"].to_frame()
             f = f[f.stat == "entropy"]
@@ -202,8 +180,7 @@ def bench_case(case: str, model, forward, labels, args, device) -> list:
         if "sums" in state:
             entropy[name] = {(layer, head): (s / n)[head].item() for layer, (s, n) in state["sums"].items()
                              for head in range(len(s))}
-        rows.append({"case": case, "implementation": name, "ms": statistics.median(times), "ms_min": min(times),
-                     "ms_max": max(times), "peak_extra_bytes": mem, "max_abs_err_vs_sdpa": err})
+        rows.append({"case": case, "implementation": name, **measured, "max_abs_err_vs_sdpa": err})
     _check_entropy(case, entropy)
     base = next((r["ms"] for r in rows if r["implementation"] == "sdpa"), None)
     for r in rows:
@@ -295,13 +272,12 @@ def sweep_case(session, forward, inputs, conditions, max_batches, args, device, 
         for name, mb, passes, fn in runs:
             out = reference if fn is one_at_a_time else fn()
             err = max((out[0] - clean).abs().max().item(), (out - reference).abs().max().item())
-            if err > args.tolerance:  # checked before timing: a wrong run is never timed
+            if not err <= args.tolerance:  # checked before timing: a wrong (or nan) run is never timed
                 raise AssertionError(f"sweep {len(conditions)} conditions / {name} (max_batch {mb}): differs from "
                                      f"one condition at a time or the model's own clean forward by {err:.3g}")
-            times = median_ms(fn, device, args.warmup, args.sweep_repeats)
             row = {"case": "tiny-unet sweep", "implementation": name, "conditions": len(conditions), "images": images,
-                   "max_batch": mb, "passes": passes, "ms": statistics.median(times), "ms_min": min(times),
-                   "ms_max": max(times), "peak_extra_bytes": peak_bytes(fn, device), "max_abs_err": err}
+                   "max_batch": mb, "passes": passes, **measure(fn, device, args.warmup, args.sweep_repeats),
+                   "max_abs_err": err}
             row["images_per_s"] = len(conditions) * images / (row["ms"] / 1e3)
             row["speedup_vs_one_at_a_time"] = (rows[0] if rows else row)["ms"] / row["ms"]  # rows[0]: one at a time
             rows.append(row)
@@ -344,13 +320,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def finish_args(args):
-    """Fills the sizes left unset from QUICK (with --quick) or FULL and always includes the sdpa
-    baseline (in place); returns args."""
+    """Fills the sizes left unset from QUICK (with --quick) or FULL and puts the sdpa baseline
+    first in args.impl, added if missing: every other implementation is checked against its output,
+    so it must run before them (in place); returns args."""
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if "sdpa" not in args.impl:
-        args.impl = ["sdpa", *args.impl]
+    args.impl = ["sdpa", *[name for name in args.impl if name != "sdpa"]]
     return args
 
 

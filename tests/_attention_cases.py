@@ -4,7 +4,7 @@ import math
 
 import torch
 
-ALL_STATS = ("lse", "entropy", "distance", "label_mass")
+from diffcirc.ops import STAT_NAMES as ALL_STATS
 
 
 def rand(*shape, dtype=torch.float32, device="cpu"):

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+# name -> torch dtype, the benchmark harness's mapping ("f32", "bf16", "f16"): also the test ids
+from diffcirc.bench.harness import DTYPES  # noqa: F401
 
 
 def cuda_available() -> bool:

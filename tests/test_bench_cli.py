@@ -17,7 +17,7 @@ from diffcirc.bench import harness, op
 from diffcirc.bench.plots import write_unet_plots
 from diffcirc.bench.unet import load_bench_unet
 from diffcirc.cli import main as cli_main
-from diffcirc.cli.bench import EXIT_REFUSED, EXIT_REGRESSION, _op_implementations, compare_files
+from diffcirc.cli.bench import EXIT_REFUSED, EXIT_REGRESSION, compare_files
 
 pytest.importorskip("diffusers")
 
@@ -96,6 +96,35 @@ def test_sweep_refuses_a_wrong_batched_run(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "results.json").exists()
 
 
+def test_unet_refuses_a_wrong_implementation_listed_before_sdpa(monkeypatch):
+    """--impl fused sdpa: sdpa still runs first, so fused is checked against it and, wrong, refused
+    before it is timed; listed first without a reference (nan error), it is refused too."""
+    mod = load_bench_unet()
+    args = mod.finish_args(mod.build_parser().parse_args(["--impl", "fused", "sdpa", "--quick", "--threads", "1"]))
+    assert args.impl == ["sdpa", "fused"]
+
+    class WrongFused(mod.FusedAttnProcessor):
+        def __call__(self, *a, **k):
+            return super().__call__(*a, **k) + 0.5
+
+    monkeypatch.setattr(mod, "FusedAttnProcessor", WrongFused)
+    timed = []
+    real_measure = mod.measure
+    monkeypatch.setattr(mod, "measure", lambda fn, *a: timed.append(fn) or real_measure(fn, *a))
+    device = torch.device("cpu")
+    model, forward, batch = mod.tiny_unet(1, device)
+    labels = mod.label_map(batch, 32, device)
+    with pytest.raises(AssertionError, match="fused: output differs"):
+        mod.bench_case("tiny-unet", model, forward, labels, args, device)
+    assert len(timed) == 1  # sdpa only: fused was refused before timing
+
+    args.impl = ["fused", "sdpa"]  # not through finish_args: no reference yet when fused runs
+    timed.clear()
+    with pytest.raises(AssertionError, match="fused: output differs .* nan"):
+        mod.bench_case("tiny-unet", model, forward, labels, args, device)
+    assert timed == []
+
+
 @pytest.mark.parametrize("extra", [["--max-batch", "1", "--images", "2"], ["--conditions", "2", "999"]])
 def test_sweep_rejects_impossible_options_before_measuring(tmp_path, capsys, extra):
     rc = cli_main([*SWEEP, *extra, "--out", str(tmp_path)])
@@ -164,7 +193,7 @@ def _counting(kernel):
 def test_absent_baselines_are_listed_not_an_error(absent):
     found, status = harness.optional_baselines("cuda")
     assert found == {} and status == {"xformers": "not installed", "flash-attn": "not installed"}
-    known, missing, _ = _op_implementations("cuda")
+    known, missing, _ = harness.op_implementations("cuda")
     assert "xformers" not in known and missing["flash-attn"] == "not installed"
     rows = op.run_op([SHAPE], ["f32"], {"sdpa": harness.sdpa}, unavailable=missing, log=lambda *a: None)
     listed = {r["implementation"]: r for r in rows}
@@ -179,7 +208,7 @@ def test_fake_baseline_is_discovered_and_checked(absent, monkeypatch, name):
     assert harness.optional_baselines("cpu") == ({}, {n: "cuda only" for n in harness.OPTIONAL_BASELINES})
     found, status = harness.optional_baselines("cuda")
     assert list(found) == [name] and status[name] == "available (0.0+fake)"
-    known, missing, _ = _op_implementations("cuda")
+    known, missing, _ = harness.op_implementations("cuda")
     assert name in known and name not in missing and len(missing) == 1
     rows = op.run_op([SHAPE], ["f32"], {"sdpa": harness.sdpa, name: found[name]}, repeats=1, log=lambda *a: None)
     (row,) = [r for r in rows if r["implementation"] == name]
@@ -249,7 +278,8 @@ def test_only_optional_baselines_are_skipped_on_any_error():
 
 
 # ---------------------------------------------------------------------------------------------
-# benchmarks/bench_attention.py --device cuda, run on the CPU (the GPU timers replaced by the CPU ones)
+# benchmarks/bench_attention.py --device cuda (op.run_op with device="cuda"), run on the CPU: the
+# GPU timer and memory helpers replaced, in harness where run_op looks them up, by the CPU ones
 
 def _bench_attention():
     """benchmarks/bench_attention.py as a fresh module."""
@@ -266,22 +296,27 @@ def _bench_attention():
 
 @pytest.fixture
 def run_cuda(monkeypatch, tmp_path):
-    """bench_attention.run_cuda(impls) -> its JSON rows, on the CPU: cases on the CPU, CPU timing, no
-    memory figures."""
+    """bench_attention.run(args with device="cuda", impls) -> its JSON rows, on the CPU: op.run_op
+    with device="cuda", its cases made on the CPU, CPU timing, no memory figures."""
     import argparse
 
     mod = _bench_attention()
-    monkeypatch.setattr(mod, "make_case", lambda *a, device=None, **k: harness.make_case(*a, **k))
-    monkeypatch.setattr(mod, "cuda_time_call", harness.time_call)
-    monkeypatch.setattr(mod, "cuda_peak_extra_memory", lambda fn, case: 0)
-    monkeypatch.setattr(mod, "cuda_machine_info", lambda: {})
+    real_make_case = harness.make_case
+    monkeypatch.setattr(harness, "make_case", lambda *a, device=None, **k: real_make_case(*a, **k))
+    monkeypatch.setattr(harness, "cuda_time_call", harness.time_call)
+    monkeypatch.setattr(harness, "cuda_peak_extra_memory", lambda fn, case: 0)
+    monkeypatch.setattr(harness, "cuda_machine_info", lambda: {})
+    calls = []
+    real_run_op = op.run_op
+    monkeypatch.setattr(mod, "run_op", lambda *a, **k: calls.append(k.get("device")) or real_run_op(*a, **k))
 
     def run(impls):
         b, h, _, d = SHAPE
         out = tmp_path / "results.json"
-        args = argparse.Namespace(dtype=["f32"], n=[32, 48], d=[d], b=b, h=h, impl=list(impls), repeats=1,
-                                  json=str(out))
-        assert mod.run_cuda(args, impls) == 0
+        args = argparse.Namespace(device="cuda", dtype=["f32"], n=[32, 48], d=[d], b=b, h=h, impl=list(impls),
+                                  repeats=1, json=str(out))
+        assert mod.run(args, impls) == 0
+        assert calls == ["cuda"]  # one run_op, on the (simulated) GPU
         return json.loads(out.read_text())["results"]
     return run
 

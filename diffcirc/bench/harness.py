@@ -20,10 +20,10 @@ import time
 import torch
 import torch.nn.functional as F
 
+from diffcirc.ops import STAT_NAMES as ALL_STATS
 from diffcirc.ops import attention, extension, reference_attention
 
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
-ALL_STATS = ("lse", "entropy", "distance", "label_mass")
 TOLERANCES = {torch.float32: 1e-3, torch.bfloat16: 6e-2, torch.float16: 1e-2}
 
 
@@ -157,6 +157,16 @@ def optional_baselines(device: str) -> tuple:
     return found, status
 
 
+def op_implementations(device: str) -> tuple:
+    """(known, missing, status) for the op benchmark on device: known maps name -> implementation
+    (IMPLEMENTATIONS on cpu; CUDA_IMPLEMENTATIONS plus the optional baselines that import on cuda),
+    missing maps each optional baseline not in known to why, status is optional_baselines' status."""
+    found, status = optional_baselines(device)
+    known = {**CUDA_IMPLEMENTATIONS, **found} if device == "cuda" else dict(IMPLEMENTATIONS)
+    missing = {name: why for name, why in status.items() if name not in found}
+    return known, missing, status
+
+
 def make_case(b, h, n, d, dtype, seed=0, device="cpu"):
     g = torch.Generator(device=device).manual_seed(seed)
     q, k, v = (torch.randn(b, h, n, d, generator=g, device=device).to(dtype) for _ in range(3))
@@ -190,9 +200,10 @@ def check(name, fn, case, dtype, ref=None) -> float:
 # ---------------------------------------------------------------------------------------------
 # timing and memory
 
-def time_call(fn, arg, repeats: int) -> list:
-    """Seconds per call (wall clock), after one warm-up call."""
-    fn(arg)  # warm-up
+def time_call(fn, arg, repeats: int, warmup: int = 1) -> list:
+    """Seconds per call (wall clock), after warmup untimed calls."""
+    for _ in range(warmup):
+        fn(arg)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -201,9 +212,11 @@ def time_call(fn, arg, repeats: int) -> list:
     return times
 
 
-def cuda_time_call(fn, arg, repeats: int) -> list:
-    """Seconds per call, from CUDA events around each call on the current stream."""
-    fn(arg)  # warm-up (and lazy initialisation)
+def cuda_time_call(fn, arg, repeats: int, warmup: int = 1) -> list:
+    """Seconds per call, from CUDA events around each call on the current stream, after warmup
+    untimed calls (and lazy initialisation)."""
+    for _ in range(warmup):
+        fn(arg)
     torch.cuda.synchronize()
     times = []
     for _ in range(repeats):
@@ -269,6 +282,14 @@ def cuda_peak_extra_memory(fn, *args) -> int:
     peak = torch.cuda.max_memory_allocated() - base
     del result
     return max(0, peak)
+
+
+def measurers(device) -> tuple:
+    """(time_call, peak extra memory) for a device ("cpu", "cuda" or a torch.device): the CUDA
+    event timer and allocator peak on cuda, the wall clock and resident-memory peak elsewhere."""
+    if getattr(device, "type", device) == "cuda":
+        return cuda_time_call, cuda_peak_extra_memory
+    return time_call, peak_extra_memory
 
 
 # ---------------------------------------------------------------------------------------------

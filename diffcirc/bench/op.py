@@ -32,8 +32,7 @@ def run_op(shapes, dtypes, impls: dict, device: str = "cpu", repeats: int = 5, m
     unavailable: name -> reason (an optional baseline "not installed"), listed as a skipped row per
     case. A baseline that cannot run a case (an unsupported dtype or head dim) is skipped too."""
     cuda = device == "cuda"
-    time_call = harness.cuda_time_call if cuda else harness.time_call
-    peak = harness.cuda_peak_extra_memory if cuda else harness.peak_extra_memory
+    time_call, peak = harness.measurers(device)
     rows = []
     for dt, (b, h, n, d) in itertools.product(dtypes, shapes):
         dtype = harness.DTYPES[dt]

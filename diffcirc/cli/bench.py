@@ -19,7 +19,7 @@ import os
 import sys
 import time
 
-from ._checks import non_negative, positive
+from ._checks import device as torch_device, non_negative, positive
 
 EXIT_REGRESSION = 1
 EXIT_REFUSED = 3
@@ -52,7 +52,8 @@ def shape_arg(text: str) -> str:
 # Every count below is range-checked by its type=: a 0 or a negative is a usage error (exit 2) now,
 # not a ZeroDivisionError, StatisticsError or torch RuntimeError after the first measurements.
 def _common(p, default_out):
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    # type=torch_device refuses cuda on a machine without it at parse time (exit 2)
+    p.add_argument("--device", default="cpu", type=torch_device, choices=["cpu", "cuda"])
     p.add_argument("--repeats", type=positive(int), default=None,
                    help="timed calls per case after one warm-up (median)")
     p.add_argument("--threads", type=positive(int), default=2)
@@ -162,17 +163,6 @@ def _finish(args, meta, rows, plot, **extra) -> int:
     return compare_rows(rows, args.compare, args.threshold) if args.compare else 0
 
 
-def _op_implementations(device: str) -> tuple:
-    """(implementations name -> fn, unavailable optional baselines name -> reason, status of every
-    optional baseline) for the device."""
-    from diffcirc.bench import harness
-
-    found, status = harness.optional_baselines(device)
-    known = {**harness.CUDA_IMPLEMENTATIONS, **found} if device == "cuda" else dict(harness.IMPLEMENTATIONS)
-    missing = {name: why for name, why in status.items() if name not in found}
-    return known, missing, status
-
-
 def _op_shapes(args) -> list:
     """(b, h, n, d) cases from --shapes, --scaling and --quick."""
     from diffcirc.bench import op
@@ -188,25 +178,13 @@ def _op_shapes(args) -> list:
     return [(args.b, args.h, n, d) for n in (1024, 4096) for d in (40, 64, 160)]
 
 
-def _cuda_missing(args) -> bool:
-    """True (after saying so) when --device cuda is asked for and there is no GPU to run on."""
-    import torch
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda needs a CUDA GPU and a CUDA build of torch", file=sys.stderr)
-        return True
-    return False
-
-
 def run_op_command(args) -> int:
     import torch
 
     from diffcirc.bench import harness, op
     from diffcirc.bench.plots import write_plots
 
-    if _cuda_missing(args):
-        return 2
-    known, missing, status = _op_implementations(args.device)
+    known, missing, status = harness.op_implementations(args.device)
     names = args.impl or list(known)
     unknown = [n for n in names if n not in known]
     dtypes = args.dtype or (["f16", "bf16"] if args.device == "cuda" else (["f32"] if args.scaling else ["f32", "bf16"]))
@@ -249,8 +227,6 @@ def run_unet_command(args) -> int:
     from diffcirc.bench.plots import write_unet_plots
     from diffcirc.bench.unet import run_unet
 
-    if _cuda_missing(args):
-        return 2
     try:
         rows, uargs = run_unet(_unet_argv(args, *(["--repeats", str(args.repeats)] if args.repeats else [])))
     except AssertionError as e:
@@ -263,8 +239,6 @@ def run_sweep_command(args) -> int:
     from diffcirc.bench.plots import write_sweep_plots
     from diffcirc.bench.unet import run_sweep
 
-    if _cuda_missing(args):
-        return 2
     extra = ["--sweep-repeats", str(args.repeats)] if args.repeats else []
     extra += ["--sweep-images", str(args.images)] if args.images else []
     extra += ["--conditions", *map(str, args.conditions)] if args.conditions else []

@@ -5,7 +5,6 @@ image_maps  edge / texture maps of images and role-relevant errors of predicted 
 metrics     entropy profiles, complexity ratio, entropy divergence, degradation, attribution agreement
 roles       head features and the eight role rules
 circuit     greedy minimal circuit
-stats       the statistical tests (scipy), usable on saved tables
+significance the significance tests (scipy), usable on saved tables
 summary     summary.json from saved tables
-tables      atomic table / JSON writing
 """

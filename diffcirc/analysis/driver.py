@@ -35,7 +35,7 @@ from ..models import load, random_like
 from ..processor import Mean, Recorder, Session, Zero, head_attribution, mean_head_outputs, run_conditions
 from . import image_maps
 from .distributed import Ranks
-from .tables import write_json, write_table
+from ..files import write_json, write_table
 from .units import WorkUnits
 
 DATASETS = ("synthetic", "natural")

@@ -38,7 +38,7 @@ import pandas as pd
 from scipy import special as _special
 from scipy import stats as _st
 
-from . import stats
+from . import significance
 
 __all__ = [
     "complete_layers", "entropy_profile", "js_divergence", "entropy_divergence", "complexity_ratio", "complexity_ratio_point",
@@ -208,10 +208,10 @@ def complexity_ratio(per_image: pd.DataFrame, model: str = "trained", n_resample
     images = _image_means(per_image, model, stat)
     a = images.loc[images["dataset"] == num, "mean"].to_numpy(dtype=np.float64)
     b = images.loc[images["dataset"] == den, "mean"].to_numpy(dtype=np.float64)
-    ci = stats.ratio_of_means_ci(a, b, n_resamples=n_resamples, confidence=confidence, seed=seed)
-    test = stats.permutation_test(a, b, statistic="mean_ratio", n_resamples=n_resamples, seed=seed)
+    ci = significance.ratio_of_means_ci(a, b, n_resamples=n_resamples, confidence=confidence, seed=seed)
+    test = significance.permutation_test(a, b, statistic="mean_ratio", n_resamples=n_resamples, seed=seed)
     out = {"value": ci.value, "ci_low": ci.ci_low, "ci_high": ci.ci_high, "p_value": test.p_value,
-           "cohens_d": stats.cohens_d(a, b), f"n_{den}": int(b.size), f"n_{num}": int(a.size),
+           "cohens_d": significance.cohens_d(a, b), f"n_{den}": int(b.size), f"n_{num}": int(a.size),
            "confidence": confidence}
     if control is not None and control != model:
         has = "model" in per_image.columns and bool((per_image["model"] == control).any())
@@ -259,17 +259,17 @@ def degradation(ablations: pd.DataFrame, n_resamples: int = 2000, confidence: fl
         clean = g["loss_clean"].to_numpy(dtype=np.float64)
         abl = g["loss_ablated"].to_numpy(dtype=np.float64)
         if n_resamples > 0:
-            ci = stats.paired_bootstrap_ci(clean, abl, _percent, n_resamples=n_resamples, confidence=confidence,
+            ci = significance.paired_bootstrap_ci(clean, abl, _percent, n_resamples=n_resamples, confidence=confidence,
                                            seed=seed + i)
         else:
-            ci = stats.Interval(float(_percent(clean, abl)), math.nan, math.nan, confidence)
-        test = stats.wilcoxon_paired(abl, clean)
+            ci = significance.Interval(float(_percent(clean, abl)), math.nan, math.nan, confidence)
+        test = significance.wilcoxon_paired(abl, clean)
         rows.append((*key, len(g), float(np.mean(clean)), float(np.mean(abl)), ci.value, ci.ci_low, ci.ci_high,
                      test.p_value))
     out = pd.DataFrame(rows, columns=cols[:-2])
     family = out.groupby(["dataset", "timestep", "mode"], sort=False)["p_value"]
-    out["p_holm"] = family.transform(lambda p: stats.holm(p.to_numpy()))
-    out["p_bh"] = family.transform(lambda p: stats.benjamini_hochberg(p.to_numpy()))
+    out["p_holm"] = family.transform(lambda p: significance.holm(p.to_numpy()))
+    out["p_bh"] = family.transform(lambda p: significance.benjamini_hochberg(p.to_numpy()))
     return out
 
 

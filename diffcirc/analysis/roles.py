@@ -51,7 +51,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from . import stats
+from . import significance
 
 __all__ = ["ROLES", "ROLE_LABELS", "UNASSIGNED", "RoleRules", "head_features", "assign_roles", "role_summary",
            "roles_by_model", "role_validation"]
@@ -307,11 +307,11 @@ def role_validation(role_ablations: pd.DataFrame, n_resamples: int = 9999, seed:
             ratio = role_inc / rand_inc if rand_inc else math.nan
         joined = r["_inc"].to_frame("role").join(c_unit.rename("random"), how="inner")
         if len(joined):
-            p_perm = stats.permutation_test(joined["role"], joined["random"], paired=True, n_resamples=n_resamples,
+            p_perm = significance.permutation_test(joined["role"], joined["random"], paired=True, n_resamples=n_resamples,
                                             seed=seed + i).p_value
         else:
             p_perm = math.nan
-        p_mw = stats.mann_whitney(r["_inc"], c["_inc"]).p_value if len(r) and len(c) else math.nan
+        p_mw = significance.mann_whitney(r["_inc"], c["_inc"]).p_value if len(r) and len(c) else math.nan
         # increases within float32 rounding of each other are ties (counted against the role)
         tie = _TIE * abs(clean) if clean == clean else 0.0
         p_rank = (1 + int((c_rep >= role_inc - tie).sum())) / (1 + len(c_rep)) if len(c_rep) and len(r) else math.nan
@@ -319,5 +319,5 @@ def role_validation(role_ablations: pd.DataFrame, n_resamples: int = 9999, seed:
                      p_mw, p_rank))
     out = pd.DataFrame(rows, columns=cols[:-1])
     out["p_holm"] = out.groupby(["dataset", "error_name"], sort=False)["p_value"].transform(
-        lambda p: stats.holm(p.to_numpy()))
+        lambda p: significance.holm(p.to_numpy()))
     return out

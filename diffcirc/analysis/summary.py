@@ -40,7 +40,7 @@ import pandas as pd
 from . import metrics
 from .circuit import summarise_circuits
 from .roles import RoleRules, role_summary, role_validation, roles_by_model
-from .tables import read_table, write_json
+from ..files import read_table, write_json
 
 __all__ = ["TABLES", "read_table", "read_meta", "summarise", "json_safe"]
 

@@ -14,7 +14,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from .tables import write_json
+from ..errors import InputError
+from ..files import write_json
 
 
 def _sha256(path: Path) -> str:
@@ -29,7 +30,7 @@ def fingerprint(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
 
-class ConfigMismatchError(ValueError):
+class ConfigMismatchError(InputError):
     """The output folder holds results of another configuration."""
 
 

@@ -15,6 +15,8 @@ import re
 import sys
 import tempfile
 
+from ..errors import InputError
+
 
 def _number(kind, text):
     try:
@@ -200,13 +202,9 @@ def reports_input_errors(run):
     anything else is a bug and keeps its traceback."""
     @functools.wraps(run)
     def wrapper(args) -> int:
-        from ..analysis.units import ConfigMismatchError
-        from ..data import DatasetError
-        from ..models.load import ModelLoadError
-
         try:
             return run(args)
-        except (ModelLoadError, DatasetError, FileNotFoundError, ConfigMismatchError) as e:
+        except (InputError, FileNotFoundError) as e:
             print(f"diffcirc {args.command}: error: {e}", file=sys.stderr)
             return EXIT_INPUT_ERROR
     return wrapper

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import InputError
+
 # SLIC settings for natural images: about as many regions as the synthetic faces have parts, so the
 # same-region statistics are on a comparable footing on both datasets.
 SLIC_SEGMENTS = 12
@@ -41,7 +43,7 @@ def collate(items: list[dict]) -> dict:
     }
 
 
-class DatasetError(ValueError):
+class DatasetError(InputError):
     """A dataset that cannot be used as it is (no usable images, a malformed index file); the message
     names the folder or file and says what is wrong."""
 

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..files import atomic_folder, previous_folder
 from .load import CorruptWeightsError, WeightsMismatchError, check_safetensors
 
 TENSOR_FILES = ("model", "ema", "optimizer", "rng")
@@ -48,26 +48,19 @@ def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Te
 def save_checkpoint(path: str, *, model: torch.nn.Module, ema: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
                     generator: torch.Generator, state: dict) -> None:
     """Write the checkpoint folder ``path`` atomically (see module docstring)."""
-    tmp, old = path + ".tmp", path + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, os.path.join(tmp, "model.safetensors"))
-    save_file({k: v.contiguous() for k, v in ema.items()}, os.path.join(tmp, "ema.safetensors"))
-    opt_tensors, groups = optimizer_tensors(optimizer)
-    save_file(opt_tensors, os.path.join(tmp, "optimizer.safetensors"))
-    save_file({"generator": generator.get_state()}, os.path.join(tmp, "rng.safetensors"))
-    with open(os.path.join(tmp, "state.json"), "w") as f:
-        json.dump({**state, "param_groups": groups}, f, indent=1)
-    if os.path.isdir(path):
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_folder(path) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, os.path.join(tmp, "model.safetensors"))
+        save_file({k: v.contiguous() for k, v in ema.items()}, os.path.join(tmp, "ema.safetensors"))
+        opt_tensors, groups = optimizer_tensors(optimizer)
+        save_file(opt_tensors, os.path.join(tmp, "optimizer.safetensors"))
+        save_file({"generator": generator.get_state()}, os.path.join(tmp, "rng.safetensors"))
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump({**state, "param_groups": groups}, f, indent=1)
 
 
 def find_checkpoint(path: str) -> str | None:
     """``path`` if it holds a complete checkpoint, else the previous one left by an interrupted save."""
-    for cand in (path, path + ".old"):
+    for cand in (path, previous_folder(path)):
         if os.path.isfile(os.path.join(cand, "state.json")):
             return cand
     return None

@@ -39,6 +39,8 @@ import re
 
 import torch
 
+from ..errors import InputError
+
 BUNDLED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights", "bundled")
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX_NAME = WEIGHTS_NAME + ".index.json"  # a sharded checkpoint
@@ -51,7 +53,7 @@ _VARIANT_INDEX = re.compile(r"diffusion_pytorch_model\.safetensors\.index\.(?P<v
 _SHARD = re.compile(r".*-\d+-of-\d+")  # "fp16-00001-of-00002": a shard of a variant, not a variant itself
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(InputError):
     """A model that cannot be loaded as it is; the message names the file and says what to do."""
 
 

@@ -17,7 +17,7 @@ from typing import Optional
 from ..analysis import metrics
 from ..analysis.roles import ROLE_LABELS
 from ..analysis.summary import SUMMARY_FILE, read_table, summarise
-from ..analysis.tables import write_text
+from ..files import write_text
 from . import figures, paper
 from .formatting import DASH, fmt, fmt_ci, fmt_p, fmt_p_eq, fmt_range, mean_sd, role_row
 

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-import _tiny_models as tm
-from _tiny_models import single_thread  # noqa: F401  (autouse fixture)
+from helpers import tiny_models as tm
 from diffcirc.processor import Recorder, Session
 
 ATOL = 2e-5

@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-import _tiny_models as tm
-from _tiny_models import single_thread  # noqa: F401  (autouse fixture)
+from helpers import tiny_models as tm
 from diffcirc.processor import FusedAttnProcessor, Recorder, Session, Zero
 from diffcirc.processor.grid import infer_grid, labels_to_grid
 

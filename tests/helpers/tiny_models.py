@@ -7,21 +7,10 @@ attends almost uniformly, which would make entropy tests weak).
 from __future__ import annotations
 
 
-import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import Transformer2DModel, UNet2DConditionModel, UNet2DModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """One intra-op thread while a test module runs: these models are tiny, and on a shared machine
-    two OpenMP threads contending with other jobs are slower by an order of magnitude."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def attention_modules(model: torch.nn.Module) -> dict:

@@ -4,8 +4,7 @@ C conditions in one batch equal C separate runs."""
 import pytest
 import torch
 
-import _tiny_models as tm
-from _tiny_models import single_thread  # noqa: F401  (autouse fixture)
+from helpers import tiny_models as tm
 from diffcirc.processor import (Mean, Patch, Scale, Session, Uniform, Zero, cache_head_outputs, mean_head_outputs,
                                 run_conditions)
 

@@ -4,7 +4,12 @@ import math
 
 import torch
 
+from diffcirc.bench.harness import DTYPES  # noqa: F401  name -> torch dtype ("f32", "bf16", "f16"): also the test ids
 from diffcirc.ops import STAT_NAMES as ALL_STATS
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
 
 
 def rand(*shape, dtype=torch.float32, device="cpu"):

@@ -13,13 +13,13 @@ import torch
 from diffcirc.models import build_scheduler, build_unet
 
 BUDGET = 384 * 2**20
-SCRIPT = Path(__file__).with_name("_peak_rss.py")
+SCRIPT = Path(__file__).parents[1] / "helpers" / "peak_rss.py"
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak RSS reset needs Linux /proc")
 
 
 def ablate(model_dir, max_memory, out) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SCRIPT.parent.parent), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SCRIPT.parents[2]), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, str(SCRIPT), str(model_dir), str(max_memory), str(out)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

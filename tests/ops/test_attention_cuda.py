@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from diffcirc.ops import attention, extension, reference_attention
 
-from conftest import DTYPES, cuda_available
-from _attention_cases import ALL_STATS, assert_out_close, assert_stats_close, full_case as _full_case, grid_for, rand as _rand
+from helpers.attention_cases import DTYPES, cuda_available
+from helpers.attention_cases import ALL_STATS, assert_out_close, assert_stats_close, full_case as _full_case, grid_for, rand as _rand
 
 
 def rand(*shape, dtype=torch.float32, device="cuda"):

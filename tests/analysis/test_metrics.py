@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from scipy.spatial.distance import jensenshannon
 
-from diffcirc.analysis import metrics, stats
+from diffcirc.analysis import metrics, significance
 
 LN2 = math.log(2)
 
@@ -140,13 +140,13 @@ def test_degradation_percent_ci_and_corrections():
     zero = d[d["mode"] == "zero"].set_index("head")
     assert zero.loc[0, "percent"] == pytest.approx(50.0)
     assert zero.loc[0, "ci_low"] == pytest.approx(50.0) and zero.loc[0, "ci_high"] == pytest.approx(50.0)
-    assert zero.loc[0, "p_value"] == pytest.approx(stats.wilcoxon_paired([1.5] * 8, [1.0] * 8).p_value)
+    assert zero.loc[0, "p_value"] == pytest.approx(significance.wilcoxon_paired([1.5] * 8, [1.0] * 8).p_value)
     assert zero.loc[1, "percent"] == 0.0 and zero.loc[1, "p_value"] == 1.0
     raw = _ablations().query("head == 2 and mode == 'zero'")
     want = 100 * (raw["loss_ablated"].mean() - raw["loss_clean"].mean()) / raw["loss_clean"].mean()
     assert zero.loc[2, "percent"] == pytest.approx(want) and zero.loc[2, "ci_low"] < want < zero.loc[2, "ci_high"]
-    np.testing.assert_allclose(zero["p_holm"], stats.holm(zero["p_value"]))
-    np.testing.assert_allclose(zero["p_bh"], stats.benjamini_hochberg(zero["p_value"]))
+    np.testing.assert_allclose(zero["p_holm"], significance.holm(zero["p_value"]))
+    np.testing.assert_allclose(zero["p_bh"], significance.benjamini_hochberg(zero["p_value"]))
     r = metrics.degradation_range(d, top=2)
     assert r["mode"] == "zero" and r["min"] == 0.0 and r["max"] == pytest.approx(50.0)
     assert [row["head"] for row in r["top"]] == [0, 2]

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from diffcirc.ops import attention, extension, reference_attention
 
-from conftest import DTYPES
-from _attention_cases import ALL_STATS, assert_out_close, assert_stats_close, full_case, rand
+from helpers.attention_cases import DTYPES
+from helpers.attention_cases import ALL_STATS, assert_out_close, assert_stats_close, full_case, rand
 
 ISAS = ("avx512", "avx2", "scalar")
 

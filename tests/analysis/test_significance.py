@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats as st
 
-from diffcirc.analysis import stats
+from diffcirc.analysis import significance
 
 
 @pytest.fixture
@@ -18,101 +18,101 @@ def samples():
 def test_welch_t_equals_scipy(samples):
     a, b = samples
     want = st.ttest_ind(a, b, equal_var=False)
-    got = stats.welch_t(a, b)
+    got = significance.welch_t(a, b)
     assert got.statistic == pytest.approx(want.statistic) and got.p_value == pytest.approx(want.pvalue)
-    assert math.isnan(stats.welch_t([1.0], b).p_value)
+    assert math.isnan(significance.welch_t([1.0], b).p_value)
 
 
 def test_mann_whitney_equals_scipy(samples):
     a, b = samples
     want = st.mannwhitneyu(a, b, alternative="two-sided")
-    got = stats.mann_whitney(list(a) + [np.nan], b)  # NaN dropped
+    got = significance.mann_whitney(list(a) + [np.nan], b)  # NaN dropped
     assert (got.statistic, got.p_value) == pytest.approx((want.statistic, want.pvalue))
 
 
 def test_wilcoxon_paired_equals_scipy_and_handles_zero_differences(samples):
     x, y = samples[0][:20], samples[1][:20]
     want = st.wilcoxon(x, y)
-    got = stats.wilcoxon_paired(x, y)
+    got = significance.wilcoxon_paired(x, y)
     assert (got.statistic, got.p_value) == pytest.approx((want.statistic, want.pvalue))
-    assert stats.wilcoxon_paired(x, x).as_dict() == {"statistic": 0.0, "p_value": 1.0}
+    assert significance.wilcoxon_paired(x, x).as_dict() == {"statistic": 0.0, "p_value": 1.0}
     with pytest.raises(ValueError, match="equal lengths"):
-        stats.wilcoxon_paired(x, y[:5])
+        significance.wilcoxon_paired(x, y[:5])
 
 
 def test_permutation_test_identical_vs_shifted(samples):
     a, _ = samples
-    assert stats.permutation_test(a, a.copy(), n_resamples=999).p_value > 0.5
-    assert stats.permutation_test(a, a + 2.0, n_resamples=999).p_value < 0.01
-    assert stats.permutation_test(a, a + 0.5, paired=True, n_resamples=999).p_value < 0.01
-    assert stats.permutation_test(a, a + 2.0, n_resamples=99, seed=4) == stats.permutation_test(
+    assert significance.permutation_test(a, a.copy(), n_resamples=999).p_value > 0.5
+    assert significance.permutation_test(a, a + 2.0, n_resamples=999).p_value < 0.01
+    assert significance.permutation_test(a, a + 0.5, paired=True, n_resamples=999).p_value < 0.01
+    assert significance.permutation_test(a, a + 2.0, n_resamples=99, seed=4) == significance.permutation_test(
         a, a + 2.0, n_resamples=99, seed=4)
 
 
 def test_permutation_test_exact_small_samples():
     # 20 ways to split 6 values 3/3; the observed split is the most extreme of one tail.
-    r = stats.permutation_test([1, 2, 3], [4, 5, 6])
+    r = significance.permutation_test([1, 2, 3], [4, 5, 6])
     assert r.statistic == -3.0 and r.p_value == pytest.approx(2 / 20)
     # Paired: 16 sign patterns, all differences positive.
-    r = stats.permutation_test([2, 4, 6, 8], [1, 2, 3, 4], paired=True)
+    r = significance.permutation_test([2, 4, 6, 8], [1, 2, 3, 4], paired=True)
     assert r.statistic == 2.5 and r.p_value == pytest.approx(2 / 16)
-    r = stats.permutation_test([2, 4, 6], [1, 2, 3], statistic="mean_ratio")
+    r = significance.permutation_test([2, 4, 6], [1, 2, 3], statistic="mean_ratio")
     assert r.statistic == pytest.approx(2.0)
     with pytest.raises(ValueError, match="statistic"):
-        stats.permutation_test([1, 2], [3, 4], statistic="nope")
+        significance.permutation_test([1, 2], [3, 4], statistic="nope")
 
 
 def test_permutation_test_callable_statistic():
-    r = stats.permutation_test([1, 2, 3], [4, 5, 6], statistic=lambda x, y: np.max(x) - np.max(y))
+    r = significance.permutation_test([1, 2, 3], [4, 5, 6], statistic=lambda x, y: np.max(x) - np.max(y))
     assert r.statistic == -3.0 and 0 < r.p_value <= 1
 
 
 def test_bootstrap_intervals(samples):
     a, b = samples
-    ci = stats.bootstrap_ci(a, n_resamples=999, seed=1)
+    ci = significance.bootstrap_ci(a, n_resamples=999, seed=1)
     assert ci.value == pytest.approx(a.mean()) and ci.ci_low < ci.value < ci.ci_high
-    assert ci == stats.bootstrap_ci(a, n_resamples=999, seed=1) != stats.bootstrap_ci(a, n_resamples=999, seed=2)
-    narrow = stats.bootstrap_ci(a, n_resamples=999, confidence=0.5, seed=1)
+    assert ci == significance.bootstrap_ci(a, n_resamples=999, seed=1) != significance.bootstrap_ci(a, n_resamples=999, seed=2)
+    narrow = significance.bootstrap_ci(a, n_resamples=999, confidence=0.5, seed=1)
     assert ci.ci_low < narrow.ci_low < narrow.ci_high < ci.ci_high
-    assert stats.bootstrap_ci([2.0, 2.0, 2.0]).as_dict() == {"value": 2.0, "ci_low": 2.0, "ci_high": 2.0,
+    assert significance.bootstrap_ci([2.0, 2.0, 2.0]).as_dict() == {"value": 2.0, "ci_low": 2.0, "ci_high": 2.0,
                                                              "confidence": 0.95}
-    med = stats.bootstrap_ci(a, statistic=lambda x: float(np.median(x)), n_resamples=99)
+    med = significance.bootstrap_ci(a, statistic=lambda x: float(np.median(x)), n_resamples=99)
     assert med.value == pytest.approx(np.median(a))
 
     x, y = a[:20], a[:20] + 1.0 + 0.1 * b[:20]
-    p = stats.paired_bootstrap_ci(x, y, n_resamples=999)
+    p = significance.paired_bootstrap_ci(x, y, n_resamples=999)
     assert p.value == pytest.approx(np.mean(x - y)) and p.ci_low < p.value < p.ci_high < 0
-    r = stats.ratio_of_means_ci(a + 10, b + 10, n_resamples=999)
+    r = significance.ratio_of_means_ci(a + 10, b + 10, n_resamples=999)
     assert r.value == pytest.approx((a + 10).mean() / (b + 10).mean()) and r.ci_low < r.value < r.ci_high
 
 
 def test_ratio_of_means_resamples_groups_independently():
     # Unequal group sizes only work with independent resampling.
-    r = stats.ratio_of_means_ci([1.0, 2.0, 3.0], [2.0, 4.0, 6.0, 8.0, 10.0], n_resamples=199)
+    r = significance.ratio_of_means_ci([1.0, 2.0, 3.0], [2.0, 4.0, 6.0, 8.0, 10.0], n_resamples=199)
     assert r.value == pytest.approx(2.0 / 6.0) and r.ci_low <= r.value <= r.ci_high
 
 
 def test_cohens_d_pooled_sd():
-    assert stats.cohens_d([1, 2, 3], [3, 4, 5]) == pytest.approx(-2.0)
+    assert significance.cohens_d([1, 2, 3], [3, 4, 5]) == pytest.approx(-2.0)
     a, b = [1.0, 2.0, 4.0, 7.0], [2.0, 2.5]
     pooled = math.sqrt((3 * np.var(a, ddof=1) + 1 * np.var(b, ddof=1)) / 4)
-    assert stats.cohens_d(a, b) == pytest.approx((np.mean(a) - np.mean(b)) / pooled)
-    assert stats.cohens_d([1, 1], [1, 1]) == 0.0 and stats.cohens_d([1, 1], [2, 2]) == -math.inf
+    assert significance.cohens_d(a, b) == pytest.approx((np.mean(a) - np.mean(b)) / pooled)
+    assert significance.cohens_d([1, 1], [1, 1]) == 0.0 and significance.cohens_d([1, 1], [2, 2]) == -math.inf
 
 
 def test_holm_known_values():
-    np.testing.assert_allclose(stats.holm([0.01, 0.04, 0.03, 0.005]), [0.03, 0.06, 0.06, 0.02])
-    np.testing.assert_allclose(stats.holm([0.5, 0.6]), [1.0, 1.0])
-    np.testing.assert_allclose(stats.holm([np.nan, 0.2, 0.6]), [np.nan, 0.4, 0.6])
+    np.testing.assert_allclose(significance.holm([0.01, 0.04, 0.03, 0.005]), [0.03, 0.06, 0.06, 0.02])
+    np.testing.assert_allclose(significance.holm([0.5, 0.6]), [1.0, 1.0])
+    np.testing.assert_allclose(significance.holm([np.nan, 0.2, 0.6]), [np.nan, 0.4, 0.6])
 
 
 def test_benjamini_hochberg_known_values():
-    np.testing.assert_allclose(stats.benjamini_hochberg([0.01, 0.04, 0.03, 0.005]), [0.02, 0.04, 0.04, 0.02])
-    np.testing.assert_allclose(stats.benjamini_hochberg([0.5, 0.6]), [0.6, 0.6])
-    np.testing.assert_allclose(stats.benjamini_hochberg([0.04, 0.01, 0.9, np.nan]), [0.06, 0.03, 0.9, np.nan])
+    np.testing.assert_allclose(significance.benjamini_hochberg([0.01, 0.04, 0.03, 0.005]), [0.02, 0.04, 0.04, 0.02])
+    np.testing.assert_allclose(significance.benjamini_hochberg([0.5, 0.6]), [0.6, 0.6])
+    np.testing.assert_allclose(significance.benjamini_hochberg([0.04, 0.01, 0.9, np.nan]), [0.06, 0.03, 0.9, np.nan])
 
 
-@pytest.mark.parametrize("adjust", [stats.holm, stats.benjamini_hochberg])
+@pytest.mark.parametrize("adjust", [significance.holm, significance.benjamini_hochberg])
 def test_adjusted_pvalues_monotone_bounded(adjust):
     p = np.random.default_rng(3).uniform(0, 1, 50) ** 3
     q = adjust(p)

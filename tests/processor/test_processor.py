@@ -4,8 +4,7 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
-import _tiny_models as tm
-from _tiny_models import single_thread  # noqa: F401  (autouse fixture)
+from helpers import tiny_models as tm
 from diffcirc.processor import FusedAttnProcessor
 from diffcirc.processor import processor as processor_module
 from diffcirc.processor.masks import key_padding_mask_from_attention_mask

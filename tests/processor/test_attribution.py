@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-import _tiny_models as tm
-from _tiny_models import single_thread  # noqa: F401  (autouse fixture)
+from helpers import tiny_models as tm
 from diffcirc.processor import Scale, Session, Zero, head_attribution, mean_head_outputs
 
 EPS = 5e-2  # float32 losses: larger steps keep rounding noise (~1e-7 / EPS) below the tolerance

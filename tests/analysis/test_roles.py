@@ -8,7 +8,7 @@ import pytest
 
 from diffcirc.analysis.roles import (ROLES, UNASSIGNED, RoleRules, assign_roles, head_features, role_summary,
                                      role_validation, roles_by_model)
-from diffcirc.analysis.stats import holm
+from diffcirc.analysis.significance import holm
 
 NEUTRAL = {"entropy": 2.0, "normalised": 0.5, "distance": 0.2, "label_mass_lift": 1.0, "edge_corr": 0.0,
            "texture_corr": 0.0, "timestep_sensitivity": 0.0, "dataset_sensitivity": 0.0}

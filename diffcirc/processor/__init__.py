@@ -2,8 +2,9 @@
 ``Recorder`` (streaming statistics), per-head interventions, batched conditions and attribution.
 
 Modules: processor (the processor), masks (diffusers masks -> key padding masks), grid (token
-grids, label resampling), session, recorder, interventions, conditions (run_conditions),
-attribution (head_attribution).
+grids, label resampling), session, recorder (tag keying and dispatch) with aggregates (Welford /
+Chan moments, histograms), recorder_distributed (all_reduce) and recorder_frames (its tables),
+interventions, conditions (run_conditions), attribution (head_attribution).
 """
 
 from .attribution import head_attribution

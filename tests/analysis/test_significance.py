@@ -30,6 +30,24 @@ def test_mann_whitney_equals_scipy(samples):
     assert (got.statistic, got.p_value) == pytest.approx((want.statistic, want.pvalue))
 
 
+def test_mann_whitney_exact_small_case():
+    # U of a = pairs with a > b = 0 + 0 + 2; of the C(7, 3) = 35 rank splits, U = 0, 1, 2 in 1, 1, 2
+    # ways, so two-sided p = 2 * 4 / 35.
+    got = significance.mann_whitney([1, 2, 5], [3, 4, 6, 7])
+    assert got.statistic == 2.0 and got.p_value == pytest.approx(8 / 35)
+
+
+@pytest.mark.parametrize("diffs, w, p", [
+    ([0.1, 0.2, 0.3, 0.4, 0.5], 0.0, 2 / 32),    # no negative rank: 1 of 32 sign patterns per tail
+    ([-0.1, 0.2, 0.3, 0.4, 0.5], 1.0, 4 / 32),   # rank sums 0, 1: one subset each
+    ([0.1, 0.2, -0.3, 0.4, 0.5], 3.0, 10 / 32),  # rank sums 0..3: 1 + 1 + 1 + 2 subsets of {1..5}
+])
+def test_wilcoxon_paired_exact_null(diffs, w, p):
+    y = np.linspace(1.0, 2.0, 5)
+    got = significance.wilcoxon_paired(y + np.array(diffs), y)
+    assert got.statistic == w and got.p_value == pytest.approx(p)
+
+
 def test_wilcoxon_paired_equals_scipy_and_handles_zero_differences(samples):
     x, y = samples[0][:20], samples[1][:20]
     want = st.wilcoxon(x, y)
@@ -86,6 +104,36 @@ def test_bootstrap_intervals(samples):
     assert r.value == pytest.approx((a + 10).mean() / (b + 10).mean()) and r.ci_low < r.value < r.ci_high
 
 
+def test_bootstrap_intervals_equal_scipy_percentile_on_the_same_resamples(samples):
+    a, b = samples
+    rng = np.random.default_rng
+
+    def ci(r):
+        return (r.confidence_interval.low, r.confidence_interval.high)
+
+    got = significance.bootstrap_ci(a, n_resamples=999, confidence=0.9, seed=5)
+    want = st.bootstrap((a,), np.mean, n_resamples=999, confidence_level=0.9, method="percentile", rng=rng(5))
+    assert (got.ci_low, got.ci_high) == pytest.approx(ci(want), rel=1e-12)
+
+    x, y = a[:20], b[:20]
+    got = significance.paired_bootstrap_ci(x, y, n_resamples=999, seed=6)
+    want = st.bootstrap((x, y), lambda u, v, axis: np.mean(u - v, axis=axis), paired=True, n_resamples=999,
+                        method="percentile", rng=rng(6))
+    assert (got.ci_low, got.ci_high) == pytest.approx(ci(want), rel=1e-12)
+
+    got = significance.ratio_of_means_ci(a + 10, b + 10, n_resamples=999, seed=7)
+    want = st.bootstrap((a + 10, b + 10), lambda u, v, axis: np.mean(u, axis=axis) / np.mean(v, axis=axis),
+                        n_resamples=999, method="percentile", rng=rng(7))
+    assert (got.ci_low, got.ci_high) == pytest.approx(ci(want), rel=1e-12)
+
+
+def test_bootstrap_interval_known_case():
+    # Five 0s and five 1s: a resample's mean is Binomial(10, 1/2) / 10, whose 2.5% and 97.5% quantiles
+    # are 0.2 and 0.8 (P(X <= 1) = 11/1024 < 0.025 < P(X <= 2) = 56/1024, and symmetrically).
+    ci = significance.bootstrap_ci([0.0] * 5 + [1.0] * 5, n_resamples=9999, seed=0)
+    assert (ci.value, ci.ci_low, ci.ci_high) == pytest.approx((0.5, 0.2, 0.8))
+
+
 def test_ratio_of_means_resamples_groups_independently():
     # Unequal group sizes only work with independent resampling.
     r = significance.ratio_of_means_ci([1.0, 2.0, 3.0], [2.0, 4.0, 6.0, 8.0, 10.0], n_resamples=199)
@@ -93,7 +141,11 @@ def test_ratio_of_means_resamples_groups_independently():
 
 
 def test_cohens_d_pooled_sd():
+    # Means 4 and 2, both variances 1, pooled sd 1: d = (mean a - mean b) / 1, positive when a is larger.
+    assert significance.cohens_d([3, 4, 5], [1, 2, 3]) == pytest.approx(2.0)
     assert significance.cohens_d([1, 2, 3], [3, 4, 5]) == pytest.approx(-2.0)
+    # Variances 9 (n=3) and 0.5 (n=2): pooled sd = sqrt((2 * 9 + 1 * 0.5) / 3); means 5 and 1.5.
+    assert significance.cohens_d([2, 5, 8], [1, 2]) == pytest.approx(3.5 / math.sqrt(18.5 / 3))
     a, b = [1.0, 2.0, 4.0, 7.0], [2.0, 2.5]
     pooled = math.sqrt((3 * np.var(a, ddof=1) + 1 * np.var(b, ddof=1)) / 4)
     assert significance.cohens_d(a, b) == pytest.approx((np.mean(a) - np.mean(b)) / pooled)
@@ -101,12 +153,18 @@ def test_cohens_d_pooled_sd():
 
 
 def test_holm_known_values():
+    # Sorted 0.001, 0.01, 0.02, 0.03, 0.2 times 5, 4, 3, 2, 1 = 0.005, 0.04, 0.06, 0.06, 0.2 (already monotone).
+    np.testing.assert_allclose(significance.holm([0.02, 0.2, 0.001, 0.03, 0.01]), [0.06, 0.2, 0.005, 0.06, 0.04])
     np.testing.assert_allclose(significance.holm([0.01, 0.04, 0.03, 0.005]), [0.03, 0.06, 0.06, 0.02])
     np.testing.assert_allclose(significance.holm([0.5, 0.6]), [1.0, 1.0])
     np.testing.assert_allclose(significance.holm([np.nan, 0.2, 0.6]), [np.nan, 0.4, 0.6])
 
 
 def test_benjamini_hochberg_known_values():
+    # Sorted 0.001, 0.01, 0.02, 0.03, 0.2 times 5/1, 5/2, 5/3, 5/4, 5/5 = 0.005, 0.025, 0.0333, 0.0375, 0.2,
+    # then the running minimum from the top leaves them as they are.
+    np.testing.assert_allclose(significance.benjamini_hochberg([0.02, 0.2, 0.001, 0.03, 0.01]),
+                               [0.1 / 3, 0.2, 0.005, 0.0375, 0.025])
     np.testing.assert_allclose(significance.benjamini_hochberg([0.01, 0.04, 0.03, 0.005]), [0.02, 0.04, 0.04, 0.02])
     np.testing.assert_allclose(significance.benjamini_hochberg([0.5, 0.6]), [0.6, 0.6])
     np.testing.assert_allclose(significance.benjamini_hochberg([0.04, 0.01, 0.9, np.nan]), [0.06, 0.03, 0.9, np.nan])

@@ -1,14 +1,15 @@
 """Role rules on crafted feature tables; features from aggregates; role validation."""
 
+import itertools
 import math
 
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats as st
 
 from diffcirc.analysis.roles import (ROLES, UNASSIGNED, RoleRules, assign_roles, head_features, role_summary,
                                      role_validation, roles_by_model)
-from diffcirc.analysis.significance import holm
 
 NEUTRAL = {"entropy": 2.0, "normalised": 0.5, "distance": 0.2, "label_mass_lift": 1.0, "edge_corr": 0.0,
            "texture_corr": 0.0, "timestep_sensitivity": 0.0, "dataset_sensitivity": 0.0}
@@ -141,5 +142,77 @@ def test_role_validation_role_vs_random_controls():
     assert v.loc["edge_detection", "p_value"] < 0.01 and v.loc["edge_detection", "p_rank"] == pytest.approx(1 / 5)
     assert v.loc["texture_analysis", "ratio"] < 1 and v.loc["texture_analysis", "p_rank"] == 1.0
     assert (v["n_units"] == 10).all() and (v["n_reps"] == 4).all()
-    np.testing.assert_allclose(v["p_holm"], holm(v["p_value"]))
+    # 2^10 sign patterns > 999 resamples: both p at the randomised floor 2 / (999 + 1); Holm doubles each.
+    np.testing.assert_allclose(v["p_value"], [0.002, 0.002])
+    np.testing.assert_allclose(v["p_holm"], [0.004, 0.004])
     assert role_validation(df.iloc[:0]).empty
+
+
+# Per-unit clean errors far apart, so pairing matters; no role increase ties a random one (Mann-Whitney).
+CLEAN = np.array([1.0, 5.0, 10.0, 20.0, 40.0, 80.0])
+
+
+def _validation_rows(role: str, error_name: str, delta) -> list:
+    """One timestep, six images: two random reps raise each image's error by 0.11 and 0.09 of its clean
+    error (unit mean 0.1), the role's heads by 0.1 of it plus ``delta`` (the paired difference)."""
+    rows = []
+    for i, (clean, d) in enumerate(zip(CLEAN, delta)):
+        rows.append(("natural", 5, role, "role", 0, i, error_name, clean, clean + 0.1 * clean + d))
+        rows += [("natural", 5, role, "random", rep, i, error_name, clean, clean + f * clean)
+                 for rep, f in enumerate((0.11, 0.09))]
+    return rows
+
+
+def _sign_flip_p(d) -> float:
+    """Exact two-sided p of the paired sign-flip null: every one of the 2^n sign patterns of d."""
+    d = np.asarray(d, dtype=np.float64)
+    null = (np.array(list(itertools.product((1.0, -1.0), repeat=d.size))) * d).mean(axis=1)
+    observed, tol = d.mean(), 1e-9
+    return min(1.0, 2 * min(np.mean(null >= observed - tol), np.mean(null <= observed + tol)))
+
+
+DELTAS = {
+    # (role, error): paired differences; hand counts of sign patterns at least as extreme per tail
+    ("edge_detection", "edge"): [0.5, 0.3, -0.15, 0.4, 0.2, 0.6],        # {}, {-0.15} flipped: 2 of 64
+    ("texture_analysis", "edge"): [0.1, 0.2, 0.3, 0.4, 0.5, 0.6],        # only {}: 1 of 64
+    ("semantic_grouping", "edge"): [-0.2, -0.1, 0.35, 0.4, 0.5, 0.6],   # {}, {-0.1}, {-0.2}, both: 4 of 64
+    ("global_layout", "high_freq"): [0.3, -0.2, 0.15, -0.4, 0.5, 0.25],  # messy: enumerated
+}
+
+
+@pytest.fixture(scope="module")
+def validation():
+    rows = [r for (role, err), d in DELTAS.items() for r in _validation_rows(role, err, d)]
+    df = pd.DataFrame(rows, columns=["dataset", "timestep", "role", "control", "rep", "image", "error_name",
+                                     "err_clean", "err_ablated"])
+    return role_validation(df, n_resamples=999).set_index("role")
+
+
+def test_role_validation_p_is_the_paired_sign_flip_null(validation):
+    # Unpaired (labels permuted over all 12 increases) these would be near 1: the clean errors' spread
+    # swamps the differences.
+    p = validation["p_value"]
+    assert p["edge_detection"] == pytest.approx(2 * 2 / 64)
+    assert p["texture_analysis"] == pytest.approx(2 * 1 / 64)
+    assert p["semantic_grouping"] == pytest.approx(2 * 4 / 64)
+    assert p["global_layout"] == pytest.approx(_sign_flip_p(DELTAS[("global_layout", "high_freq")]))
+    assert p["global_layout"] == pytest.approx(
+        st.permutation_test((np.array(DELTAS[("global_layout", "high_freq")]),), np.mean,
+                            permutation_type="samples").pvalue)
+
+
+def test_role_validation_mann_whitney_rank_and_holm_family(validation):
+    for (role, _), d in DELTAS.items():
+        role_inc = 0.1 * CLEAN + np.array(d)
+        random_inc = np.concatenate([0.11 * CLEAN, 0.09 * CLEAN])
+        want = st.mannwhitneyu(role_inc, random_inc, alternative="two-sided").pvalue
+        assert validation.loc[role, "p_mannwhitney"] == pytest.approx(want), role
+        # rep means 0.11 * 26 = 2.86 and 0.09 * 26 = 2.34 against the role's 2.6 + mean(d)
+        above = int(0.11 * 26 >= 2.6 + np.mean(d)) + int(0.09 * 26 >= 2.6 + np.mean(d))
+        assert validation.loc[role, "p_rank"] == pytest.approx((1 + above) / 3), role
+    # Holm within (natural, edge): 1/32 x 3, 1/16 x 2, 1/8 x 1 -> 0.09375, 0.125, 0.125; global_layout is a
+    # family of one (high_freq), so its p stays.
+    holm_p = validation["p_holm"]
+    assert holm_p["texture_analysis"] == pytest.approx(0.09375)
+    assert holm_p["edge_detection"] == pytest.approx(0.125) and holm_p["semantic_grouping"] == pytest.approx(0.125)
+    assert holm_p["global_layout"] == pytest.approx(validation.loc["global_layout", "p_value"])

@@ -198,8 +198,9 @@ def complexity_ratio(per_image: pd.DataFrame, model: str = "trained", n_resample
                      control: Optional[str] = "random") -> dict:
     """Complexity ratio H(natural) / H(synthetic) over images (definition in the module docstring).
 
-    Returns {value, ci_low, ci_high, p_value, cohens_d (natural vs synthetic image means, pooled
-    sd), n_synthetic, n_natural, confidence, random_control} where
+    Returns {value, ci_low, ci_high, p_value, cohens_d ((mean numerator - mean denominator image
+    entropy) / pooled sd: positive when natural images have the higher entropy), n_synthetic,
+    n_natural, confidence, random_control} where
     random_control is the same dict, without its own control, for the
     model named ``control`` when per_image has rows for it, else None. ``datasets`` is
     (denominator, numerator). Values are NaN when a dataset has no images.

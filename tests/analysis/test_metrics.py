@@ -5,9 +5,10 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats as st
 from scipy.spatial.distance import jensenshannon
 
-from diffcirc.analysis import metrics, significance
+from diffcirc.analysis import metrics
 
 LN2 = math.log(2)
 
@@ -114,6 +115,22 @@ def test_complexity_ratio_shifted_with_control():
     assert r == metrics.complexity_ratio(frame, n_resamples=999, seed=2)
 
 
+def test_complexity_ratio_effect_size_p_and_interval_on_a_small_case():
+    # Image means: natural 3, 4, 5 and synthetic 1, 2, 3 -> ratio 4 / 2; both sample variances are 1,
+    # so the pooled sd is 1 and Cohen's d = (4 - 2) / 1, positive because natural is the higher.
+    # Of the C(6, 3) = 20 label splits, 2 reach ratio 2 (the two 3s are interchangeable) and 2 the
+    # mirror 1/2: two-sided p = 2 * 2 / 20.
+    syn, nat = [1.0, 2.0, 3.0], [3.0, 4.0, 5.0]
+    r = metrics.complexity_ratio(_per_image({"synthetic": syn, "natural": nat}), n_resamples=999, seed=4)
+    assert r["value"] == pytest.approx(2.0) and r["cohens_d"] == pytest.approx(2.0)
+    assert r["p_value"] == pytest.approx(0.2)
+    flipped = metrics.complexity_ratio(_per_image({"synthetic": nat, "natural": syn}), n_resamples=99)
+    assert flipped["cohens_d"] == pytest.approx(-2.0) and flipped["value"] == pytest.approx(0.5)
+    want = st.bootstrap((np.array(nat), np.array(syn)), lambda a, b, axis: np.mean(a, axis=axis) / np.mean(b, axis=axis),
+                        n_resamples=999, method="percentile", rng=np.random.default_rng(4)).confidence_interval
+    assert (r["ci_low"], r["ci_high"]) == pytest.approx((want.low, want.high), rel=1e-12)
+
+
 def test_complexity_ratio_point_from_aggregates():
     agg = pd.DataFrame([_agg_row("trained", "synthetic", 1, "a", 0, "entropy", 10, 2.0, 1.0),
                         _agg_row("trained", "natural", 1, "a", 0, "entropy", 10, 2.2, 1.0),
@@ -140,19 +157,59 @@ def test_degradation_percent_ci_and_corrections():
     zero = d[d["mode"] == "zero"].set_index("head")
     assert zero.loc[0, "percent"] == pytest.approx(50.0)
     assert zero.loc[0, "ci_low"] == pytest.approx(50.0) and zero.loc[0, "ci_high"] == pytest.approx(50.0)
-    assert zero.loc[0, "p_value"] == pytest.approx(significance.wilcoxon_paired([1.5] * 8, [1.0] * 8).p_value)
+    assert zero.loc[0, "p_value"] == pytest.approx(2 / 2 ** 8)  # 8 positive differences: 1 sign pattern per tail
     assert zero.loc[1, "percent"] == 0.0 and zero.loc[1, "p_value"] == 1.0
     raw = _ablations().query("head == 2 and mode == 'zero'")
     want = 100 * (raw["loss_ablated"].mean() - raw["loss_clean"].mean()) / raw["loss_clean"].mean()
     assert zero.loc[2, "percent"] == pytest.approx(want) and zero.loc[2, "ci_low"] < want < zero.loc[2, "ci_high"]
-    np.testing.assert_allclose(zero["p_holm"], significance.holm(zero["p_value"]))
-    np.testing.assert_allclose(zero["p_bh"], significance.benjamini_hochberg(zero["p_value"]))
+    # Family of three with p0 < p2 < p1 = 1: Holm multiplies by 3, 2, 1 in that order, BH by 3/1, 3/2, 3/3.
+    p = zero["p_value"]
+    np.testing.assert_allclose(zero["p_holm"], [3 * p[0], 1.0, 2 * p[2]])
+    np.testing.assert_allclose(zero["p_bh"], [3 * p[0], 1.0, 1.5 * p[2]])
+    np.testing.assert_allclose(zero["p_bh"], st.false_discovery_control(p.to_numpy(), method="bh"))
     r = metrics.degradation_range(d, top=2)
     assert r["mode"] == "zero" and r["min"] == 0.0 and r["max"] == pytest.approx(50.0)
     assert [row["head"] for row in r["top"]] == [0, 2]
     quick = metrics.degradation(_ablations(), n_resamples=0)
     np.testing.assert_allclose(quick["percent"], d["percent"])
     assert quick["ci_low"].isna().all() and metrics.degradation(_ablations().iloc[:0]).empty
+
+
+def _signed_rank_ablations():
+    """Five images per head with distinct |differences|, so Wilcoxon's p is the exact null: no negative
+    rank -> 2/32, rank 1 negative -> 4/32, rank 3 negative -> 10/32 (rank sums <= 3: 1 + 1 + 1 + 2 subsets).
+    Two families: (natural, t=5, zero) with heads 0..2 and (natural, t=5, mean) with head 0 alone."""
+    diffs = {0: [0.1, 0.2, 0.3, 0.4, 0.5], 1: [-0.1, 0.2, 0.3, 0.4, 0.5], 2: [0.1, 0.2, -0.3, 0.4, 0.5]}
+    rows = [("natural", 5, "a", head, "zero", i, 1.0 + i, 1.0 + i + d) for head, ds in diffs.items()
+            for i, d in enumerate(ds)]
+    rows += [("natural", 5, "a", 0, "mean", i, 1.0 + i, 1.0 + i + d) for i, d in enumerate(diffs[1])]
+    return pd.DataFrame(rows, columns=["dataset", "timestep", "layer", "head", "mode", "image", "loss_clean",
+                                       "loss_ablated"])
+
+
+def test_degradation_holm_and_bh_within_each_family():
+    d = metrics.degradation(_signed_rank_ablations(), n_resamples=0)
+    zero = d[d["mode"] == "zero"].set_index("head")
+    np.testing.assert_allclose(zero["p_value"], [0.0625, 0.125, 0.3125])
+    # Holm: 0.0625 x 3, 0.125 x 2, 0.3125 x 1 (running max); BH: x 3/1, 3/2, 3/3 (running min from the top).
+    np.testing.assert_allclose(zero["p_holm"], [0.1875, 0.25, 0.3125])
+    np.testing.assert_allclose(zero["p_bh"], [0.1875, 0.1875, 0.3125])
+    mean = d[d["mode"] == "mean"].iloc[0]
+    assert mean["p_value"] == mean["p_holm"] == mean["p_bh"] == pytest.approx(0.125)  # a family of one
+
+
+def test_degradation_interval_is_scipys_paired_percentile_bootstrap():
+    table = _signed_rank_ablations()
+    d = metrics.degradation(table, n_resamples=999, seed=10)
+    groups = table.groupby(["dataset", "timestep", "layer", "head", "mode"], sort=True)
+    for i, (key, g) in enumerate(groups):  # group i of the sorted keys draws with seed + i
+        clean, abl = g["loss_clean"].to_numpy(), g["loss_ablated"].to_numpy()
+        want = st.bootstrap((clean, abl), lambda c, a, axis: 100 * (a.mean(axis) - c.mean(axis)) / c.mean(axis),
+                            paired=True, n_resamples=999, method="percentile",
+                            rng=np.random.default_rng(10 + i)).confidence_interval
+        row = d.set_index(["dataset", "timestep", "layer", "head", "mode"]).loc[key]
+        assert row["percent"] == pytest.approx(100 * (abl.mean() - clean.mean()) / clean.mean())
+        assert (row["ci_low"], row["ci_high"]) == pytest.approx((want.low, want.high), rel=1e-12), key
 
 
 def test_attribution_agreement_spearman():

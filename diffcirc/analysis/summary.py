@@ -10,8 +10,9 @@ seed. This is what ``diffcirc report DIR`` reruns.
 Keys (definitions in ``metrics`` and ``roles``; "trained" is the studied model, "random" the
 random-weights control):
 
-- complexity_ratio: {value, ci_low, ci_high, p_value, n_synthetic, n_natural, confidence,
-  source ("per_image", or "aggregates" when only those exist: no interval, no p-value)}
+- complexity_ratio: {value, ci_low, ci_high, p_value, cohens_d (natural minus synthetic image means
+  over their pooled sd), n_synthetic, n_natural, confidence, source ("per_image", or "aggregates"
+  when only those exist: no interval, no p-value, no effect size)}
 - entropy_divergence: {per_timestep {t: pooled JS}, mean_diff {t: H_nat - H_syn}, min, max}
 - entropy: {entropy_mean, normalised_mean, by_dataset {dataset: {...}}} of the trained model
 - roles: [{layer, head, role, roles, entropy_mean, entropy_sd, normalised}] (trained model)
@@ -122,7 +123,8 @@ def _complexity(per_image, aggregates, n_resamples: int, seed: int, model: str, 
     if aggregates is not None and not aggregates.empty and (
             "model" not in aggregates.columns or (aggregates["model"] == model).any()):
         value = metrics.complexity_ratio_point(aggregates, model)
-        return {"value": value, "ci_low": None, "ci_high": None, "p_value": None, "source": "aggregates"}
+        return {"value": value, "ci_low": None, "ci_high": None, "p_value": None, "cohens_d": None,
+                "source": "aggregates"}
     return None
 
 
@@ -199,7 +201,7 @@ def summarise(out_dir, n_resamples: int = 2000, seed: int = 0, rules: Optional[R
         control_roles = by_model.get("random")
         summary["random_control"] = {
             "complexity_ratio": control_ratio,
-            "entropy": _entropy_overview(agg, layers, "random"),
+            "entropy": _entropy_overview(agg, layers, "random") if has_agg else None,
             "entropy_divergence": _divergence(t["histograms"], agg, "random"),
             "roles": role_summary(control_roles, rules) if control_roles is not None else None,
         }

@@ -1,4 +1,4 @@
-"""Statistics for saved results: tests, resampling intervals, effect sizes, multiplicity.
+"""Significance on saved results: tests, resampling intervals, effect sizes, multiplicity corrections.
 
 Every function takes plain array-likes (lists, numpy arrays, pandas Series), drops non-finite
 values (pairwise for paired tests), and is deterministic: resampling draws from

@@ -8,17 +8,15 @@ Each implementation is checked against the float64 reference before it is benchm
 itself is never asserted."""
 
 import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from diffcirc.bench import harness  # noqa: E402
+from diffcirc.bench.cases import DTYPES, make_case
+from diffcirc.bench.gate import check
+from diffcirc.bench.implementations import IMPLEMENTATIONS
 
 SHAPES = [(1, 4, 256, 64), (1, 4, 1024, 64)]
-IMPLS = ["fused", "fused+entropy", "fused+all stats", "sdpa", "materialising"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -31,12 +29,12 @@ def _threads():
 
 @pytest.mark.parametrize("dt", ["f32", "bf16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
 def test_attention(benchmark, impl, shape, dt):
-    fn = harness.IMPLEMENTATIONS[impl]
-    dtype = harness.DTYPES[dt]
-    case = harness.make_case(*shape, dtype)
-    harness.check(impl, fn, case, dtype)  # refuse a wrong implementation before timing
+    fn = IMPLEMENTATIONS[impl]
+    dtype = DTYPES[dt]
+    case = make_case(*shape, dtype)
+    check(impl, fn, case, dtype)  # refuse a wrong implementation before timing
     b, h, n, d = shape
     benchmark.extra_info.update(flops=4 * b * h * n * n * d, implementation=impl, dtype=dt)
     benchmark.group = f"{dt} {'x'.join(map(str, shape))}"

@@ -1,6 +1,6 @@
-"""The op benchmark behind ``diffcirc bench op``: the cases and implementations of
-``benchmarks/bench_attention.py`` (from :mod:`diffcirc.bench.harness`), each checked against the
-float64 reference before it is timed, plus the scaling study (time and memory vs N)."""
+"""The op benchmark behind ``diffcirc bench op``: every (dtype, shape) x implementation, each
+checked against the float64 reference before it is timed, with GFLOP/s, the ratio to the PyTorch
+baseline and peak memory; its default cases; the scaling study's sizes."""
 
 from __future__ import annotations
 
@@ -9,12 +9,55 @@ import sys
 
 import torch
 
-from diffcirc.bench import harness
+from diffcirc.bench import cases, gate, implementations, measure
 
-SCALING_NS = [2**k for k in range(8, 15)]  # 256 .. 16384
-SCALING_QUICK_NS = [2**k for k in range(8, 12)]  # 256 .. 2048
+B, H = 2, 8  # batch and heads of a shape given as NxD or N
+D = 64  # head dim of a shape given as N
+# default cases per device: every N x every head dim, at (B, H)
+DEFAULT_NS = {"cpu": (1024, 4096), "cuda": (1024, 4096, 16384)}
+DEFAULT_DS = {"cpu": (40, 64, 160), "cuda": (40, 64, 128, 160)}
+QUICK_N, QUICK_D = 1024, 64
+DEFAULT_DTYPES = {"cpu": ("f32", "bf16"), "cuda": ("f16", "bf16")}
+SCALING_DTYPES = {"cpu": ("f32",), "cuda": ("f16", "bf16")}
+SCALING_NS = tuple(2**k for k in range(8, 15))  # 256 .. 16384
+SCALING_QUICK_NS = tuple(2**k for k in range(8, 12))  # 256 .. 2048
+SCALING_SHAPE = (1, 2, 64)  # (b, h, d) of the scaling study unless a shape is given
+REPEATS, QUICK_REPEATS = 5, 2  # --scaling times with QUICK_REPEATS too: it has many large cases
+MEM_BUDGET_GIB = 4.0  # the materialising path is skipped on the CPU where it would need more
 # what vs_sdpa divides by: the first of these timed in the case (flash refuses f32)
 BASELINE = {"cpu": ("sdpa",), "cuda": ("sdpa-flash", "sdpa-efficient")}
+
+
+def parse_shape(text: str, b: int = B, h: int = H) -> tuple:
+    """'BxHxNxD' or 'NxD' (B and H given) or 'N' (D = 64) -> (b, h, n, d)."""
+    parts = [int(p) for p in text.lower().split("x")]
+    if len(parts) == 4:
+        return tuple(parts)
+    if len(parts) == 2:
+        return (b, h, *parts)
+    if len(parts) == 1:
+        return (b, h, parts[0], D)
+    raise ValueError(f"shape {text!r}: expected BxHxNxD, NxD or N")
+
+
+def default_shapes(device: str, b: int = B, h: int = H, quick: bool = False, scaling: bool = False,
+                   given=()) -> list:
+    """(b, h, n, d) cases: the given ones; with scaling, N over SCALING_NS (SCALING_QUICK_NS when
+    quick) at the first given shape's (b, h, d), or SCALING_SHAPE; else one QUICK case when quick,
+    or every DEFAULT_NS x DEFAULT_DS of device."""
+    ns = SCALING_QUICK_NS if quick else SCALING_NS
+    if scaling:
+        b0, h0, d0 = (given[0][0], given[0][1], given[0][3]) if given else SCALING_SHAPE
+        return [(b0, h0, n, d0) for n in ns]
+    if given:
+        return list(given)
+    if quick:
+        return [(b, h, QUICK_N, QUICK_D)]
+    return [(b, h, n, d) for n in DEFAULT_NS[device] for d in DEFAULT_DS[device]]
+
+
+def default_dtypes(device: str, scaling: bool = False) -> tuple:
+    return (SCALING_DTYPES if scaling else DEFAULT_DTYPES)[device]
 
 
 def materialising_bytes(b, h, n, d, dtype) -> int:
@@ -23,26 +66,25 @@ def materialising_bytes(b, h, n, d, dtype) -> int:
     return 3 * b * h * n * n * torch.empty((), dtype=dtype).element_size()
 
 
-def run_op(shapes, dtypes, impls: dict, device: str = "cpu", repeats: int = 5, mem_budget: float | None = None,
+def run_op(shapes, dtypes, impls: dict, device: str = "cpu", repeats: int = REPEATS, mem_budget: float | None = None,
            unavailable: dict | None = None, log=print) -> list:
     """Rows of results for every (dtype, shape) x implementation. shapes: (b, h, n, d) tuples; impls:
     name -> fn(case) -> (out (B, H, N, D), entropy (B, H, N) or None). Each implementation is checked
-    against the float64 reference first (harness.IncorrectImplementation propagates: a wrong one is
+    against the float64 reference first (gate.IncorrectImplementation propagates: a wrong one is
     never timed). With mem_budget (bytes) the materialising path is skipped where it would need more.
     unavailable: name -> reason (an optional baseline "not installed"), listed as a skipped row per
     case. A baseline that cannot run a case (an unsupported dtype or head dim) is skipped too."""
-    cuda = device == "cuda"
-    time_call, peak = harness.measurers(device)
+    time_call, peak = measure.measurers(device)
     rows = []
     for dt, (b, h, n, d) in itertools.product(dtypes, shapes):
-        dtype = harness.DTYPES[dt]
-        case = harness.make_case(b, h, n, d, dtype, device=device)
+        dtype = cases.DTYPES[dt]
+        case = cases.make_case(b, h, n, d, dtype, device=device)
         results, ref = [], None
         for name, fn in impls.items():
             row = {"dtype": dt, "b": b, "h": h, "n": n, "d": d, "implementation": name}
             reason = _over_budget(name, (b, h, n, d), dtype, mem_budget)
             if reason is None:
-                ref = harness.reference(case) if ref is None else ref
+                ref = gate.reference(case) if ref is None else ref
                 reason = _measure(row, name, fn, case, dtype, ref, time_call, peak, repeats)
             if reason is None:
                 results.append(row)
@@ -55,7 +97,7 @@ def run_op(shapes, dtypes, impls: dict, device: str = "cpu", repeats: int = 5, m
             log(f"{dt:5} {n:>6} {d:>4} {name:16} skipped: {reason}")
         _ratios(results, BASELINE[device], 4 * b * h * n * n * d, log)
         del case, ref
-        if cuda:
+        if device == "cuda":
             torch.cuda.empty_cache()
         sys.stdout.flush()
     return rows
@@ -71,20 +113,20 @@ def _over_budget(name, shape, dtype, mem_budget) -> str | None:
 
 def _measure(row, name, fn, case, dtype, ref, time_call, peak, repeats) -> str | None:
     """Checks fn against ref, then times it and measures its peak memory into row; returns why it
-    was skipped, or None. A wrong result raises harness.IncorrectImplementation; which other
-    failures skip the implementation is harness.skip_reason's call (running out of memory, a
+    was skipped, or None. A wrong result raises gate.IncorrectImplementation; which other failures
+    skip the implementation is implementations.skip_reason's call (running out of memory, a
     baseline that cannot run the case), the rest propagate."""
     try:
-        err = harness.check(name, fn, case, dtype, ref)  # the gate, before any timing
+        err = gate.check(name, fn, case, dtype, ref)  # the gate, before any timing
         times = time_call(fn, case, repeats)
         mem = peak(fn, case)
     except Exception as e:
-        reason = harness.skip_reason(name, e)
+        reason = implementations.skip_reason(name, e)
         if reason is None:
             raise
         torch.cuda.empty_cache()
         return reason
-    row.update(harness.summarize(times), peak_extra_bytes=mem, max_abs_err=err)
+    row.update(measure.summarize(times), peak_extra_bytes=mem, max_abs_err=err)
     return None
 
 
@@ -104,27 +146,19 @@ def _ratios(results: list, baselines: tuple, flops: int, log):
 HEADER = f"{'dtype':5} {'N':>6} {'D':>4} {'implementation':16} {'ms':>9} {'GFLOP/s':>8} {'vs sdpa':>8} {'peak MiB':>9} {'max err':>8}"
 
 
-def scaling_fits(rows: list) -> list:
-    """Per (implementation, dtype, b, h, d): the least-squares exponents of time and peak memory vs N."""
-    groups: dict = {}
+def cost_lines(rows: list) -> list:
+    """Per (dtype, N, D) case, where both were timed: how many times faster fused+entropy is than
+    the materialising path, and what all statistics cost over the plain fused kernel."""
+    by_case: dict = {}
     for r in rows:
-        if r.get("ms") is None:
-            continue
-        groups.setdefault((r["implementation"], r["dtype"], r["b"], r["h"], r["d"]), []).append(r)
-    fits = []
-    for (impl, dt, b, h, d), rs in groups.items():
-        rs.sort(key=lambda r: r["n"])
-        ns = [r["n"] for r in rs]
-        fits.append({"implementation": impl, "dtype": dt, "b": b, "h": h, "d": d, "n_min": ns[0], "n_max": ns[-1],
-                     "points": len(ns), "time_exponent": harness.fit_exponent(ns, [r["ms"] for r in rs]),
-                     "memory_exponent": harness.fit_exponent(ns, [r["peak_extra_bytes"] for r in rs])})
-    return fits
-
-
-def format_fits(fits: list) -> str:
-    fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
-    lines = [f"{'implementation':16} {'dtype':5} {'D':>4} {'N range':>13} {'time ~ N^':>9} {'memory ~ N^':>11}"]
-    for f in fits:
-        lines.append(f"{f['implementation']:16} {f['dtype']:5} {f['d']:>4} {f['n_min']:>6}-{f['n_max']:<6} "
-                     f"{fmt(f['time_exponent']):>9} {fmt(f['memory_exponent']):>11}")
-    return "\n".join(lines)
+        if r.get("ms") is not None:
+            by_case.setdefault((r["dtype"], r["n"], r["d"]), {})[r["implementation"]] = r["ms"]
+    lines = []
+    for (dt, n, d), ms in by_case.items():
+        if "materialising" in ms and "fused+entropy" in ms:
+            lines.append(f"{dt:5} {n:>6} {d:>4} fused+entropy is {ms['materialising'] / ms['fused+entropy']:.1f}x "
+                         "faster than the materialising path")
+        if "fused" in ms and "fused+all stats" in ms:
+            lines.append(f"{dt:5} {n:>6} {d:>4} all statistics cost {ms['fused+all stats'] / ms['fused']:.2f}x the "
+                         "plain fused kernel")
+    return lines

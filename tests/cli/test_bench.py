@@ -1,29 +1,168 @@
-"""``diffcirc bench sweep``, the UNet plots and the optional GPU baselines (xformers, flash-attn).
+"""``diffcirc bench`` (op, unet, sweep, compare) and the thin scripts of ``benchmarks/``: the JSON/CSV
+schema, --compare, plots, refusals of wrong implementations, options reaching the library, option
+ranges. The sweep runs on the tiny UNet with 2 conditions x 1 image. No wall-clock limits."""
 
-The sweep runs on the tiny UNet with 2 conditions x 1 image; the optional baselines are fake
-modules put into sys.modules (the real libraries are GPU-only and not installed here), computing
-attention with torch so the discovery and the correctness gate can be exercised on the CPU.
-No wall-clock limits."""
-
+import ast
 import csv
+import dataclasses
+import importlib.util
 import json
-import sys
-import types
+import re
+from pathlib import Path
 
 import pytest
-import torch
 
-from diffcirc.bench import harness, op
-from diffcirc.bench.plots import write_unet_plots
-from diffcirc.bench.unet import load_bench_unet
+from diffcirc.bench import configs, implementations, op
 from diffcirc.cli import main as cli_main
 from diffcirc.cli.bench import EXIT_REFUSED, EXIT_REGRESSION, compare_files
 
 pytest.importorskip("diffusers")
 
-SWEEP = ["bench", "sweep", "--quick", "--conditions", "2", "--threads", "1"]
-SHAPE = (1, 2, 32, 16)  # H != N so that a kernel reading the wrong layout gives a wrong answer
+from diffcirc.bench import sweep, unet  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[2]
+SWEEP = ["bench", "sweep", "--quick", "--conditions", "2", "--threads", "1"]
+
+
+def _wrong(c):
+    out, _ = implementations.sdpa(c)
+    return out + 0.5, None
+
+
+def _run_op(tmp_path, name, *extra):
+    out = tmp_path / name
+    rc = cli_main(["bench", "op", "--dtype", "f32", "--shapes", "1x1x32x16", "1x1x64x16", "--repeats", "2",
+                   "--threads", "1", "--out", str(out), *extra])
+    return rc, out
+
+
+# ---------------------------------------------------------------------------------------------
+# bench op
+
+def test_cli_refuses_wrong_implementation(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(implementations.IMPLEMENTATIONS, "sdpa", _wrong)
+    rc, out = _run_op(tmp_path, "refused", "--impl", "sdpa", "--no-plots")
+    assert rc == EXIT_REFUSED
+    assert "refused" in capsys.readouterr().err
+    assert not (out / "results.json").exists()
+
+
+def test_json_csv_schema_and_compare(tmp_path, capsys):
+    rc, out = _run_op(tmp_path, "run", "--impl", "fused", "sdpa", "materialising", "--no-plots")
+    assert rc == 0
+    data = json.loads((out / "results.json").read_text())
+    for key in ("machine", "cpu", "isa", "torch", "cuda", "gpu", "commit", "device", "threads"):
+        assert key in data["meta"]
+    assert data["meta"]["kind"] == "op" and data["meta"]["optional_baselines"]["xformers"] == "cuda only"
+    assert len(data["results"]) == 2 * 3
+    for r in data["results"]:
+        for key in ("implementation", "dtype", "b", "h", "n", "d", "ms", "ms_min", "ms_max", "gflops", "vs_sdpa",
+                    "peak_extra_bytes", "max_abs_err"):
+            assert key in r, key
+        assert r["ms_min"] <= r["ms"] <= r["ms_max"]
+    with open(out / "results.csv") as f:
+        lines = list(csv.DictReader(f))
+    assert len(lines) == len(data["results"])
+    assert {r["implementation"] for r in lines} == {"fused", "sdpa", "materialising"}
+    assert float(lines[0]["ms"]) == pytest.approx(data["results"][0]["ms"])
+    assert "fused+entropy" not in capsys.readouterr().out  # cost lines only for the implementations run
+
+    new = str(out / "results.json")
+    assert compare_files(new, new, 10.0) == 0  # an unchanged run passes
+    planted = dict(data, results=[dict(r) for r in data["results"]])
+    planted["results"][0]["ms"] /= 1.5  # the old run was faster on one case: +50% now
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(planted))
+    assert compare_files(new, str(old), 10.0) == EXIT_REGRESSION
+    assert "REGRESSION" in capsys.readouterr().out
+    assert compare_files(new, str(old), 60.0) == 0  # under a looser threshold it passes
+
+
+def test_cli_compare_exits_nonzero_on_planted_regression(tmp_path):
+    old = tmp_path / "old.json"
+    rows = [{"dtype": "f32", "b": 1, "h": 1, "n": n, "d": 16, "implementation": "sdpa", "ms": 1e-9} for n in (32, 64)]
+    old.write_text(json.dumps({"meta": {}, "results": rows}))
+    rc, _ = _run_op(tmp_path, "cmp", "--impl", "sdpa", "--no-plots", "--compare", str(old))
+    assert rc == EXIT_REGRESSION
+
+
+def test_compare_command_with_no_case_in_common(tmp_path, capsys):
+    for name, n in (("a.json", 32), ("b.json", 64)):
+        row = {"dtype": "f32", "n": n, "implementation": "sdpa", "ms": 1.0}
+        (tmp_path / name).write_text(json.dumps({"meta": {}, "results": [row]}))
+    assert cli_main(["bench", "compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 2
+    assert "no case in common" in capsys.readouterr().err
+
+
+def test_plots_written_on_tiny_quick_run(tmp_path):
+    rc, out = _run_op(tmp_path, "plots", "--quick", "--impl", "fused", "sdpa", "materialising")
+    assert rc == 0
+    for name in ("time_vs_n.png", "gflops_vs_n.png", "memory_vs_n.png", "speedup_vs_sdpa.png"):
+        path = out / name
+        assert path.exists() and path.stat().st_size > 1000, name
+
+
+def test_op_options_reach_the_run(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(op, "run_op", lambda *a, **k: calls.append((a, k)) or [])
+    assert cli_main(["bench", "op", "--shapes", "4x3x100x8", "50x16", "--b", "2", "--h", "5", "--dtype", "bf16",
+                     "--impl", "fused", "materialising", "--repeats", "7", "--mem-budget-gib", "0.5",
+                     "--no-plots", "--out", str(tmp_path)]) == 0
+    (args, _), = calls
+    shapes, dtypes, impls, device, repeats, budget, unavailable = args
+    assert shapes == [(4, 3, 100, 8), (2, 5, 50, 16)] and list(dtypes) == ["bf16"]
+    assert list(impls) == ["fused", "materialising"] and device == "cpu" and repeats == 7
+    assert budget == 0.5 * 2**30 and unavailable == {}
+    calls.clear()
+    assert cli_main(["bench", "op", "--scaling", "--quick", "--no-plots", "--out", str(tmp_path)]) == 0
+    (args, _), = calls
+    assert args[0] == op.default_shapes("cpu", scaling=True, quick=True) and list(args[1]) == ["f32"]
+    assert args[4] == op.QUICK_REPEATS
+
+
+def test_op_refuses_an_implementation_the_device_lacks(tmp_path, capsys):
+    assert cli_main(["bench", "op", "--impl", "sdpa-flash", "--out", str(tmp_path / "out")]) == 2
+    assert "sdpa-flash not available on cpu" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# bench unet and bench sweep: options
+
+def test_unet_options_reach_the_config(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(unet, "run_unet", lambda cfg, device, **k: seen.append((cfg, device)) or [])
+    assert cli_main(["bench", "unet", "--quick", "--latent", "8", "--widths", "320", "--sd-batch", "3",
+                     "--impl", "fused", "--warmup", "0", "--tolerance", "0.01", "--no-plots",
+                     "--out", str(tmp_path)]) == 0
+    (cfg, device), = seen
+    assert cfg == configs.UnetConfig(latent=8, widths=(320,), sd_batch=3, unet_batch=2, impl=("sdpa", "fused"),
+                                     warmup=0, repeats=2, tolerance=0.01) and device == "cpu"
+    meta = json.loads((tmp_path / "results.json").read_text())["meta"]
+    assert meta["kind"] == "unet" and meta["config"]["latent"] == 8
+
+
+def test_sweep_options_reach_the_config(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(sweep, "run_sweep", lambda cfg, device, **k: seen.append(cfg) or [])
+    assert cli_main(["bench", "sweep", "--images", "2", "--repeats", "4", "--warmup", "2", "--conditions", "3", "5",
+                     "--max-batch", "4", "--no-plots", "--out", str(tmp_path)]) == 0
+    assert seen == [configs.SweepConfig(images=2, conditions=(3, 5), max_batch=(4,), warmup=2, repeats=4)]
+
+
+@pytest.mark.parametrize("command, config", [("unet", configs.UnetConfig), ("sweep", configs.SweepConfig)])
+def test_every_config_field_is_an_option_of_the_same_name(capsys, command, config):
+    """One name per setting: a field of the config is the option --field-name of its command, and the
+    options the two commands share (--repeats, --warmup, --tolerance, ...) are spelt the same."""
+    with pytest.raises(SystemExit):
+        cli_main(["bench", command, "--help"])
+    flags = set(re.findall(r"--[a-z][a-z-]*", capsys.readouterr().out))
+    for field in dataclasses.fields(config):
+        assert "--" + field.name.replace("_", "-") in flags, field.name
+
+
+# ---------------------------------------------------------------------------------------------
+# bench sweep: runs
 
 @pytest.fixture(scope="module")
 def sweep_run(tmp_path_factory):
@@ -32,9 +171,6 @@ def sweep_run(tmp_path_factory):
     rc = cli_main([*SWEEP, "--max-batch", "1", "2", "--out", str(out)])
     return rc, out
 
-
-# ---------------------------------------------------------------------------------------------
-# bench sweep
 
 def test_sweep_writes_json_csv_and_plots(sweep_run):
     rc, out = sweep_run
@@ -87,42 +223,12 @@ def test_sweep_cli_compare_exits_nonzero_on_planted_regression(sweep_run, tmp_pa
 
 
 def test_sweep_refuses_a_wrong_batched_run(tmp_path, monkeypatch, capsys):
-    mod = load_bench_unet()
-    real = mod.run_conditions
-    monkeypatch.setattr(mod, "run_conditions", lambda *a, **k: real(*a, **k) + 0.5)
+    real = sweep.run_conditions
+    monkeypatch.setattr(sweep, "run_conditions", lambda *a, **k: real(*a, **k) + 0.5)
     rc = cli_main([*SWEEP, "--max-batch", "2", "--out", str(tmp_path)])
     assert rc == EXIT_REFUSED
     assert "refused" in capsys.readouterr().err
     assert not (tmp_path / "results.json").exists()
-
-
-def test_unet_refuses_a_wrong_implementation_listed_before_sdpa(monkeypatch):
-    """--impl fused sdpa: sdpa still runs first, so fused is checked against it and, wrong, refused
-    before it is timed; listed first without a reference (nan error), it is refused too."""
-    mod = load_bench_unet()
-    args = mod.finish_args(mod.build_parser().parse_args(["--impl", "fused", "sdpa", "--quick", "--threads", "1"]))
-    assert args.impl == ["sdpa", "fused"]
-
-    class WrongFused(mod.FusedAttnProcessor):
-        def __call__(self, *a, **k):
-            return super().__call__(*a, **k) + 0.5
-
-    monkeypatch.setattr(mod, "FusedAttnProcessor", WrongFused)
-    timed = []
-    real_measure = mod.measure
-    monkeypatch.setattr(mod, "measure", lambda fn, *a: timed.append(fn) or real_measure(fn, *a))
-    device = torch.device("cpu")
-    model, forward, batch = mod.tiny_unet(1, device)
-    labels = mod.label_map(batch, 32, device)
-    with pytest.raises(AssertionError, match="fused: output differs"):
-        mod.bench_case("tiny-unet", model, forward, labels, args, device)
-    assert len(timed) == 1  # sdpa only: fused was refused before timing
-
-    args.impl = ["fused", "sdpa"]  # not through finish_args: no reference yet when fused runs
-    timed.clear()
-    with pytest.raises(AssertionError, match="fused: output differs .* nan"):
-        mod.bench_case("tiny-unet", model, forward, labels, args, device)
-    assert timed == []
 
 
 @pytest.mark.parametrize("extra", [["--max-batch", "1", "--images", "2"], ["--conditions", "2", "999"]])
@@ -134,216 +240,20 @@ def test_sweep_rejects_impossible_options_before_measuring(tmp_path, capsys, ext
 
 
 # ---------------------------------------------------------------------------------------------
-# bench unet plots
-
-def test_unet_plots_from_rows(tmp_path):
-    rows = [{"case": f"{case} 16x16", "implementation": impl, "ms": ms, "ms_min": ms * 0.9, "ms_max": ms * 1.2,
-             "vs_sdpa": ms / 10.0, "peak_extra_bytes": int(ms) * 2**20}
-            for case in ("sd-block w320", "tiny-unet b2") for impl, ms in (("sdpa", 10.0), ("fused", 8.0))]
-    paths = write_unet_plots(rows, str(tmp_path), title="test")
-    assert [p.split("/")[-1] for p in paths] == ["unet_time.png", "unet_speedup_vs_sdpa.png", "unet_memory.png"]
-    for p in paths:
-        assert (tmp_path / p.split("/")[-1]).stat().st_size > 1000
-
-
-# ---------------------------------------------------------------------------------------------
-# optional baselines
-
-def _attention_bnhd(q, k, v):
-    """softmax(q k^T / sqrt(D)) v on (B, N, H, D) tensors, the layout xformers and flash-attn take."""
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    p = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
-    return (p @ v).transpose(1, 2)
-
-
-def _as_if_bhnd(q, k, v):
-    """A kernel that wrongly takes its (B, N, H, D) inputs for (B, H, N, D): attends over heads."""
-    return _attention_bnhd(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
-
-
-def _install(monkeypatch, name: str, kernel, version="0.0+fake"):
-    """Puts a fake package providing the optional baseline `name` with kernel into sys.modules."""
-    module, attr = harness.OPTIONAL_BASELINES[name]
-    top = module.split(".")[0]
-    package = types.ModuleType(top)
-    package.__version__ = version
-    monkeypatch.setitem(sys.modules, top, package)
-    target = package
-    if module != top:
-        target = types.ModuleType(module)
-        monkeypatch.setitem(sys.modules, module, target)
-    setattr(target, attr, kernel)
-
-
-@pytest.fixture
-def absent(monkeypatch):
-    """Neither library importable, whatever is installed (None in sys.modules stops an import)."""
-    for module in ("xformers", "xformers.ops", "flash_attn"):
-        monkeypatch.setitem(sys.modules, module, None)
-
-
-def _counting(kernel):
-    def run(q, k, v):
-        run.shapes.append(tuple(q.shape))
-        return kernel(q, k, v)
-    run.shapes = []
-    return run
-
-
-def test_absent_baselines_are_listed_not_an_error(absent):
-    found, status = harness.optional_baselines("cuda")
-    assert found == {} and status == {"xformers": "not installed", "flash-attn": "not installed"}
-    known, missing, _ = harness.op_implementations("cuda")
-    assert "xformers" not in known and missing["flash-attn"] == "not installed"
-    rows = op.run_op([SHAPE], ["f32"], {"sdpa": harness.sdpa}, unavailable=missing, log=lambda *a: None)
-    listed = {r["implementation"]: r for r in rows}
-    assert listed["xformers"]["skipped"] == "not installed" and "ms" not in listed["xformers"]
-    assert "ms" in listed["sdpa"]
-
-
-@pytest.mark.parametrize("name", list(harness.OPTIONAL_BASELINES))
-def test_fake_baseline_is_discovered_and_checked(absent, monkeypatch, name):
-    kernel = _counting(_attention_bnhd)
-    _install(monkeypatch, name, kernel)
-    assert harness.optional_baselines("cpu") == ({}, {n: "cuda only" for n in harness.OPTIONAL_BASELINES})
-    found, status = harness.optional_baselines("cuda")
-    assert list(found) == [name] and status[name] == "available (0.0+fake)"
-    known, missing, _ = harness.op_implementations("cuda")
-    assert name in known and name not in missing and len(missing) == 1
-    rows = op.run_op([SHAPE], ["f32"], {"sdpa": harness.sdpa, name: found[name]}, repeats=1, log=lambda *a: None)
-    (row,) = [r for r in rows if r["implementation"] == name]
-    assert row["max_abs_err"] < 1e-5 and row["vs_sdpa"] is not None
-    b, h, n, d = SHAPE
-    assert set(kernel.shapes) == {(b, n, h, d)}  # handed (B, N, H, D), as the library expects
-
-
-@pytest.mark.parametrize("wrong", [_as_if_bhnd, lambda q, k, v: _attention_bnhd(q, k, v) + 0.5],
-                         ids=["wrong-layout", "wrong-values"])
-@pytest.mark.parametrize("name", list(harness.OPTIONAL_BASELINES))
-def test_wrong_fake_baseline_is_refused_before_timing(absent, monkeypatch, name, wrong):
-    kernel = _counting(wrong)
-    _install(monkeypatch, name, kernel)
-    found, _ = harness.optional_baselines("cuda")
-    with pytest.raises(harness.IncorrectImplementation, match=name):
-        op.run_op([SHAPE], ["f32"], {"sdpa": harness.sdpa, name: found[name]}, repeats=3, log=lambda *a: None)
-    assert len(kernel.shapes) == 1  # the check only: no warm-up, no timed calls
-
-
-def test_broken_install_says_why(absent, monkeypatch):
-    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))  # without flash_attn_func
-    _, status = harness.optional_baselines("cuda")
-    assert status["flash-attn"] == "import failed: flash_attn has no flash_attn_func"
-
-
-def test_baseline_that_cannot_run_a_case_is_skipped_but_fused_is_not():
-    def unsupported(c):
-        raise RuntimeError("FlashAttention only supports fp16 and bf16 data type\nmore")
-
-    rows = op.run_op([SHAPE], ["f32"], {"sdpa": harness.sdpa, "flash-attn": unsupported}, repeats=1,
-                     log=lambda *a: None)
-    skipped = {r["implementation"]: r.get("skipped") for r in rows}
-    assert skipped == {"sdpa": None, "flash-attn": "failed: FlashAttention only supports fp16 and bf16 data type"}
-    with pytest.raises(RuntimeError):
-        op.run_op([SHAPE], ["f32"], {"fused": unsupported}, repeats=1, log=lambda *a: None)
-
-
-def _fails_on_n(n, error):
-    """A (B, N, H, D) kernel that raises error for sequence length n and is right otherwise."""
-    def kernel(q, k, v):
-        if q.shape[1] == n:
-            raise error
-        return _attention_bnhd(q, k, v)
-    return kernel
-
-
-@pytest.mark.parametrize("name", list(harness.OPTIONAL_BASELINES))
-def test_optional_baseline_failing_with_any_error_is_skipped_and_the_run_goes_on(absent, monkeypatch, name):
-    _install(monkeypatch, name, _fails_on_n(32, TypeError("unsupported head dim 16\nmore")))
-    found, _ = harness.optional_baselines("cuda")
-    other = (1, 2, 48, 16)
-    rows = op.run_op([SHAPE, other], ["f32"], {"sdpa": harness.sdpa, name: found[name]}, repeats=1,
-                     log=lambda *a: None)
-    by_case = {(r["n"], r["implementation"]): r for r in rows}
-    assert by_case[(32, name)]["skipped"] == "failed: unsupported head dim 16" and "ms" not in by_case[(32, name)]
-    assert "ms" in by_case[(48, name)] and "ms" in by_case[(32, "sdpa")]
-
-
-def test_only_optional_baselines_are_skipped_on_any_error():
-    def broken(c):
-        raise TypeError("a bug")
-
-    for name in ("sdpa", "fused"):  # a TypeError of torch's own or of diffcirc's is a bug, not an unsupported case
-        with pytest.raises(TypeError):
-            op.run_op([SHAPE], ["f32"], {name: broken}, repeats=1, log=lambda *a: None)
-
-
-# ---------------------------------------------------------------------------------------------
-# benchmarks/bench_attention.py --device cuda (op.run_op with device="cuda"), run on the CPU: the
-# GPU timer and memory helpers replaced, in harness where run_op looks them up, by the CPU ones
-
-def _bench_attention():
-    """benchmarks/bench_attention.py as a fresh module."""
-    import importlib.util
-    import os
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
-                        "bench_attention.py")
-    spec = importlib.util.spec_from_file_location("bench_attention_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture
-def run_cuda(monkeypatch, tmp_path):
-    """bench_attention.run(args with device="cuda", impls) -> its JSON rows, on the CPU: op.run_op
-    with device="cuda", its cases made on the CPU, CPU timing, no memory figures."""
-    import argparse
-
-    mod = _bench_attention()
-    real_make_case = harness.make_case
-    monkeypatch.setattr(harness, "make_case", lambda *a, device=None, **k: real_make_case(*a, **k))
-    monkeypatch.setattr(harness, "cuda_time_call", harness.time_call)
-    monkeypatch.setattr(harness, "cuda_peak_extra_memory", lambda fn, case: 0)
-    monkeypatch.setattr(harness, "cuda_machine_info", lambda: {})
-    calls = []
-    real_run_op = op.run_op
-    monkeypatch.setattr(mod, "run_op", lambda *a, **k: calls.append(k.get("device")) or real_run_op(*a, **k))
-
-    def run(impls):
-        b, h, _, d = SHAPE
-        out = tmp_path / "results.json"
-        args = argparse.Namespace(device="cuda", dtype=["f32"], n=[32, 48], d=[d], b=b, h=h, impl=list(impls),
-                                  repeats=1, json=str(out))
-        assert mod.run(args, impls) == 0
-        assert calls == ["cuda"]  # one run_op, on the (simulated) GPU
-        return json.loads(out.read_text())["results"]
-    return run
-
-
-@pytest.mark.parametrize("name", list(harness.OPTIONAL_BASELINES))
-def test_bench_attention_refuses_a_wrong_optional_baseline(absent, monkeypatch, run_cuda, name):
-    _install(monkeypatch, name, lambda q, k, v: _attention_bnhd(q, k, v) + 0.5)
-    found, _ = harness.optional_baselines("cuda")
-    with pytest.raises(harness.IncorrectImplementation, match=name):
-        run_cuda({"sdpa": harness.sdpa, name: found[name]})
-
-
-@pytest.mark.parametrize("name", list(harness.OPTIONAL_BASELINES))
-def test_bench_attention_skips_an_optional_baseline_that_fails(absent, monkeypatch, run_cuda, name):
-    _install(monkeypatch, name, _fails_on_n(32, TypeError("unsupported head dim 16")))
-    found, _ = harness.optional_baselines("cuda")
-    rows = run_cuda({"sdpa": harness.sdpa, name: found[name]})
-    by_case = {(r["n"], r["implementation"]): r for r in rows}
-    assert by_case[(32, name)]["skipped"] == "failed: unsupported head dim 16" and "ms" not in by_case[(32, name)]
-    assert "ms" in by_case[(48, name)]
-
-
-# ---------------------------------------------------------------------------------------------
 # option ranges: a count out of range is a usage error before anything runs
 
 class _Started(Exception):
     """The benchmark started despite a bad option."""
+
+
+@pytest.fixture
+def nothing_starts(monkeypatch):
+    """Every benchmark raises _Started if it is reached."""
+    def started(*args, **kwargs):
+        raise _Started
+
+    for module, name in ((op, "run_op"), (unet, "run_unet"), (sweep, "run_sweep")):
+        monkeypatch.setattr(module, name, started)
 
 
 @pytest.mark.parametrize("argv, option", [
@@ -352,7 +262,10 @@ class _Started(Exception):
     (["sweep", "--repeats", "0"], "--repeats"),
     (["sweep", "--max-batch", "4", "0"], "--max-batch"),
     (["sweep", "--conditions", "0"], "--conditions"),
+    (["sweep", "--tolerance", "-1"], "--tolerance"),
     (["unet", "--repeats", "-2"], "--repeats"),
+    (["unet", "--latent", "0"], "--latent"),
+    (["unet", "--impl", "flash"], "--impl"),
     (["op", "--threads", "0"], "--threads"),
     (["op", "--repeats", "0"], "--repeats"),
     (["op", "--b", "0"], "--b"),
@@ -360,15 +273,9 @@ class _Started(Exception):
     (["op", "--shapes", "64xq"], "--shapes"),
     (["op", "--mem-budget-gib", "-1"], "--mem-budget-gib"),
     (["op", "--threshold", "nan"], "--threshold"),
+    (["op", "--dtype", "f64"], "--dtype"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
-def test_bench_count_out_of_range_is_a_usage_error(tmp_path, monkeypatch, capsys, argv, option):
-    import diffcirc.bench.unet as bench_unet
-
-    def started(*args, **kwargs):
-        raise _Started
-
-    for module, name in ((op, "run_op"), (bench_unet, "run_unet"), (bench_unet, "run_sweep")):
-        monkeypatch.setattr(module, name, started)
+def test_bench_count_out_of_range_is_a_usage_error(tmp_path, capsys, nothing_starts, argv, option):
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["bench", *argv, "--out", str(tmp_path / "out")])
     assert exit_info.value.code == 2
@@ -377,20 +284,56 @@ def test_bench_count_out_of_range_is_a_usage_error(tmp_path, monkeypatch, capsys
     assert not (tmp_path / "out").exists()
 
 
+# ---------------------------------------------------------------------------------------------
+# benchmarks/: thin entry points over the same commands
+
+def _script(name: str):
+    """benchmarks/<name>.py as a fresh module."""
+    spec = importlib.util.spec_from_file_location(f"{name}_under_test", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.parametrize("script, argv", [
-    ("bench_unet", ["--sweep-repeats", "0"]), ("bench_unet", ["--sweep-images", "-1"]),
+    ("bench_sweep", ["--repeats", "0"]), ("bench_sweep", ["--images", "-1"]),
     ("bench_unet", ["--repeats", "0"]), ("bench_unet", ["--threads", "0"]), ("bench_unet", ["--latent", "0"]),
-    ("bench_unet", ["--warmup", "-1"]), ("bench_unet", ["--max-batch", "0"]),
+    ("bench_unet", ["--warmup", "-1"]), ("bench_sweep", ["--max-batch", "0"]),
     ("bench_attention", ["--repeats", "0"]), ("bench_attention", ["--threads", "0"]),
-    ("bench_attention", ["--n", "0"]), ("bench_attention", ["--b", "-1"]),
+    ("bench_attention", ["--shapes", "0"]), ("bench_attention", ["--b", "-1"]),
 ])
-def test_bench_scripts_check_their_counts(monkeypatch, script, argv, capsys):
-    if script == "bench_unet":
-        parse = load_bench_unet().build_parser().parse_args
-    else:
-        module = _bench_attention()
-        monkeypatch.setattr(module, "run_op", lambda *a, **k: (_ for _ in ()).throw(_Started()))
-        parse = module.main
+def test_bench_scripts_check_their_counts(nothing_starts, script, argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        parse(argv)
+        _script(script).main(argv)
     assert exit_info.value.code == 2 and f"argument {argv[0]}:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script, command, runner", [
+    ("bench_attention", "op", (op, "run_op")), ("bench_unet", "unet", (unet, "run_unet")),
+    ("bench_sweep", "sweep", (sweep, "run_sweep")),
+])
+def test_bench_scripts_run_the_command(tmp_path, monkeypatch, script, command, runner):
+    ran = []
+    monkeypatch.setattr(*runner, lambda *a, **k: ran.append(command) or [])
+    assert _script(script).main(["--no-plots", "--out", str(tmp_path)]) == 0
+    assert ran == [command] and (tmp_path / "results.json").exists()
+
+
+def _imported_modules(path: Path) -> list:
+    tree = ast.parse(path.read_text())
+    names = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names += [f"{node.module}.{alias.name}" for alias in node.names]
+    return names
+
+
+@pytest.mark.parametrize("folder", ["benchmarks", "diffcirc/bench"])
+def test_benchmarks_import_nothing_private_and_load_no_file_by_path(folder):
+    for path in sorted((ROOT / folder).glob("*.py")):
+        for name in _imported_modules(path):
+            private = [part for part in name.split(".") if part.startswith("_") and part != "__future__"]
+            assert not private, f"{path.name} imports {name}"
+        assert "spec_from_file_location" not in path.read_text(), path.name

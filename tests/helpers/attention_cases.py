@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from diffcirc.bench.harness import DTYPES  # noqa: F401  name -> torch dtype ("f32", "bf16", "f16"): also the test ids
+from diffcirc.bench.cases import DTYPES  # noqa: F401  name -> torch dtype ("f32", "bf16", "f16"): also the test ids
 from diffcirc.ops import STAT_NAMES as ALL_STATS
 
 

@@ -1,0 +1,112 @@
+"""Timers and peak memory, on the CPU (wall clock, resident memory) and on CUDA (events, the
+allocator's peak). Never queries the GPU at import time."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import statistics
+import threading
+import time
+
+import torch
+
+
+def time_call(fn, arg, repeats: int, warmup: int = 1) -> list:
+    """Seconds per call of fn(arg) (wall clock), after warmup untimed calls."""
+    for _ in range(warmup):
+        fn(arg)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(arg)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def cuda_time_call(fn, arg, repeats: int, warmup: int = 1) -> list:
+    """Seconds per call of fn(arg), from CUDA events around each call on the current stream, after
+    warmup untimed calls (and lazy initialisation)."""
+    for _ in range(warmup):
+        fn(arg)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(arg)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e-3)
+    return times
+
+
+def summarize(times) -> dict:
+    """Median and spread, in milliseconds, of per-call times given in seconds."""
+    return {"ms": statistics.median(times) * 1e3, "ms_min": min(times) * 1e3, "ms_max": max(times) * 1e3}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _trim_heap():
+    # Returns freed heap pages to the OS so that the next call's RSS growth is its own.
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def peak_extra_memory(fn, *args) -> int:
+    """Peak resident-memory growth during one call of fn(*args) (bytes), sampled every 0.5 ms."""
+    _trim_heap()
+    base = _rss_bytes()
+    peak = base
+    done = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _rss_bytes())
+            time.sleep(0.0005)
+
+    t = threading.Thread(target=sample)
+    t.start()
+    try:
+        result = fn(*args)
+        peak = max(peak, _rss_bytes())
+    finally:
+        done.set()
+        t.join()
+    del result
+    return max(0, peak - base)
+
+
+def cuda_peak_extra_memory(fn, *args) -> int:
+    """Peak bytes allocated on the GPU during one call of fn(*args) beyond what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    result = fn(*args)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del result
+    return max(0, peak)
+
+
+def measurers(device) -> tuple:
+    """(time_call, peak extra memory) for a device ("cpu", "cuda" or a torch.device): the CUDA
+    event timer and allocator peak on cuda, the wall clock and resident-memory peak elsewhere."""
+    if getattr(device, "type", device) == "cuda":
+        return cuda_time_call, cuda_peak_extra_memory
+    return time_call, peak_extra_memory
+
+
+def measure(fn, device, warmup: int, repeats: int) -> dict:
+    """ms, ms_min, ms_max (summarize) of repeats calls of fn() after warmup untimed ones, and
+    peak_extra_bytes, the peak extra memory of one more call (both from measurers(device))."""
+    time_call, peak = measurers(device)
+    times = time_call(lambda _: fn(), None, repeats, warmup=warmup)
+    return {**summarize(times), "peak_extra_bytes": peak(fn)}

@@ -126,7 +126,8 @@ def test_complexity_ratio_effect_size_p_and_interval_on_a_small_case():
     assert r["p_value"] == pytest.approx(0.2)
     flipped = metrics.complexity_ratio(_per_image({"synthetic": nat, "natural": syn}), n_resamples=99)
     assert flipped["cohens_d"] == pytest.approx(-2.0) and flipped["value"] == pytest.approx(0.5)
-    want = st.bootstrap((np.array(nat), np.array(syn)), lambda a, b, axis: np.mean(a, axis=axis) / np.mean(b, axis=axis),
+    want = st.bootstrap((np.array(nat), np.array(syn)),
+                        lambda a, b, axis: np.mean(a, axis=axis) / np.mean(b, axis=axis),
                         n_resamples=999, method="percentile", rng=np.random.default_rng(4)).confidence_interval
     assert (r["ci_low"], r["ci_high"]) == pytest.approx((want.low, want.high), rel=1e-12)
 
@@ -203,9 +204,10 @@ def test_degradation_interval_is_scipys_paired_percentile_bootstrap():
     # the few distinct resample means make every seed give the same bounds).
     rng = np.random.default_rng(3)
     clean = rng.uniform(1.0, 2.0, (3, 12))
-    table = pd.DataFrame([("natural", 5, "a", head, "zero", i, clean[head, i], clean[head, i] * rng.uniform(1.0, 1.6))
-                          for head in range(3) for i in range(12)],
-                         columns=["dataset", "timestep", "layer", "head", "mode", "image", "loss_clean", "loss_ablated"])
+    rows = [("natural", 5, "a", head, "zero", i, clean[head, i], clean[head, i] * rng.uniform(1.0, 1.6))
+            for head in range(3) for i in range(12)]
+    table = pd.DataFrame(rows, columns=["dataset", "timestep", "layer", "head", "mode", "image", "loss_clean",
+                                        "loss_ablated"])
     d = metrics.degradation(table, n_resamples=999, seed=10)
     groups = table.groupby(["dataset", "timestep", "layer", "head", "mode"], sort=True)
     for i, (key, g) in enumerate(groups):  # group i of the sorted keys draws with seed + i

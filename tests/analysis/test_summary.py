@@ -161,7 +161,8 @@ def test_summary_cohens_d_is_natural_minus_synthetic_over_the_pooled_sd(run_dir,
     per_image = pd.read_parquet(run_dir / "per_image.parquet").query("model == 'trained'")
     means = per_image.groupby(["dataset", "image"])["mean"].mean()
     nat, syn = means["natural"].to_numpy(), means["synthetic"].to_numpy()
-    pooled = math.sqrt(((nat.size - 1) * nat.var(ddof=1) + (syn.size - 1) * syn.var(ddof=1)) / (nat.size + syn.size - 2))
+    pooled = math.sqrt(((nat.size - 1) * nat.var(ddof=1) + (syn.size - 1) * syn.var(ddof=1))
+                       / (nat.size + syn.size - 2))
     assert summary["complexity_ratio"]["cohens_d"] == pytest.approx((nat.mean() - syn.mean()) / pooled)
     assert summary["complexity_ratio"]["cohens_d"] > 0  # natural entropy is 8% higher in make_run
 

@@ -31,9 +31,10 @@ def test_a_right_implementation_passes_with_its_error():
     assert 0 <= err < 1e-6
 
 
-@pytest.mark.parametrize("error", [2e-3], ids=["past-tolerance"])
+@pytest.mark.parametrize("error", [2e-3, float("nan")], ids=["past-tolerance", "nan"])
 def test_wrong_output_or_entropy_is_refused(error):
-    """f32 tolerance 1e-3: an error of 2e-3 in out, or in the entropy alone, is refused."""
+    """f32 tolerance 1e-3: an error of 2e-3 in out, or in the entropy alone, is refused; so is a
+    nan, which passes no comparison."""
     case = make_case(1, 2, 16, 8, torch.float32)
 
     def wrong_out(c):

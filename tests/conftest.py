@@ -6,12 +6,30 @@ import sys
 import pytest
 import torch
 
+from diffcirc.ops import extension
 from helpers import tiny_models as tm
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def cuda_device():
+    """"cuda"; skips without a GPU, fails when the extension was built without its CUDA kernels."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs an NVIDIA GPU")
+    ext = extension.load()
+    assert ext is not None, "the extension must be built for the GPU tests (make build)"
+    assert ext.cuda_archs(), "diffcirc._C was built without CUDA kernels (needs nvcc and a CUDA build of torch)"
+    return "cuda"
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def device(request):
+    """Runs a test once per device, extension-cpp style: "cpu", then "cuda" (skipped without a GPU)."""
+    return request.getfixturevalue("cuda_device") if request.param == "cuda" else "cpu"
 
 
 @pytest.fixture(scope="module")

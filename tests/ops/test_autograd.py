@@ -1,48 +1,68 @@
-"""Gradients, torch.library.opcheck and torch.compile for the compiled op."""
+"""Gradients, torch.library.opcheck and torch.compile for the compiled op, on every device."""
 
 import pytest
 import torch
 
-from diffcirc.ops import attention, reference_attention
+from diffcirc.ops import attention, backward, reference_attention
 
 
-def _inputs(B=2, H=3, Nq=40, Nk=530, D=24, Dv=16):
-    q = torch.randn(B, H, Nq, D, requires_grad=True)
-    k = torch.randn(B, H, Nk, D, requires_grad=True)
-    v = torch.randn(B, H, Nk, Dv, requires_grad=True)
-    return q, k, v
+def _inputs(B=2, H=3, Nq=40, Nk=530, D=24, Dv=16, dtype=torch.float32, device="cpu"):
+    return tuple(torch.randn(B, H, n, d, device=device).to(dtype).requires_grad_()
+                 for n, d in ((Nq, D), (Nk, D), (Nk, Dv)))
 
 
-@pytest.mark.parametrize("with_mask", [False, True], ids=["nomask", "mask"])
-def test_gradients_match_reference_autograd(with_mask):
-    q, k, v = _inputs()
-    head_scale = torch.rand(2, 3, requires_grad=True)
-    rep = torch.randn(1, 3, 40, 16, requires_grad=True)
-    mask = None
-    if with_mask:
-        mask = torch.rand(2, 530) > 0.4
-        mask[1] = False  # fully masked rows must give zero, finite gradients
-    kw = dict(key_padding_mask=mask, head_scale=head_scale, head_replacement=rep)
-    grad_out = torch.randn(2, 3, 40, 16)
+def _assert_gradients_match_reference(q, k, v, key_padding_mask, head_replacement_shape):
+    """Gradients w.r.t. q, k, v, head_scale and head_replacement against the float64 reference's autograd."""
+    B, H, Nq, Dv = *q.shape[:3], v.shape[3]
+    head_scale = torch.rand(B, H, device=q.device, requires_grad=True)
+    rep = torch.randn(head_replacement_shape, device=q.device, requires_grad=True)
+    kw = dict(key_padding_mask=key_padding_mask, head_scale=head_scale, head_replacement=rep)
+    grad_out = torch.randn(B, H, Nq, Dv, device=q.device)
     got = torch.autograd.grad(attention(q, k, v, **kw).out, (q, k, v, head_scale, rep), grad_out)
     want = torch.autograd.grad(reference_attention(q, k, v, **kw).out, (q, k, v, head_scale, rep),
                                grad_out.double())
     for name, g, w in zip(("q", "k", "v", "head_scale", "head_replacement"), got, want):
-        assert g.shape == w.shape and g.dtype == torch.float32, name
+        assert g.shape == w.shape and g.dtype == torch.float32 and g.device == q.device, name
         assert torch.isfinite(g).all(), name
         w = w.double()
         assert torch.allclose(g.double(), w, atol=2e-4, rtol=1e-4), (name, (g.double() - w).abs().max().item())
 
 
-def test_nan_in_masked_keys_leaves_gradients_finite():
+@pytest.mark.parametrize("with_mask", [False, True], ids=["nomask", "mask"])
+def test_gradients_match_reference_autograd(with_mask, device):
+    q, k, v = _inputs(device=device)
+    mask = None
+    if with_mask:
+        mask = torch.rand(2, 530, device=device) > 0.4
+        mask[1] = False  # fully masked rows must give zero, finite gradients
+    _assert_gradients_match_reference(q, k, v, mask, (1, 3, 40, 16))
+
+
+@pytest.mark.parametrize("queries_per_chunk", [1, 7])
+@pytest.mark.parametrize("with_mask", [False, True], ids=["nomask", "mask"])
+def test_gradients_over_many_query_chunks(queries_per_chunk, with_mask, device, monkeypatch):
+    # the backward rebuilds P one chunk of queries at a time; dk, dv and d head_scale sum over every
+    # chunk, dq is written per chunk. Nq = 40 in chunks of 1 or 7 (five of 7 and a last one of 5).
+    B, H, Nk = 2, 3, 53
+    monkeypatch.setattr(backward, "_CHUNK_ELEMENTS", queries_per_chunk * B * H * Nk)
+    q, k, v = _inputs(B=B, H=H, Nk=Nk, device=device)
+    mask = None
+    if with_mask:
+        mask = torch.rand(B, Nk, device=device) > 0.4
+        mask[1] = False
+    _assert_gradients_match_reference(q, k, v, mask, (B, H, 40, 16))
+    _assert_gradients_match_reference(q, k, v, mask, (1, H, 1, 16))  # a replacement broadcast over queries
+
+
+def test_nan_in_masked_keys_leaves_gradients_finite(device):
     # garbage in padded key rows reaches neither the forward nor the backward
-    q, k, v = _inputs(Nk=70)
-    mask = torch.ones(2, 70, dtype=torch.bool)
+    q, k, v = _inputs(Nk=70, device=device)
+    mask = torch.ones(2, 70, dtype=torch.bool, device=device)
     mask[:, 60:] = False
     bad = k.detach().clone()
     bad[:, :, 60:] = float("nan")
     bad.requires_grad_(True)
-    grad_out = torch.randn(2, 3, 40, 16)
+    grad_out = torch.randn(2, 3, 40, 16, device=device)
     got = torch.autograd.grad(attention(q, bad, v, key_padding_mask=mask).out, (q, bad), grad_out)
     want = torch.autograd.grad(attention(q, k, v, key_padding_mask=mask).out, (q, k), grad_out)
     assert torch.isfinite(got[0]).all() and torch.isfinite(got[1]).all()
@@ -51,44 +71,45 @@ def test_nan_in_masked_keys_leaves_gradients_finite():
     assert torch.all(got[1][:, :, 60:] == 0)
 
 
-def test_attribution_gradient_of_head_scale_at_one():
+def test_attribution_gradient_of_head_scale_at_one(device):
     # d loss / d head_scale at 1 ranks heads in one backward pass (attribution patching)
-    q, k, v = _inputs(B=1, H=4, Nq=16, Nk=16, D=8, Dv=8)
-    s = torch.ones(4, requires_grad=True)
+    q, k, v = _inputs(B=1, H=4, Nq=16, Nk=16, D=8, Dv=8, device=device)
+    s = torch.ones(4, device=device, requires_grad=True)
     loss = attention(q, k, v, head_scale=s).out.square().sum()
     (g,) = torch.autograd.grad(loss, s)
     out = attention(q.detach(), k.detach(), v.detach()).out
     assert torch.allclose(g, 2 * out.square().sum(dim=(0, 2, 3)), rtol=1e-4)
 
 
-def test_bf16_gradients_are_close():
-    q, k, v = (t.detach().bfloat16().requires_grad_() for t in _inputs(Nk=200))
-    g = torch.randn(2, 3, 40, 16).bfloat16()
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_half_precision_gradients_are_close(dtype, device):
+    q, k, v = _inputs(Nk=200, dtype=dtype, device=device)
+    g = torch.randn(2, 3, 40, 16, device=device).to(dtype)
     got = torch.autograd.grad(attention(q, k, v).out, (q, k, v), g)
     want = torch.autograd.grad(reference_attention(q, k, v).out, (q, k, v), g.double())
     for a, b in zip(got, want):
-        assert a.dtype == torch.bfloat16
+        assert a.dtype == dtype
         assert (a.double() - b).abs().max().item() <= 0.03 * b.abs().max().item() + 1e-3
 
 
-def test_opcheck():
-    q, k, v = (t.detach() for t in _inputs(Nq=9, Nk=13, D=8, Dv=4))
-    mask = torch.rand(2, 13) > 0.3
-    args = (q, k, v, 0.5, mask, torch.rand(2, 3), torch.randn(2, 3, 9, 4), [3, 3, 1, 13],
-            torch.randint(0, 3, (2, 9), dtype=torch.int32), torch.randint(0, 3, (2, 13), dtype=torch.int32),
-            True, True, True)
+def test_opcheck(device):
+    q, k, v = (t.detach() for t in _inputs(Nq=9, Nk=13, D=8, Dv=4, device=device))
+    mask = torch.rand(2, 13, device=device) > 0.3
+    labels = [torch.randint(0, 3, (2, n), dtype=torch.int32, device=device) for n in (9, 13)]
+    args = (q, k, v, 0.5, mask, torch.rand(2, 3, device=device), torch.randn(2, 3, 9, 4, device=device), [3, 3, 1, 13],
+            labels[0], labels[1], True, True, True)
     torch.library.opcheck(torch.ops.diffcirc.attention.default, args)
     q.requires_grad_()
-    torch.library.opcheck(torch.ops.diffcirc.attention.default, (q, k, v, 0.5, None, None, None, [], None, None,
-                                                                 False, False, False))
+    torch.library.opcheck(torch.ops.diffcirc.attention.default,
+                          (q, k, v, 0.5, None, None, None, [], None, None, False, False, False))
 
 
-def test_torch_compile_fullgraph():
+def test_torch_compile_fullgraph(device):
     def f(q, k, v):
         r = attention(q, k, v, stats=("entropy",))
         return r.out * 2, r.entropy
 
-    q, k, v = (t.detach() for t in _inputs(Nk=64))
+    q, k, v = (t.detach() for t in _inputs(Nk=64, device=device))
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     out, ent = compiled(q, k, v)
     want_out, want_ent = f(q, k, v)

@@ -1,5 +1,7 @@
 """Session: enumerating attention layers, token grids, installing and restoring processors."""
 
+import math
+
 import pytest
 import torch
 
@@ -36,6 +38,22 @@ def test_layers_and_grids_of_cond_unet_inferred_from_input_size():
     assert grids["mid_block.attentions.0.transformer_blocks.0.attn2"] == (4, 6)  # the query grid
     frame = rec.to_frame()
     assert set(frame[frame.layer.str.endswith("attn2")].stat) == {"entropy"}  # no distance for cross-attention
+
+
+def test_entropy_histograms_span_ln_of_each_layers_keys():
+    # [0, ln Nk]: a cross-attention layer's keys are the 7 text tokens, not its 64 or 16 queries
+    model = tm.cond_unet()
+    session = Session(model)
+    x, t, enc, mask = tm.cond_inputs(2, hw=(8, 8), text_len=7)
+    with session.trace(Recorder(stats=("entropy",), bins=8)) as rec, torch.no_grad():
+        model(x, t, enc, encoder_attention_mask=mask)
+    hist = rec.histograms()
+    ranges = {layer: (f.lo.min(), f.hi.max()) for layer, f in hist.groupby("layer")}
+    n_queries = {i.name: i.grid[0] * i.grid[1] for i in session.layers}
+    assert set(n_queries.values()) == {64, 16} and set(ranges) == set(n_queries)
+    for layer, (lo, hi) in ranges.items():
+        n_keys = 7 if layer.endswith("attn2") else n_queries[layer]
+        assert lo == 0 and hi == pytest.approx(math.log(n_keys), rel=1e-12), layer
 
 
 def test_grid_of_4d_input_is_taken_as_is():

@@ -43,5 +43,11 @@ bench: build
 	$(PY) -m diffcirc bench op --out runs/bench/op
 	$(PY) -m pytest -q benchmarks/test_perf.py --benchmark-only
 
+# `diffcirc bench sweep|unet --quick` from a CPU-only wheel installed into a fresh venv outside
+# the checkout (its dependencies taken from $(VENV)): the package works without its source tree.
+.PHONY: wheel-check
+wheel-check: build
+	$(PY) benchmarks/wheel_check.py --python $(PY)
+
 clean:
 	rm -rf build *.egg-info diffcirc/_C*.so

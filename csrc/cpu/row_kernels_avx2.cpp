@@ -3,10 +3,13 @@
 #include <immintrin.h>
 
 #include "row_kernels.h"
+#include "vec_exp.h"
 
 #define DC_TARGET __attribute__((target("avx2,fma,f16c")))
 
 namespace {
+
+namespace vec_exp = diffcirc::cpu::vec_exp;
 
 struct V {
   static constexpr int W = 8;
@@ -51,21 +54,21 @@ struct V {
                                           _mm256_set1_epi32(ql));
     return _mm256_and_ps(_mm256_castsi256_ps(eq), p);
   }
-  // Same approximation as the AVX-512 variant; 2^n built in the exponent bits.
+  // Same approximation as the AVX-512 variant (vec_exp.h); 2^n built in the exponent bits.
   DC_TARGET static reg exp(reg x) {
     const reg lo = _mm256_set1_ps(diffcirc::kExpUnderflow);
     const reg keep = _mm256_cmp_ps(x, lo, _CMP_GE_OQ);
     x = _mm256_max_ps(x, lo);
-    const reg n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504089f)),
+    const reg n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(vec_exp::kLog2e)),
                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    reg r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    reg y = _mm256_set1_ps(1.9875691500e-4f);
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    reg r = _mm256_fnmadd_ps(n, _mm256_set1_ps(vec_exp::kLn2Hi), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(vec_exp::kLn2Lo), r);
+    reg y = _mm256_set1_ps(vec_exp::kPoly[0]);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(vec_exp::kPoly[1]));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(vec_exp::kPoly[2]));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(vec_exp::kPoly[3]));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(vec_exp::kPoly[4]));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(vec_exp::kPoly[5]));
     y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_and_ps(keep, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));

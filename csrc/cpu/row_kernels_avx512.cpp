@@ -4,10 +4,13 @@
 #include <immintrin.h>
 
 #include "row_kernels.h"
+#include "vec_exp.h"
 
 #define DC_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx2,f16c")))
 
 namespace {
+
+namespace vec_exp = diffcirc::cpu::vec_exp;
 
 struct V {
   static constexpr int W = 16;
@@ -42,22 +45,22 @@ struct V {
     const __mmask16 eq = _mm512_cmpeq_epi32_mask(_mm512_loadu_si512(labels), _mm512_set1_epi32(ql));
     return _mm512_maskz_mov_ps(eq, p);
   }
-  // e^x for x <= 0: Cephes-style range reduction and degree-6 polynomial (rel. error ~1e-7);
+  // e^x for x <= 0 (the approximation and its constants: vec_exp.h), 2^n applied by scalef;
   // x below kExpUnderflow (-87.34, where float32 leaves the normal range) gives exactly 0.
   DC_TARGET static reg exp(reg x) {
     const reg lo = _mm512_set1_ps(diffcirc::kExpUnderflow);
     const __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ);
     x = _mm512_max_ps(x, lo);
-    const reg n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504089f)),
+    const reg n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(vec_exp::kLog2e)),
                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    reg r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    reg y = _mm512_set1_ps(1.9875691500e-4f);
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+    reg r = _mm512_fnmadd_ps(n, _mm512_set1_ps(vec_exp::kLn2Hi), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(vec_exp::kLn2Lo), r);
+    reg y = _mm512_set1_ps(vec_exp::kPoly[0]);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(vec_exp::kPoly[1]));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(vec_exp::kPoly[2]));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(vec_exp::kPoly[3]));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(vec_exp::kPoly[4]));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(vec_exp::kPoly[5]));
     y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
     return _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(y, n));
   }

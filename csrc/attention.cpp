@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "cpu/blas.h"
+#include "cpu/isa.h"
 
 namespace diffcirc {
 namespace {

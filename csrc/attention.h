@@ -47,13 +47,6 @@ AttentionResult attention_cuda(const at::Tensor& q, const at::Tensor& k, const a
                                const std::optional<at::Tensor>& q_labels, const std::optional<at::Tensor>& k_labels,
                                bool want_entropy, bool want_distance, bool want_label_mass);
 
-namespace cpu {
-// Instruction set of the CPU row kernels: "avx512", "avx2" or "scalar".
-std::string isa_name();
-// Caps the instruction set (for tests and comparisons); returns the one now in use.
-std::string set_isa(const std::string& name);
-}  // namespace cpu
-
 // CUDA architectures the extension was compiled for (empty without CUDA).
 std::vector<std::string> cuda_archs();
 

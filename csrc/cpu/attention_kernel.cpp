@@ -6,9 +6,8 @@
 //   O = alpha * O + P V        (BLAS GEMM)
 // so per thread only a (rows x keys) tile of logits exists, never the Nq x Nk matrix.
 // Tasks run in parallel through at::parallel_for (OpenMP).
-#include <cstdlib>
-#include <cstring>
 #include <algorithm>
+#include <limits>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -18,6 +17,7 @@
 #include "../attention.h"
 #include "../row_state.h"
 #include "blas.h"
+#include "isa.h"
 #include "row_kernels.h"
 
 namespace diffcirc {
@@ -26,54 +26,6 @@ namespace {
 
 constexpr int64_t kQueryBlock = 128;  // rows per task
 constexpr int64_t kKeyBlock = 512;    // keys per tile: a 128 x 512 float tile is 256 KiB, L2-sized
-
-Isa detect_isa() {
-#if defined(__x86_64__) || defined(_M_X64)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-    return Isa::kAvx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-    return Isa::kAvx2;
-#endif
-  return Isa::kScalar;
-}
-
-Isa parse_isa(const std::string& name) {
-  if (name == "avx512") return Isa::kAvx512;
-  if (name == "avx2") return Isa::kAvx2;
-  if (name == "scalar") return Isa::kScalar;
-  TORCH_CHECK_VALUE(false, "CPU ISA must be one of avx512, avx2, scalar; got '", name, "'");
-}
-
-const char* isa_label(Isa isa) {
-  switch (isa) {
-    case Isa::kAvx512: return "avx512";
-    case Isa::kAvx2: return "avx2";
-    default: return "scalar";
-  }
-}
-
-// The best the CPU supports, capped by DIFFCIRC_CPU_ISA when set.
-Isa& active_isa() {
-  static Isa isa = [] {
-    Isa best = detect_isa();
-    if (const char* env = std::getenv("DIFFCIRC_CPU_ISA")) {
-      const Isa wanted = parse_isa(env);
-      if (static_cast<int>(wanted) < static_cast<int>(best)) best = wanted;
-    }
-    return best;
-  }();
-  return isa;
-}
-
-ProcessBlockFn row_kernel() {
-  switch (active_isa()) {
-    case Isa::kAvx512: return process_block_avx512;
-    case Isa::kAvx2: return process_block_avx2;
-    default: return process_block_scalar;
-  }
-}
 
 // Copies a (rows, cols) block with row stride ld into a dense float32 buffer.
 template <typename T>
@@ -283,7 +235,7 @@ void run(const Problem& pb, const T* q, const T* k, const T* v) {
   const GemmPath path = gemm_path<T>(pb);
   const int64_t n_qblocks = (pb.Nq + kQueryBlock - 1) / kQueryBlock;
   const int64_t kb_max = std::min<int64_t>(kKeyBlock, std::max<int64_t>(pb.Nk, 1));
-  const ProcessBlockFn process = row_kernel();
+  const ProcessBlockFn process = process_block_for(active_isa());
 
   // The packed path works through (batch, head) pairs in chunks whose packed K and V fit the
   // budget; the other paths take all pairs at once.
@@ -318,15 +270,6 @@ at::Tensor gemm_compatible(const at::Tensor& t) {
 }
 
 }  // namespace
-
-std::string isa_name() { return isa_label(active_isa()); }
-
-std::string set_isa(const std::string& name) {
-  const Isa wanted = parse_isa(name);
-  TORCH_CHECK_VALUE(static_cast<int>(wanted) <= static_cast<int>(detect_isa()), "this CPU does not support ", name);
-  active_isa() = wanted;
-  return isa_name();
-}
 
 }  // namespace cpu
 

@@ -5,10 +5,9 @@
 #include <cstdint>
 
 #include "../row_state.h"
+#include "isa.h"
 
 namespace diffcirc::cpu {
-
-enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 
 // One tile: rows of query-key dot products against cols keys.
 struct BlockArgs {
@@ -36,5 +35,14 @@ using ProcessBlockFn = void (*)(const BlockArgs&);
 void process_block_scalar(const BlockArgs& a);
 void process_block_avx2(const BlockArgs& a);
 void process_block_avx512(const BlockArgs& a);
+
+// The variant compiled for isa.
+inline ProcessBlockFn process_block_for(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return process_block_avx512;
+    case Isa::kAvx2: return process_block_avx2;
+    default: return process_block_scalar;
+  }
+}
 
 }  // namespace diffcirc::cpu

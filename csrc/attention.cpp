@@ -1,14 +1,10 @@
-// Schema of torch.ops.diffcirc.attention, the input checks shared by every backend, and the
-// Python module diffcirc._C (build information only: the op itself goes through the dispatcher).
+// Schema of torch.ops.diffcirc.attention and the backend-independent pieces every backend uses:
+// the input checks, the output allocation and the token-grid centres.
 #include "attention.h"
 
 #include <sstream>
 
-#include <torch/extension.h>
 #include <torch/library.h>
-
-#include "cpu/blas.h"
-#include "cpu/isa.h"
 
 namespace diffcirc {
 namespace {
@@ -111,18 +107,6 @@ std::pair<at::Tensor, at::Tensor> grid_centres(int64_t h, int64_t w, const at::T
   return {row.to(options), col.to(options)};
 }
 
-std::vector<std::string> cuda_archs() {
-#ifdef DIFFCIRC_CUDA_ARCHS
-  std::vector<std::string> archs;
-  std::istringstream s(DIFFCIRC_CUDA_ARCHS);
-  for (std::string a; std::getline(s, a, ';');)
-    if (!a.empty()) archs.push_back(a);
-  return archs;
-#else
-  return {};
-#endif
-}
-
 }  // namespace diffcirc
 
 TORCH_LIBRARY(diffcirc, m) {
@@ -130,14 +114,4 @@ TORCH_LIBRARY(diffcirc, m) {
       "attention(Tensor q, Tensor k, Tensor v, float scale, Tensor? key_padding_mask, Tensor? head_scale, "
       "Tensor? head_replacement, int[] grid, Tensor? q_labels, Tensor? k_labels, bool entropy, bool distance, "
       "bool label_mass) -> (Tensor out, Tensor lse, Tensor entropy, Tensor distance, Tensor label_mass)");
-}
-
-TORCH_LIBRARY_IMPL(diffcirc, CPU, m) { m.impl("attention", &diffcirc::attention_cpu); }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "diffcirc kernels; the op is torch.ops.diffcirc.attention";
-  m.def("cpu_isa", &diffcirc::cpu::isa_name, "instruction set of the CPU row kernels");
-  m.def("set_cpu_isa", &diffcirc::cpu::set_isa, "cap the CPU instruction set: avx512, avx2 or scalar");
-  m.def("blas_backend", []() { return std::string(diffcirc::cpu::blas_backend()); });
-  m.def("cuda_archs", &diffcirc::cuda_archs, "CUDA architectures compiled in (empty without CUDA)");
 }

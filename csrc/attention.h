@@ -1,9 +1,12 @@
-// The fused attention op: argument checks (written once, used by every backend) and the
-// backend entry points. Schema and registration live in attention.cpp.
+// What every backend of the fused attention op shares: its result type, the argument checks
+// (written once) and the output allocation. The schema is in attention.cpp; each backend
+// registers its implementation at the bottom of its kernel file (cpu/attention_kernel.cpp,
+// cuda/attention_kernel.cu).
 #pragma once
 
+#include <optional>
 #include <tuple>
-#include <vector>
+#include <utility>
 
 #include <ATen/ATen.h>
 
@@ -32,22 +35,5 @@ AttentionResult allocate_attention_outputs(const at::Tensor& q, const at::Tensor
 
 // Token-grid centres in [0, 1]^2 (row, col) of an (h, w) row-major grid, as two float32 (h * w,) tensors.
 std::pair<at::Tensor, at::Tensor> grid_centres(int64_t h, int64_t w, const at::TensorOptions& options);
-
-// The backends (csrc/cpu/attention_kernel.cpp, csrc/cuda/attention_kernel.cu); same arguments as the schema.
-AttentionResult attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
-                              const std::optional<at::Tensor>& key_padding_mask,
-                              const std::optional<at::Tensor>& head_scale,
-                              const std::optional<at::Tensor>& head_replacement, at::IntArrayRef grid,
-                              const std::optional<at::Tensor>& q_labels, const std::optional<at::Tensor>& k_labels,
-                              bool want_entropy, bool want_distance, bool want_label_mass);
-AttentionResult attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
-                               const std::optional<at::Tensor>& key_padding_mask,
-                               const std::optional<at::Tensor>& head_scale,
-                               const std::optional<at::Tensor>& head_replacement, at::IntArrayRef grid,
-                               const std::optional<at::Tensor>& q_labels, const std::optional<at::Tensor>& k_labels,
-                               bool want_entropy, bool want_distance, bool want_label_mass);
-
-// CUDA architectures the extension was compiled for (empty without CUDA).
-std::vector<std::string> cuda_archs();
 
 }  // namespace diffcirc

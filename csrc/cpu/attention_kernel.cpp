@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <torch/library.h>
 
 #include "../attention.h"
 #include "../row_state.h"
@@ -20,8 +21,7 @@
 #include "isa.h"
 #include "row_kernels.h"
 
-namespace diffcirc {
-namespace cpu {
+namespace diffcirc::cpu {
 namespace {
 
 constexpr int64_t kQueryBlock = 128;  // rows per task
@@ -269,10 +269,8 @@ at::Tensor gemm_compatible(const at::Tensor& t) {
   return (ld >= t.size(3) && ld <= INT32_MAX) ? t : t.contiguous();
 }
 
-}  // namespace
-
-}  // namespace cpu
-
+// The CPU implementation of torch.ops.diffcirc.attention (schema: attention.cpp; arguments and
+// outputs: attention.h). q: (B, H, Nq, D), k: (B, H, Nk, D), v: (B, H, Nk, Dv).
 AttentionResult attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, double scale,
                               const std::optional<at::Tensor>& key_padding_mask,
                               const std::optional<at::Tensor>& head_scale,
@@ -284,9 +282,9 @@ AttentionResult attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, co
   auto result = allocate_attention_outputs(q_in, v_in, want_entropy, want_distance, want_label_mass);
   auto& [out, lse, ent, dist, lab] = result;
   if (lse.numel() == 0) return result;  // B, H or Nq is 0
-  const auto q = cpu::gemm_compatible(q_in), k = cpu::gemm_compatible(k_in), v = cpu::gemm_compatible(v_in);
+  const auto q = gemm_compatible(q_in), k = gemm_compatible(k_in), v = gemm_compatible(v_in);
 
-  cpu::Problem pb{};
+  Problem pb{};
   pb.B = q.size(0);
   pb.H = q.size(1);
   pb.Nq = q.size(2);
@@ -341,16 +339,18 @@ AttentionResult attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, co
 
   switch (q.scalar_type()) {
     case at::kFloat:
-      cpu::run<float>(pb, q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>());
+      run<float>(pb, q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>());
       break;
     case at::kBFloat16:
-      cpu::run<c10::BFloat16>(pb, q.data_ptr<c10::BFloat16>(), k.data_ptr<c10::BFloat16>(),
-                              v.data_ptr<c10::BFloat16>());
+      run<c10::BFloat16>(pb, q.data_ptr<c10::BFloat16>(), k.data_ptr<c10::BFloat16>(), v.data_ptr<c10::BFloat16>());
       break;
     default:
-      cpu::run<c10::Half>(pb, q.data_ptr<c10::Half>(), k.data_ptr<c10::Half>(), v.data_ptr<c10::Half>());
+      run<c10::Half>(pb, q.data_ptr<c10::Half>(), k.data_ptr<c10::Half>(), v.data_ptr<c10::Half>());
   }
   return result;
 }
 
-}  // namespace diffcirc
+}  // namespace
+}  // namespace diffcirc::cpu
+
+TORCH_LIBRARY_IMPL(diffcirc, CPU, m) { m.impl("attention", &diffcirc::cpu::attention_cpu); }

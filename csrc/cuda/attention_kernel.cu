@@ -1,6 +1,7 @@
 // CUDA backend of the fused attention op: the shared argument checks, the outputs, the choice of
-// head-dim bucket and dtype, and the launch on the current stream. The kernel itself is in
-// attention_kernel.cuh, compiled once per head-dim bucket (attention_hdim<DP>.cu).
+// head-dim bucket and dtype, the launch on the current stream, and (at the bottom) its
+// registration. The kernel itself is in attention_kernel.cuh, compiled once per head-dim bucket
+// (attention_hdim<DP>.cu).
 //
 // Nothing is allocated besides the outputs: the key-padding mask, labels, head_scale and
 // head_replacement are read in place through their strides, and grid centres are computed in the
@@ -18,8 +19,7 @@
 #include "../attention.h"
 #include "attention_params.h"
 
-namespace diffcirc {
-namespace cuda {
+namespace diffcirc::cuda {
 namespace {
 
 // Size-1 dims are never stepped along; their stride can be anything, so it is passed as 0.
@@ -68,10 +68,8 @@ void launch_bucket(const AttentionParams& p) {
   }
 }
 
-}  // namespace
-}  // namespace cuda
-
-// q: (B, H, Nq, D), k: (B, H, Nk, D), v: (B, H, Nk, Dv) on one CUDA device; see attention.h.
+// The CUDA implementation of torch.ops.diffcirc.attention (schema: attention.cpp; arguments and
+// outputs: attention.h). q: (B, H, Nq, D), k: (B, H, Nk, D), v: (B, H, Nk, Dv) on one CUDA device.
 AttentionResult attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
                                const std::optional<at::Tensor>& key_padding_mask,
                                const std::optional<at::Tensor>& head_scale,
@@ -95,14 +93,14 @@ AttentionResult attention_cuda(const at::Tensor& q, const at::Tensor& k, const a
                     "attention (CUDA): Nq and Nk must be at most ", kMaxRows, " and B * H at most ", kIntMax,
                     ", got q ", q.sizes(), ", k ", k.sizes());
 
-  cuda::AttentionParams p{};
+  AttentionParams p{};
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
   for (int64_t d = 0; d < 3; ++d) {
-    p.q_stride[d] = cuda::stride_of(q, d);
-    p.k_stride[d] = cuda::stride_of(k, d);
-    p.v_stride[d] = cuda::stride_of(v, d);
+    p.q_stride[d] = stride_of(q, d);
+    p.k_stride[d] = stride_of(k, d);
+    p.v_stride[d] = stride_of(v, d);
   }
   p.B = static_cast<int>(q.size(0));
   p.H = static_cast<int>(q.size(1));
@@ -111,9 +109,9 @@ AttentionResult attention_cuda(const at::Tensor& q, const at::Tensor& k, const a
   p.Nk = static_cast<int>(k.size(2));
   p.Dv = static_cast<int>(v.size(3));
   p.scale = static_cast<float>(scale);
-  p.q_vec = cuda::rows_are_16b_aligned(q, p.D);
-  p.k_vec = p.Nk == 0 || cuda::rows_are_16b_aligned(k, p.D);
-  p.v_vec = p.Nk == 0 || cuda::rows_are_16b_aligned(v, p.Dv);
+  p.q_vec = rows_are_16b_aligned(q, p.D);
+  p.k_vec = p.Nk == 0 || rows_are_16b_aligned(k, p.D);
+  p.v_vec = p.Nk == 0 || rows_are_16b_aligned(v, p.Dv);
 
   if (key_padding_mask) {
     p.key_mask = reinterpret_cast<const uint8_t*>(key_padding_mask->data_ptr<bool>());
@@ -157,13 +155,14 @@ AttentionResult attention_cuda(const at::Tensor& q, const at::Tensor& k, const a
   p.label_mass = want_label_mass ? lab.data_ptr<float>() : nullptr;
 
   switch (q.scalar_type()) {
-    case at::kFloat: cuda::launch_bucket<float>(p); break;
-    case at::kHalf: cuda::launch_bucket<__half>(p); break;
-    default: cuda::launch_bucket<__nv_bfloat16>(p); break;
+    case at::kFloat: launch_bucket<float>(p); break;
+    case at::kHalf: launch_bucket<__half>(p); break;
+    default: launch_bucket<__nv_bfloat16>(p); break;
   }
   return result;
 }
 
-}  // namespace diffcirc
+}  // namespace
+}  // namespace diffcirc::cuda
 
-TORCH_LIBRARY_IMPL(diffcirc, CUDA, m) { m.impl("attention", &diffcirc::attention_cuda); }
+TORCH_LIBRARY_IMPL(diffcirc, CUDA, m) { m.impl("attention", &diffcirc::cuda::attention_cuda); }

@@ -55,17 +55,13 @@ void launch(const AttentionParams& p) {
 
 template <typename T>
 void launch_bucket(const AttentionParams& p) {
+#define DIFFCIRC_LAUNCH_BUCKET(DP) \
+  case DP: return launch<T, DP>(p);
   switch (head_dim_bucket(std::max(p.D, p.Dv))) {
-    case 32: return launch<T, 32>(p);
-    case 64: return launch<T, 64>(p);
-    case 96: return launch<T, 96>(p);
-    case 128: return launch<T, 128>(p);
-    case 160: return launch<T, 160>(p);
-    case 192: return launch<T, 192>(p);
-    case 256: return launch<T, 256>(p);
-    case 512: return launch<T, 512>(p);
+    DIFFCIRC_FOR_EACH_HEAD_DIM_BUCKET(DIFFCIRC_LAUNCH_BUCKET)
     default: TORCH_CHECK(false, "attention: no CUDA kernel for head dims D = ", p.D, ", Dv = ", p.Dv);
   }
+#undef DIFFCIRC_LAUNCH_BUCKET
 }
 
 // The CUDA implementation of torch.ops.diffcirc.attention (schema: attention.cpp; arguments and

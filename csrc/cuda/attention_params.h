@@ -50,8 +50,12 @@ struct AttentionParams {
 };
 
 // Head dims are padded up to one of these buckets (the max of D and Dv decides); each bucket is
-// compiled in its own file.
-constexpr int kHeadDimBuckets[] = {32, 64, 96, 128, 160, 192, 256, 512};
+// compiled in its own file, attention_hdim<DP>.cu. The one list of buckets: X(DP) for each.
+#define DIFFCIRC_FOR_EACH_HEAD_DIM_BUCKET(X) X(32) X(64) X(96) X(128) X(160) X(192) X(256) X(512)
+
+#define DIFFCIRC_BUCKET_VALUE(DP) DP,
+constexpr int kHeadDimBuckets[] = {DIFFCIRC_FOR_EACH_HEAD_DIM_BUCKET(DIFFCIRC_BUCKET_VALUE)};
+#undef DIFFCIRC_BUCKET_VALUE
 
 constexpr int head_dim_bucket(int d) {
   for (int b : kHeadDimBuckets)
@@ -106,13 +110,6 @@ cudaError_t launch_attention(const AttentionParams& p, cudaStream_t stream);
   extern template cudaError_t launch_attention<__half, DP>(const AttentionParams&, cudaStream_t); \
   extern template cudaError_t launch_attention<__nv_bfloat16, DP>(const AttentionParams&, cudaStream_t);
 
-DIFFCIRC_DECLARE_ATTENTION_BUCKET(32)
-DIFFCIRC_DECLARE_ATTENTION_BUCKET(64)
-DIFFCIRC_DECLARE_ATTENTION_BUCKET(96)
-DIFFCIRC_DECLARE_ATTENTION_BUCKET(128)
-DIFFCIRC_DECLARE_ATTENTION_BUCKET(160)
-DIFFCIRC_DECLARE_ATTENTION_BUCKET(192)
-DIFFCIRC_DECLARE_ATTENTION_BUCKET(256)
-DIFFCIRC_DECLARE_ATTENTION_BUCKET(512)
+DIFFCIRC_FOR_EACH_HEAD_DIM_BUCKET(DIFFCIRC_DECLARE_ATTENTION_BUCKET)
 
 }  // namespace diffcirc::cuda

@@ -46,7 +46,7 @@ def extension():
     cuda_srcs = sources("csrc/cuda/*.cu")
     if want_cuda() and cuda_srcs:
         archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
-        macros = [("DIFFCIRC_WITH_CUDA", None), ("DIFFCIRC_CUDA_ARCHS", f'"{archs}"')]
+        macros = [("DIFFCIRC_CUDA_ARCHS", f'"{archs}"')]
         nvcc = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
         return CUDAExtension("diffcirc._C", srcs + cuda_srcs, define_macros=macros,
                              extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"])

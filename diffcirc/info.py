@@ -21,7 +21,7 @@ def build_info() -> dict:
         "cpu isa": ext.cpu_isa() if ext is not None else "n/a",
         "cpu threads": torch.get_num_threads(),
         "blas for kernel gemms": ext.blas_backend() if ext is not None else "n/a",
-        "cuda kernels compiled for": ", ".join(ext.cuda_archs()) or "none" if ext is not None else "none",
+        "cuda kernels compiled for": (", ".join(ext.cuda_archs()) or "none") if ext is not None else "none",
         "torch cuda": torch.version.cuda or "none (CPU build)",
     }
     return info

@@ -56,8 +56,8 @@ def source_copy(dest: Path):
 
 def site_packages(python) -> list:
     """The interpreter's purelib and platlib folders (one folder where they coincide)."""
-    out = subprocess.run([str(python), "-c", "import sysconfig; p = sysconfig.get_paths(); "
-                          "print(p['purelib']); print(p['platlib'])"], check=True, capture_output=True, text=True)
+    code = "import sysconfig; p = sysconfig.get_paths(); print(p['purelib']); print(p['platlib'])"
+    out = subprocess.run([str(python), "-c", code], check=True, capture_output=True, text=True)
     return list(dict.fromkeys(out.stdout.split()))
 
 

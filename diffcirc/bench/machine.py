@@ -20,7 +20,7 @@ def commit(root: Path = PACKAGE_PARENT) -> str | None:
     has none, and a site-packages inside some other repository must not report that one's."""
     try:
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel", "--short", "HEAD"],
-                             capture_output=True, text=True).stdout.split()
+                             capture_output=True, text=True, check=False).stdout.split()
     except OSError:
         return None
     if len(out) != 2 or Path(out[0]).resolve() != Path(root).resolve():

@@ -37,7 +37,7 @@ def test_every_implementation_reproduces_attn_processor(block):
 
 def test_entropies_recorded_by_the_hook_and_the_recorder_agree_with_float64(block):
     """Mean entropy of each head of the self-attention layer against softmax(q k^T / sqrt(d)) in float64."""
-    model, forward, batch = block
+    model, forward, _ = block
     attn = next(m for name, m in model.named_modules() if name.endswith("attn1"))
     seen = {}
 
@@ -65,10 +65,9 @@ def test_entropies_recorded_by_the_hook_and_the_recorder_agree_with_float64(bloc
 
 
 def test_processors_are_restored_after_an_error(block):
-    model, forward, batch = block
-    with pytest.raises(RuntimeError, match="inside"):
-        with processors.implementation("fused", model, None, {}):
-            raise RuntimeError("inside")
+    model, _, _ = block
+    with pytest.raises(RuntimeError, match="inside"), processors.implementation("fused", model, None, {}):
+        raise RuntimeError("inside")
     assert _processor_types(model) == {AttnProcessor2_0}
 
 

@@ -8,8 +8,11 @@ Example: every single-head zero ablation of a model, batched::
 
 Condition c of a chunk of n occupies elements [c * B, (c + 1) * B) of the forward batch; its
 interventions are moved there (an intervention's own ``elements`` index the B images). Inputs
-are repeated n times along dim 0 (element e is image e % B), so ``Patch`` caches of the B
-images and per-image recorder tags (tiled) line up.
+are repeated n times along dim 0 (element e is image e % B), so ``Patch`` caches, the trace's
+label map and per-image recorder tags and ids of the B images, all tiled the same way, line up.
+A tag per condition needs one value per element of the pass::
+
+    recorder.set_tags(condition=[c for c in range(C) for _ in range(B)], image_ids=ids)  # one pass of C * B
 """
 
 from __future__ import annotations

@@ -203,5 +203,5 @@ class Recorder:
         return recorder_frames.map_tensors(self._data)
 
     def maps_frame(self) -> pd.DataFrame:
-        """Columns [*tag_names, image, layer, head, stat, query, row, col, value] (row/col: -1 when the grid is unknown)."""
+        """Columns [*tag_names, image, layer, head, stat, query, row, col, value] (row/col -1: grid unknown)."""
         return recorder_frames.maps_frame(self._data)

@@ -1,6 +1,6 @@
 """Tidy exports of a ``RecorderData``: aggregates, histograms, per-image means and per-query maps.
 
-Every frame starts with one column per tag name (None where a row's passes lacked that tag).
+Every frame starts with one column per tag name (missing where a row's passes lacked that tag).
 """
 
 from __future__ import annotations

@@ -194,3 +194,44 @@ def test_label_map_tiles_over_a_larger_forward_batch():
         model(x.repeat(2, 1, 1, 1), t.repeat(2))  # e.g. classifier-free guidance's [uncond, cond]
     frame = rec.to_frame()
     assert (frame["count"] == 2 * 64).all() and frame["mean"].between(0, 1).all()
+
+
+def test_sequences_shorter_than_the_batch_tile_element_e_to_value_e_mod_len():
+    rec = Recorder(stats=("distance",), bins=4, per_image=True)
+    rec.set_tags(dataset=["a", "b"], image_ids=[7, 8])  # a batch of 4: two copies of two images
+    rec.record("l", 4, (1, 3), {"distance": torch.arange(4.0).view(4, 1, 1).expand(4, 1, 3)})
+    frame = rec.to_frame().set_index("dataset")
+    assert frame.loc["a", "count"] == 6 and frame.loc["a", "mean"] == 1.0  # elements 0 and 2: values 0 and 2
+    assert frame.loc["b", "count"] == 6 and frame.loc["b", "mean"] == 2.0  # elements 1 and 3: values 1 and 3
+    per_image = rec.per_image_frame()
+    assert per_image[["dataset", "image", "mean"]].values.tolist() == [["a", 7, 1.0], ["b", 8, 2.0]]
+
+
+def _numpy_moments(values: np.ndarray, lo: float, hi: float, bins: int) -> dict:
+    """count, mean, std (ddof 1), m2 and bin counts of float64 samples, by the documented binning."""
+    idx = np.clip(np.floor((values - lo) * (bins / (hi - lo))), 0, bins - 1).astype(int)
+    mean = values.mean()
+    return {"count": values.size, "mean": mean, "std": values.std(ddof=1), "m2": ((values - mean) ** 2).sum(),
+            "hist": np.bincount(idx, minlength=bins)}
+
+
+def test_merges_of_unequal_batch_sizes_equal_numpy_on_the_concatenated_samples():
+    g = torch.Generator().manual_seed(11)
+    # batch sizes 1, 4, 3 and 6, each batch around its own level, so the merge's cross term matters
+    batches = [torch.rand(b, 3, 10, generator=g) * 0.5 + level for b, level in ((1, 0.2), (4, 1.0), (3, 2.1), (6, 0.6))]
+    parts = [Recorder(stats=("entropy",), bins=6) for _ in range(3)]
+    for rec, chunk in zip(parts, (batches[:2], batches[2:3], batches[3:])):
+        for x in chunk:
+            rec.record("layer.a", 20, None, {"entropy": x})
+    merged = parts[0].merge(parts[1]).merge(parts[2])
+    lo, hi = 0.0, math.log(20)
+    frame = merged.to_frame().set_index("head")
+    hist = merged.histograms()
+    for h in range(3):
+        want = _numpy_moments(torch.cat([x[:, h].reshape(-1) for x in batches]).double().numpy(), lo, hi, 6)
+        row = frame.loc[h]
+        assert row["count"] == want["count"] == 140
+        assert row["mean"] == pytest.approx(want["mean"], abs=1e-12)
+        assert row["m2"] == pytest.approx(want["m2"], abs=1e-10)
+        assert row["std"] == pytest.approx(want["std"], abs=1e-12)
+        assert hist[hist["head"] == h]["count"].tolist() == want["hist"].tolist()

@@ -1,6 +1,10 @@
-"""Recorder.all_reduce over two gloo processes equals one recorder that saw every pass, also when
-one process has no data at all; torchrun's device and memory rules of ``Ranks``."""
+"""Recorder.all_reduce over two gloo processes equals numpy on the concatenated samples of every
+process, and one recorder that saw every pass, also when one process has no data at all;
+torchrun's device and memory rules of ``Ranks``."""
 
+import math
+
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -11,6 +15,8 @@ from diffcirc.analysis.distributed import Ranks
 from diffcirc.processor.recorder import Recorder
 
 N_BATCHES = 6
+BINS = 8
+MAP_IMAGES = (0, 1, 5)
 
 
 def _batches():
@@ -19,7 +25,8 @@ def _batches():
 
 
 def _recorder():
-    return Recorder(stats=("entropy",), bins=8, per_image=True, maps={"images": [0, 1, 5], "stats": ["entropy"]})
+    maps = {"images": list(MAP_IMAGES), "stats": ["entropy"]}
+    return Recorder(stats=("entropy",), bins=BINS, per_image=True, maps=maps)
 
 
 def _fill(rec, batches):
@@ -34,14 +41,48 @@ def _frames(rec):
     return [order(rec.to_frame()), order(rec.histograms()), order(rec.per_image_frame()), order(rec.maps_frame())]
 
 
+def _share(batches, rank, world, split):
+    """The (index, batch) pairs process rank records."""
+    return [b for b in batches if (b[0] % world == rank if split == "strided" else rank == 0)]
+
+
+def _assert_equals_numpy(rec, per_rank):
+    """rec against numpy on the concatenation of every process's samples (timestep = batch index % 2)."""
+    samples = [(i % 2, x.double().numpy(), ids) for share in per_rank for i, (x, ids) in share]
+    lo, hi = 0.0, math.log(16)
+    frame = rec.to_frame().set_index(["timestep", "head"])
+    hist = rec.histograms().set_index(["timestep", "head"])
+    assert len(frame) == 2 * 3
+    for (timestep, h), row in frame.iterrows():
+        values = np.concatenate([x[:, h].ravel() for ts, x, _ in samples if ts == timestep])
+        mean = values.mean()
+        assert row["count"] == values.size == N_BATCHES // 2 * 2 * 16
+        assert row["mean"] == pytest.approx(mean, abs=1e-12)
+        assert row["m2"] == pytest.approx(((values - mean) ** 2).sum(), abs=1e-10)
+        assert row["std"] == pytest.approx(values.std(ddof=1), abs=1e-12)
+        idx = np.clip(np.floor((values - lo) * (BINS / (hi - lo))), 0, BINS - 1).astype(int)
+        assert hist.loc[(timestep, h), "count"].tolist() == np.bincount(idx, minlength=BINS).tolist()
+    per_image = rec.per_image_frame()
+    want = {(ts, image, h): x[e, h].mean() for ts, x, ids in samples for e, image in enumerate(ids) for h in range(3)}
+    assert len(per_image) == len(want) == 2 * N_BATCHES * 3
+    for row in per_image.itertuples():
+        assert row.mean == pytest.approx(want[(row.timestep, row.image, row.head)], abs=1e-12)
+    maps = rec.map_tensors()
+    want = {(ts, image): x[e] for ts, x, ids in samples for e, image in enumerate(ids) if image in MAP_IMAGES}
+    assert len(maps) == len(want) == len(MAP_IMAGES)
+    for (ts, image), x in want.items():
+        got = maps[((("timestep", ts),), image, "layer0", "entropy")]
+        np.testing.assert_array_equal(got.numpy(), x.astype(np.float32).reshape(3, 4, 4))
+
+
 def _worker(rank, world, init, split):
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         batches = list(enumerate(_batches()))
-        mine = [b for b in batches if (b[0] % world == rank if split == "strided" else rank == 0)]
         rec = _recorder()
-        _fill(rec, mine)
+        _fill(rec, _share(batches, rank, world, split))
         rec.all_reduce()
+        _assert_equals_numpy(rec, [_share(batches, r, world, split) for r in range(world)])
         one = _recorder()
         _fill(one, batches)
         for got, want in zip(_frames(rec), _frames(one)):

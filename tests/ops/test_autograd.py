@@ -38,13 +38,14 @@ def test_gradients_match_reference_autograd(with_mask, device):
     _assert_gradients_match_reference(q, k, v, mask, (1, 3, 40, 16))
 
 
-@pytest.mark.parametrize("queries_per_chunk", [1, 7])
+@pytest.mark.parametrize("queries_per_chunk", [0, 7], ids=["budget-below-one-query", "7-queries"])
 @pytest.mark.parametrize("with_mask", [False, True], ids=["nomask", "mask"])
 def test_gradients_over_many_query_chunks(queries_per_chunk, with_mask, device, monkeypatch):
     # the backward rebuilds P one chunk of queries at a time; dk, dv and d head_scale sum over every
-    # chunk, dq is written per chunk. Nq = 40 in chunks of 1 or 7 (five of 7 and a last one of 5).
+    # chunk, dq is written per chunk. Nq = 40 in chunks of 7 (five, and a last one of 5), or of 1
+    # when the memory budget is below one query's (B, H, 1, Nk) buffer.
     B, H, Nk = 2, 3, 53
-    monkeypatch.setattr(backward, "_CHUNK_ELEMENTS", queries_per_chunk * B * H * Nk)
+    monkeypatch.setattr(backward, "_CHUNK_ELEMENTS", max(1, queries_per_chunk * B * H * Nk))
     q, k, v = _inputs(B=B, H=H, Nk=Nk, device=device)
     mask = None
     if with_mask:
@@ -52,6 +53,25 @@ def test_gradients_over_many_query_chunks(queries_per_chunk, with_mask, device, 
         mask[1] = False
     _assert_gradients_match_reference(q, k, v, mask, (B, H, 40, 16))
     _assert_gradients_match_reference(q, k, v, mask, (1, H, 1, 16))  # a replacement broadcast over queries
+
+
+@pytest.mark.parametrize("wrt", ["q", "k", "v", "head_scale", "head_replacement"])
+def test_gradient_of_one_input_alone(wrt, device):
+    # the backward computes only the gradients autograd asks for: each input alone, the rest constants
+    q, k, v = (t.detach() for t in _inputs(Nk=70, device=device))
+    inputs = dict(q=q, k=k, v=v, head_scale=torch.rand(2, 3, device=device),
+                  head_replacement=torch.randn(2, 3, 40, 16, device=device))
+    inputs[wrt].requires_grad_()
+    grad_out = torch.randn(2, 3, 40, 16, device=device)
+
+    def grad(op, g):
+        out = op(inputs["q"], inputs["k"], inputs["v"], head_scale=inputs["head_scale"],
+                 head_replacement=inputs["head_replacement"]).out
+        return torch.autograd.grad(out, inputs[wrt], g)[0]
+
+    got, want = grad(attention, grad_out), grad(reference_attention, grad_out.double())
+    assert got.shape == inputs[wrt].shape
+    assert torch.allclose(got.double(), want.double(), atol=2e-4, rtol=1e-4), (got.double() - want).abs().max().item()
 
 
 def test_nan_in_masked_keys_leaves_gradients_finite(device):

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from diffusers.models.attention_processor import Attention
 
 from helpers import tiny_models as tm
 from diffcirc.processor import FusedAttnProcessor, Recorder, Session, Zero
@@ -21,17 +22,23 @@ def test_layers_of_unet2d():
         ("down_blocks.1.attentions.1", "self", 8, 8, None),
         ("mid_block.attentions.0", "self", 8, 8, None),
     ]
+    assert all(type(i.heads) is int and type(i.head_dim) is int for i in session.layers)  # counts, not 8.0
     assert len(session.heads()) == 24
 
 
-def test_layers_and_grids_of_cond_unet_inferred_from_input_size():
+@pytest.mark.parametrize("call", ["positional", "keywords"])
+def test_layers_and_grids_of_cond_unet_inferred_from_input_size(call):
+    # the input size comes from the first positional argument or from sample=, not config.sample_size (8)
     model = tm.cond_unet()
     session = Session(model)
     kinds = {i.name.rsplit(".", 1)[-1]: i.kind for i in session.layers}
     assert kinds == {"attn1": "self", "attn2": "cross"} and len(session.layers) == 8
     x, t, enc, mask = tm.cond_inputs(1, hw=(8, 12))
     with session.trace(Recorder(stats=("entropy", "distance"))) as rec, torch.no_grad():
-        model(x, t, enc, encoder_attention_mask=mask)
+        if call == "positional":
+            model(x, t, enc, encoder_attention_mask=mask)
+        else:
+            model(sample=x, timestep=t, encoder_hidden_states=enc, encoder_attention_mask=mask)
     grids = {i.name: i.grid for i in session.layers}
     assert grids["down_blocks.0.attentions.0.transformer_blocks.0.attn1"] == (8, 12)
     assert grids["mid_block.attentions.0.transformer_blocks.0.attn1"] == (4, 6)
@@ -65,16 +72,36 @@ def test_grid_of_4d_input_is_taken_as_is():
     assert {i.grid for i in session.layers} == {(8, 6)}
 
 
-def test_transformer2d_grid_comes_from_its_own_4d_input():
+@pytest.mark.parametrize("call", ["positional", "keywords"])
+def test_transformer2d_grid_comes_from_its_own_4d_input(call):
+    # the model input is the first positional argument or hidden_states=; the model has no sample_size
     model = tm.transformer2d()
     session = Session(model)
     g = torch.Generator().manual_seed(3)
     x, enc = torch.randn(1, 32, 6, 5, generator=g), torch.randn(1, 4, 24, generator=g)
     with session.trace(Recorder(stats=("distance",))) as rec, torch.no_grad():
-        model(x, encoder_hidden_states=enc)
+        if call == "positional":
+            model(x, encoder_hidden_states=enc)
+        else:
+            model(hidden_states=x, encoder_hidden_states=enc)
     assert [(i.name, i.kind, i.grid) for i in session.layers] == [
         ("transformer_blocks.0.attn1", "self", (6, 5)), ("transformer_blocks.0.attn2", "cross", (6, 5))]
     assert set(rec.to_frame()["layer"]) == {"transformer_blocks.0.attn1"}
+
+
+def test_tokens_without_an_image_input_have_no_grid():
+    # a model fed (B, N, C) tokens, not an image: no input size, so no grid; entropy needs none and
+    # is recorded, distance is refused by name (a 3-D input is not read as an (h, w) image: 16 tokens
+    # of width 64 would fit (2, 8) by the down-sampling rule)
+    model = torch.nn.Sequential(Attention(query_dim=64, heads=8, dim_head=8)).eval()
+    session = Session(model)
+    tokens = torch.randn(1, 16, 64)
+    with session.trace(Recorder(stats=("entropy",))) as rec, torch.no_grad():
+        model(tokens)
+    assert session.layer("0").grid is None and set(rec.to_frame().stat) == {"entropy"}
+    with pytest.raises(ValueError, match="input size is unknown"):
+        with session.trace(Recorder(stats=("distance",))), torch.no_grad():
+            model(tokens)
 
 
 def test_infer_grid_rule_and_errors():

@@ -1,10 +1,36 @@
-"""The circuit study on top of the processor layer.
+"""The circuit study on top of the processor layer, as a library that stops at its tables and
+meta.json; summaries and reports are made from the saved folder.
 
-driver      runs the model: traces, ablations, attribution, role ablations, circuit -> tables
-image_maps  edge / texture maps of images and role-relevant errors of predicted x0
-metrics     entropy profiles, complexity ratio, entropy divergence, degradation, attribution agreement
-roles       head features and the eight role rules
-circuit     greedy minimal circuit
+    from diffcirc.analysis import AnalysisConfig, run_analysis, summarise
+
+    out = run_analysis(AnalysisConfig(model="bundled", out="runs/demo"))  # tables, meta.json
+    summary = summarise(out)                                              # summary.json
+
+config       AnalysisConfig (every default of the study, once), default timesteps, noise per image
+phases       Experiment: trace, features, ablations, attribution, role ablations, circuit -> tables
+driver       run_analysis: the phases as resumable work units, then meta.json
+units        the manifest of finished work units of a folder
+distributed  the processes of a torchrun launch and the collectives the phases need
+image_maps   edge / texture maps of images and role-relevant errors of predicted x0
+metrics      entropy profiles, complexity ratio, entropy divergence, degradation, attribution agreement
+roles        head features and the eight role rules
+circuit      greedy minimal circuit
 significance the significance tests (scipy), usable on saved tables
-summary     summary.json from saved tables
+summary      summary.json from saved tables
 """
+
+# Loaded on first use, so that reading saved tables (metrics, summary: what the report imports)
+# does not import the model stack the driver needs.
+_LAZY = {"AnalysisConfig": "config", "default_timesteps": "config", "noise_for": "config",
+         "run_analysis": "driver", "summarise": "summary"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = list(_LAZY)

@@ -1,428 +1,57 @@
-"""The experiment driver: runs the model on both datasets and writes the study's tables.
+"""The driver: runs the phases of ``phases.Experiment`` as resumable work units and writes the
+study's tables and ``meta.json`` into ``config.out``. It stops there: ``summary.summarise`` and
+``diffcirc.report.render`` read the folder afterwards (``diffcirc analyze`` does both).
 
     config = AnalysisConfig(model="bundled", synthetic=64, natural="lfw", out="runs/demo")
-    run_analysis(config)          # writes the tables of ``diffcirc.analysis.summary`` + report
+    out = run_analysis(config)    # out/*.parquet, meta.json, manifest.json, samples/*.png
 
-Phases, each writing its tables into ``config.out`` (atomically):
-  1. trace       per-(model, dataset, timestep, layer, head) entropy / distance / label-mass
-                 aggregates, histograms, per-image means, per-query maps of a few sample images
-                 (model = "trained" and the "random"-weights control of the same architecture)
-  2. features    correlations of each head's entropy map with edge / texture maps of the image
-  3. ablations   every single head zero- and mean-ablated at each ablation timestep (batched)
-  4. attribution one backward pass per (dataset, timestep) scores every head
-  5. roles       role assignment, then role ablations against size-matched random head sets
-  6. circuit     greedy minimal circuit per dataset under a degradation threshold
-Noise is seeded per (seed, dataset, image, timestep), so any row can be recomputed alone, on
-any process: under torchrun each phase shards its images, conditions or steps over the ranks
-(``distributed.Ranks``) and every rank ends the phase with the full tables; rank 0 writes them.
+Each phase is a unit of ``units.WorkUnits``: a rerun on the same folder skips the finished ones.
+Under torchrun every rank runs every phase on its share and ends it with the full tables; rank 0
+alone reads and writes.
 """
 
 from __future__ import annotations
 
 import platform
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from .. import __version__
-from ..data import load_dataset
-from ..models import load, random_like
-from ..processor import Mean, Recorder, Session, Zero, head_attribution, mean_head_outputs, run_conditions
-from . import image_maps
+from ..files import atomic_path, write_json, write_table
+from .config import AnalysisConfig
 from .distributed import Ranks
-from ..files import write_json, write_table
+from .phases import Experiment
 from .units import WorkUnits
 
-DATASETS = ("synthetic", "natural")
-TRACE_TABLES = ("layers", "aggregates", "histograms", "per_image", "maps")
-CONTROL_SEED_OFFSET = 1_000_003
+
+class Phase(NamedTuple):
+    unit: str                            # its name in manifest.json
+    run: Callable[[Experiment], None]    # the Experiment method that makes its tables
+    tables: tuple                        # the tables it makes
+    inputs: tuple                        # the units whose tables it reads
 
 
-def default_timesteps(n: int = 10, T: int = 1000) -> list[int]:
-    """n evenly spaced timesteps, the centres of n equal bins of [0, T): 50, 150, ..., 950 for n = 10."""
-    return [int((i + 0.5) * T / n) for i in range(n)]
+PHASES = (
+    Phase("trace", Experiment.trace, ("layers", "aggregates", "histograms", "per_image", "maps"), ()),
+    Phase("features", Experiment.map_features, ("features_maps",), ("trace",)),
+    Phase("ablations", Experiment.ablations, ("ablations",), ()),
+    Phase("attribution", Experiment.attribution, ("attribution",), ()),
+    Phase("role_ablations", Experiment.role_ablations, ("role_ablations",), ("trace", "features")),
+    Phase("circuit", Experiment.circuit, ("circuit",), ("ablations",)),
+)
 
 
-@dataclass
-class AnalysisConfig:
-    """Everything a run depends on; written to meta.json so a folder says how it was made."""
+def run_analysis(config: AnalysisConfig, ranks: Ranks | None = None) -> Path | None:
+    """Runs every phase not finished by an earlier run of the same configuration on config.out and
+    writes their tables, the sample images and meta.json there.
 
-    out: str = "runs/analysis"
-    model: str = "bundled"
-    synthetic: int = 64                   # held-out synthetic faces
-    synthetic_spec: str = "synthetic-gray"  # grayscale to match LFW; "synthetic" with CelebA
-    natural: str = "lfw"                  # lfw | photos | celeba:PATH | folder:PATH
-    natural_n: int | None = None          # default: every held-out image (LFW: 20)
-    timesteps: list = field(default_factory=default_timesteps)
-    ablation_timesteps: list | None = None  # default: every third trace timestep
-    ablation_modes: tuple = ("zero", "mean")
-    ablation_images: int = 32             # per dataset, the first ones
-    circuit_threshold: float = 10.0       # percent degradation the pruned circuit may cost
-    circuit_timestep: int | None = None   # default: the middle ablation timestep
-    role_control_reps: int = 5            # size-matched random head sets per role
-    sample_maps: int = 4                  # images per dataset whose per-query maps are kept
-    random_control: bool = True
-    batch_size: int = 64
-    max_batch: int = 64                   # batch elements per forward pass of batched conditions (on a CPU larger passes gain nothing)
-    max_memory: int | None = None         # bytes one batched pass may use; None: half of what is free
-    bins: int = 64
-    seed: int = 0
-    bootstrap: int = 2000
-    device: str = "cpu"
-
-    def resolved_ablation_timesteps(self) -> list[int]:
-        return list(self.ablation_timesteps) if self.ablation_timesteps else list(self.timesteps[1::3]) or list(self.timesteps)
-
-
-def free_memory_bytes(device: str) -> int:
-    """Memory free for this process now: the CUDA device's free memory, else the host's MemAvailable."""
-    if str(device).startswith("cuda"):
-        return int(torch.cuda.mem_get_info(torch.device(device))[0])
-    try:
-        with open("/proc/meminfo") as f:
-            fields = dict(line.split(":", 1) for line in f)
-        return int(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return 1 << 62  # unknown: no bound beyond max_batch
-
-
-def noise_for(seed: int, dataset: int, images, t: int, shape) -> torch.Tensor:
-    """Gaussian noise (B, *shape) with image i's noise fixed by (seed, dataset, image id, t)."""
-    out = []
-    for i in images:
-        state = np.random.SeedSequence([seed, dataset, int(i), int(t)]).generate_state(2)
-        g = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-        out.append(torch.randn(shape, generator=g))
-    return torch.stack(out)
-
-
-class _Data:
-    """One dataset's images (N, 3, S, S), label maps (N, S, S) and ids, in memory."""
-
-    def __init__(self, name, index, dataset):
-        items = [dataset[i] for i in range(len(dataset))]
-        if not items:
-            raise ValueError(f"dataset {name!r} is empty")
-        self.name, self.index = name, index
-        self.images = torch.stack([it["image"] for it in items]).float()
-        self.labels = torch.stack([torch.as_tensor(it["labels"]) for it in items]).long()
-        self.ids = list(range(len(items)))
-        self.sources = [it.get("source", "") for it in items]
-
-    def batches(self, batch_size, n=None, ids=None):
-        """(ids, images, labels) batches of the first n images, or of these ids."""
-        if ids is None:
-            ids = self.ids[: len(self.ids) if n is None else min(n, len(self.ids))]
-        for i in range(0, len(ids), batch_size):
-            chunk = list(ids[i:i + batch_size])
-            yield chunk, self.images[chunk], self.labels[chunk]
-
-
-class Experiment:
-    def __init__(self, config: AnalysisConfig, ranks: Ranks | None = None):
-        self.ranks = ranks or Ranks()
-        self.c = config
-        self.device = self.ranks.device(config.device)
-        self.out = Path(config.out)
-        if self.ranks.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-        self.unet, self.scheduler = load(config.model, device=self.device)
-        self.size = int(self.unet.config.sample_size)
-        self.alphas = self.scheduler.alphas_cumprod.to(torch.float32)
-        self.data = {
-            "synthetic": _Data("synthetic", 0, load_dataset(config.synthetic_spec, size=self.size, n=config.synthetic,
-                                                            seed=config.seed, split="heldout")),
-            "natural": _Data("natural", 1, load_dataset(config.natural, size=self.size, n=config.natural_n,
-                                                        seed=config.seed, split="heldout")),
-        }
-        self.session = Session(self.unet)
-        self.heads = self.session.heads()
-        self.tables: dict = {}
-
-    def load_tables(self, names) -> None:
-        """Reads the tables of a unit finished by an earlier run of the same configuration (rank 0
-        reads; every rank receives them, so ranks need not share a file system)."""
-        tables = self.ranks.on_main(lambda: {name: pd.read_parquet(self.out / f"{name}.parquet") for name in names})
-        self.tables.update(self.ranks.broadcast(tables))
-
-    def progress(self, **kwargs):
-        """A progress bar on rank 0 only."""
-        return tqdm(disable=not self.ranks.is_main, **kwargs)
-
-    # -- helpers ---------------------------------------------------------------------------
-    def noisy(self, d: _Data, ids, x0, t):
-        eps = noise_for(self.c.seed, d.index, ids, t, x0.shape[1:])
-        a = self.alphas[t]
-        return a.sqrt() * x0 + (1 - a).sqrt() * eps, eps
-
-    def forward(self, unet, x, t):
-        tt = torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
-        return unet(x.to(self.device), tt).sample.float().cpu()
-
-    def x0_from_eps(self, x_t, eps_hat, t):
-        a = self.alphas[t]
-        return (x_t - (1 - a).sqrt() * eps_hat) / a.sqrt()
-
-    # -- 1. trace ----------------------------------------------------------------------------
-    def trace(self):
-        models = [("trained", self.unet)]
-        if self.c.random_control:
-            # a seed of its own, so that the control never equals a model initialised from `seed`
-            models.append(("random", random_like(self.unet, seed=CONTROL_SEED_OFFSET + self.c.seed)))
-        aggregates, histograms, per_image, maps = [], [], [], []
-        samples = self.sample_ids()
-        shards = {name: self.ranks.shard(d.ids) for name, d in self.data.items()}
-        total = len(models) * sum(len(ids) for ids in shards.values()) * len(self.c.timesteps)
-        bar = self.progress(total=total, desc="trace", unit="img")
-        for model_name, unet in models:
-            session = self.session if unet is self.unet else Session(unet)
-            for name, d in self.data.items():
-                rec = Recorder(stats=("entropy", "distance", "label_mass"), bins=self.c.bins, per_image=True,
-                               maps={"images": samples[name], "stats": ["entropy"]})
-                for t in self.c.timesteps:
-                    for ids, x0, labels in d.batches(self.c.batch_size, ids=shards[name]):
-                        x_t, _ = self.noisy(d, ids, x0, t)
-                        rec.set_tags(model=model_name, dataset=name, timestep=int(t), image_ids=ids)
-                        with torch.no_grad(), session.trace(rec, labels=labels.to(self.device)):
-                            self.forward(unet, x_t, t)
-                        bar.update(len(ids))
-                rec.all_reduce()
-                aggregates.append(rec.to_frame())
-                histograms.append(rec.histograms())
-                per_image.append(rec.per_image_frame())
-                maps.append(rec.maps_frame())
-        bar.close()
-        layers = self.layer_table()
-        aggregates.append(self.uniform_label_mass(layers))
-        self.tables.update({
-            "layers": layers,
-            "aggregates": pd.concat(aggregates, ignore_index=True),
-            "histograms": pd.concat(histograms, ignore_index=True),
-            "per_image": pd.concat(per_image, ignore_index=True),
-            "maps": pd.concat(maps, ignore_index=True).rename(columns={"value": "entropy"}).drop(columns=["stat"]),
-        })
-
-    def layer_table(self) -> pd.DataFrame:
-        rows = []
-        for layer in self.session.layers:
-            h, w = layer.grid if layer.grid else (None, None)
-            n_keys = h * w if layer.kind == "self" and h else None
-            rows.append({"layer": layer.name, "kind": layer.kind, "heads": layer.heads, "head_dim": layer.head_dim,
-                         "n_keys": n_keys, "grid_h": h, "grid_w": w})
-        return pd.DataFrame(rows)
-
-    def uniform_label_mass(self, layers: pd.DataFrame) -> pd.DataFrame:
-        """Expected same-label mass under uniform attention, per dataset and layer: the mean over
-        images and queries of the share of keys with the query's label (sum_c (n_c / N)^2)."""
-        from ..processor.grid import labels_to_grid
-
-        rows = []
-        for name, d in self.data.items():
-            for layer in layers.itertuples():
-                if layer.kind != "self" or not layer.grid_h:
-                    continue
-                tok = labels_to_grid(d.labels, (int(layer.grid_h), int(layer.grid_w)))  # (N, n)
-                n = tok.shape[1]
-                shares = torch.stack([torch.bincount(row).double().div(n).square().sum() for row in tok])
-                for model in ("trained", "random") if self.c.random_control else ("trained",):
-                    for t in self.c.timesteps:
-                        for h in range(int(layer.heads)):
-                            rows.append({"model": model, "dataset": name, "timestep": int(t), "layer": layer.layer,
-                                         "head": h, "stat": "label_mass_uniform", "count": len(shares),
-                                         "mean": float(shares.mean()), "std": float(shares.std()) if len(shares) > 1 else 0.0,
-                                         "m2": float(((shares - shares.mean()) ** 2).sum())})
-        return pd.DataFrame(rows)
-
-    def sample_ids(self) -> dict:
-        """{dataset: ids of the images whose per-query maps are kept}."""
-        return {name: d.ids[: self.c.sample_maps] for name, d in self.data.items()}
-
-    def save_samples(self):
-        """The images whose per-query maps are kept, as PNGs for the report."""
-        from PIL import Image
-
-        samples = self.sample_ids()
-        folder = self.out / "samples"
-        folder.mkdir(exist_ok=True)
-        for name, ids in samples.items():
-            d = self.data[name]
-            for i in ids:
-                img = ((d.images[i].permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8)
-                Image.fromarray(img).save(folder / f"{name}_{i}.png")
-
-    # -- 2. features from maps -----------------------------------------------------------------
-    def map_features(self):
-        maps = self.tables["maps"]
-        rows = []
-        for (model, name, t, layer, head), g in maps.groupby(["model", "dataset", "timestep", "layer", "head"]):
-            d = self.data[name]
-            corr_e, corr_t = [], []
-            for image, gi in g.groupby("image"):
-                gi = gi.sort_values("query")
-                if (gi["row"] < 0).any():
-                    continue
-                grid = (int(gi["row"].max()) + 1, int(gi["col"].max()) + 1)
-                ent = torch.tensor(gi["entropy"].to_numpy(), dtype=torch.float64)[None]
-                img = d.images[int(image)][None].double()
-                corr_e.append(float(image_maps.pearson_rows(ent, image_maps.to_grid(image_maps.edge_magnitude(img), grid))))
-                corr_t.append(float(image_maps.pearson_rows(ent, image_maps.to_grid(image_maps.texture_energy(img), grid))))
-            if corr_e:
-                rows.append({"model": model, "dataset": name, "timestep": int(t), "layer": layer, "head": int(head),
-                             "edge_corr": float(np.mean(corr_e)), "texture_corr": float(np.mean(corr_t))})
-        self.tables["features_maps"] = pd.DataFrame(rows)
-
-    # -- 3. single-head ablations ------------------------------------------------------------
-    def ablation_steps(self) -> list:
-        """[(dataset, timestep)] of the ablation phases, in their order."""
-        return [(name, t) for name in DATASETS for t in self.c.resolved_ablation_timesteps()]
-
-    def ablation_batch(self, name: str, t: int):
-        """(ids, x0, labels, x_t, eps) of the first ablation_images images of dataset name, noised to t."""
-        d = self.data[name]
-        ids, x0, labels = next(d.batches(self.c.ablation_images, self.c.ablation_images))
-        x_t, eps = self.noisy(d, ids, x0, t)
-        return ids, x0, labels, x_t, eps
-
-    def run_share(self, conditions, x_t, t):
-        """This rank's share of a batched step: (indices into conditions, eps predictions
-        (len(indices), B, 3, S, S)). Index 0, the clean pass, is run by every rank as its baseline;
-        passes are bounded by max_batch and the memory budget."""
-        mine = [0, *self.ranks.shard(range(1, len(conditions)))]
-        with torch.no_grad():
-            eps_hat = run_conditions(self.session, lambda x: self.forward(self.unet, x, t), x_t,
-                                     [conditions[c] for c in mine], max_batch=max(self.c.max_batch, x_t.shape[0]),
-                                     max_bytes=self.memory_budget)
-        return mine, eps_hat
-
-    @property
-    def memory_budget(self) -> int:
-        if self.c.max_memory is not None:
-            return int(self.c.max_memory)
-        if str(self.device).startswith("cuda"):
-            return free_memory_bytes(self.device) // 2
-        return free_memory_bytes(self.device) // (2 * self.ranks.per_host)  # the processes of a host share it
-
-    def gathered(self, keyed_rows: list) -> list:
-        """Rows of every rank, in the order of their keys (the order one process would have made)."""
-        return [row for _, row in sorted(self.ranks.gather_rows(keyed_rows), key=lambda kr: kr[0])]
-
-    def ablations(self):
-        rows = []
-        for step, (name, t) in enumerate(self.progress(iterable=self.ablation_steps(), desc="ablations", unit="step")):
-            ids, _, _, x_t, eps = self.ablation_batch(name, t)
-            conditions, labels = [[]], [None]
-            if "zero" in self.c.ablation_modes:
-                conditions += [[Zero(layer, h)] for layer, h in self.heads]
-                labels += [("zero", layer, h) for layer, h in self.heads]
-            if "mean" in self.c.ablation_modes:
-                means = mean_head_outputs(self.session, lambda x: self.forward(self.unet, x, t), [x_t])
-                conditions += [[Mean(layer, h, means=means)] for layer, h in self.heads]
-                labels += [("mean", layer, h) for layer, h in self.heads]
-            mine, eps_hat = self.run_share(conditions, x_t, t)
-            loss = (eps_hat - eps[None]).square().flatten(2).mean(-1)  # (len(mine), B)
-            for i, c in enumerate(mine[1:], start=1):
-                mode, layer, h = labels[c]
-                for b, image in enumerate(ids):
-                    rows.append(((step, c, b), {
-                        "dataset": name, "timestep": int(t), "layer": layer, "head": h, "mode": mode, "image": int(image),
-                        "loss_clean": float(loss[0, b]), "loss_ablated": float(loss[i, b])}))
-        self.tables["ablations"] = pd.DataFrame(self.gathered(rows))
-
-    # -- 4. attribution ----------------------------------------------------------------------
-    def attribution(self):
-        frames = []
-        for step, (name, t) in self.ranks.shard(enumerate(self.ablation_steps())):
-            _, _, _, x_t, eps = self.ablation_batch(name, t)
-            scores = head_attribution(self.session, lambda: (self.forward(self.unet, x_t, t) - eps).square().mean())
-            scores.insert(0, "timestep", int(t))
-            scores.insert(0, "dataset", name)
-            frames.append((step, scores))
-        self.tables["attribution"] = pd.concat(self.gathered(frames), ignore_index=True)
-
-    # -- 5. roles and role ablations ------------------------------------------------------------
-    def role_ablations(self):
-        from .roles import assign_roles, head_features
-
-        features = head_features(self.tables["aggregates"], self.tables["layers"], self.tables.get("features_maps"),
-                                 model="trained")
-        roles = assign_roles(features)
-        rng = np.random.default_rng(self.c.seed)
-        role_sets = {}
-        for role, g in roles.groupby("role"):
-            if role == "unassigned":
-                continue
-            role_sets[role] = [(r.layer, int(r.head)) for r in g.itertuples()]
-        rows = []
-        for step, (name, t) in enumerate(self.progress(iterable=self.ablation_steps(), desc="role ablations",
-                                                       unit="step")):
-            ids, x0, labels, x_t, eps = self.ablation_batch(name, t)
-            conditions, tags = [[]], [None]
-            for role, heads in role_sets.items():
-                conditions.append([Zero(layer, h) for layer, h in heads])
-                tags.append((role, "role", 0))
-                if len(heads) == len(self.heads):
-                    continue  # a size-matched random set would be the role itself: no control exists
-                for rep in range(self.c.role_control_reps):
-                    pick = rng.choice(len(self.heads), size=len(heads), replace=False)
-                    conditions.append([Zero(*self.heads[i]) for i in pick])
-                    tags.append((role, "random", rep))
-            # every rank draws every random set above (same rng stream), then runs its share
-            mine, eps_hat = self.run_share(conditions, x_t, t)
-            x0_hat = self.x0_from_eps(x_t[None], eps_hat, t)
-            errors = [self.errors(eps_hat[i], eps, x0_hat[i], x0, labels) for i in range(len(mine))]
-            for i, c in enumerate(mine[1:], start=1):
-                role, control, rep = tags[c]
-                for e, err_name in enumerate(errors[0]):
-                    for b, image in enumerate(ids):
-                        rows.append(((step, c, e, b), {
-                            "dataset": name, "timestep": int(t), "role": role, "control": control, "rep": rep,
-                            "image": int(image), "error_name": err_name, "err_clean": float(errors[0][err_name][b]),
-                            "err_ablated": float(errors[i][err_name][b])}))
-        self.tables["role_ablations"] = pd.DataFrame(self.gathered(rows))
-
-    @staticmethod
-    def errors(eps_hat, eps, x0_hat, x0, labels) -> dict:
-        out = {"eps_mse": (eps_hat - eps).square().flatten(1).mean(1)}
-        out.update(image_maps.role_errors(x0_hat.clamp(-1, 1), x0, labels))
-        return out
-
-    # -- 6. minimal circuit ----------------------------------------------------------------------
-    def circuit(self):
-        from .circuit import greedy_minimal_circuit
-
-        steps = self.c.resolved_ablation_timesteps()
-        t = self.c.circuit_timestep if self.c.circuit_timestep is not None else steps[len(steps) // 2]
-        abl = self.tables["ablations"]
-        frames = []
-        for index, name in self.ranks.shard(enumerate(DATASETS)):
-            _, _, _, x_t, eps = self.ablation_batch(name, t)
-            with torch.no_grad():
-                clean = (self.forward(self.unet, x_t, t) - eps).square().mean().item()
-
-            def degradation_of(removed: frozenset) -> float:
-                with torch.no_grad(), self.session.intervene([Zero(layer, h) for layer, h in removed]):
-                    loss = (self.forward(self.unet, x_t, t) - eps).square().mean().item()
-                return 100.0 * (loss - clean) / clean
-
-            single = abl[(abl.dataset == name) & (abl.timestep == t) & (abl["mode"] == "zero")]
-            effect = single.groupby(["layer", "head"])["loss_ablated"].mean()
-            order = sorted(self.heads, key=lambda lh: effect.get(lh, np.inf)) if len(effect) else None
-            _, trace = greedy_minimal_circuit(self.heads, degradation_of, self.c.circuit_threshold, order=order)
-            trace.insert(0, "dataset", name)
-            frames.append((index, trace))
-        self.tables["circuit"] = pd.concat(self.gathered(frames), ignore_index=True)
-
-
-def run_analysis(config: AnalysisConfig, ranks: Ranks | None = None):
-    """Runs every phase and writes tables, summary.json, report.html and report.md into config.out.
-
-    Returns (out folder, summary dict). Under torchrun (``ranks``: default ``Ranks.from_env``)
-    every process calls it; rank 0 writes and returns the summary, the others return None.
+    Returns the folder. Under torchrun (``ranks``: default ``Ranks.from_env``) every process calls
+    it; rank 0 writes and returns the folder, the others return None.
     """
     ranks = ranks or Ranks.from_env(config.device)
     try:
@@ -431,10 +60,7 @@ def run_analysis(config: AnalysisConfig, ranks: Ranks | None = None):
         ranks.close()
 
 
-def _run(config: AnalysisConfig, ranks: Ranks):
-    from ..report import render
-    from .summary import summarise
-
+def _run(config: AnalysisConfig, ranks: Ranks) -> Path | None:
     start = time.time()
     torch.manual_seed(config.seed)
     exp, error = None, None
@@ -443,36 +69,48 @@ def _run(config: AnalysisConfig, ranks: Ranks):
     except Exception as e:  # e.g. a model or dataset one machine cannot read: every rank stops
         error = e
     ranks.check(error)
-    settings = {k: v for k, v in asdict(config).items() if k != "out"}
+    out = Path(config.out)
+    ranks.on_main(lambda: out.mkdir(parents=True, exist_ok=True))
     # a folder of another configuration stops every rank with rank 0's error
-    units = ranks.on_main(lambda: WorkUnits(exp.out, {"config": settings, "diffcirc": __version__}))
-    phases = [  # (unit, method, tables it writes, units whose tables it reads)
-        ("trace", exp.trace, TRACE_TABLES, ()),
-        ("features", exp.map_features, ("features_maps",), ("trace",)),
-        ("ablations", exp.ablations, ("ablations",), ()),
-        ("attribution", exp.attribution, ("attribution",), ()),
-        ("role_ablations", exp.role_ablations, ("role_ablations",), ("trace", "features")),
-        ("circuit", exp.circuit, ("circuit",), ("ablations",)),
-    ]
-    for unit, method, tables, inputs in phases:
-        if ranks.broadcast(ranks.on_main(lambda: units.done(unit))):
+    units = ranks.on_main(lambda: WorkUnits(out, {"config": config.settings(), "diffcirc": __version__}))
+    for phase in PHASES:
+        if ranks.broadcast(ranks.on_main(lambda: units.done(phase.unit))):
             if ranks.is_main:
-                print(f"{unit}: finished by an earlier run, skipped")
-            exp.load_tables(tables)
+                print(f"{phase.unit}: finished by an earlier run, skipped")
+            # rank 0 reads; every rank receives them, so ranks need not share a file system
+            tables = ranks.on_main(lambda: {name: pd.read_parquet(out / f"{name}.parquet") for name in phase.tables})
+            exp.tables.update(ranks.broadcast(tables))
             continue
-        method()
+        phase.run(exp)
 
         def save():
-            for name in tables:
-                write_table(exp.tables[name], exp.out / f"{name}.parquet")
-            units.finish(unit, [f"{name}.parquet" for name in tables], inputs)
+            for name in phase.tables:
+                write_table(exp.tables[name], out / f"{name}.parquet")
+            units.finish(phase.unit, [f"{name}.parquet" for name in phase.tables], phase.inputs)
 
         ranks.on_main(save)  # a full disk on rank 0 stops every rank
     if not ranks.is_main:
-        return exp.out, None
-    exp.save_samples()
-    meta = {
-        "config": asdict(config),
+        return None
+    save_samples(exp, out / "samples")
+    write_json(meta(config, exp, ranks.world, wall_time_s=time.time() - start), out / "meta.json")
+    return out
+
+
+def save_samples(exp: Experiment, folder: Path) -> None:
+    """The images whose per-query maps are kept, as PNGs for the report: folder/<dataset>_<id>.png."""
+    from PIL import Image
+
+    for name, ids in exp.sample_ids().items():
+        for i in ids:
+            img = ((exp.data[name].images[i].permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8)
+            with atomic_path(folder / f"{name}_{i}.png") as tmp:
+                Image.fromarray(img).save(tmp, format="PNG")
+
+
+def meta(config: AnalysisConfig, exp: Experiment, processes: int, wall_time_s: float) -> dict:
+    """meta.json: how the folder was made (configuration, data, model size, versions, wall time)."""
+    return {
+        "config": {"out": config.out, **config.settings()},
         "model": config.model,
         "data": {name: {"spec": config.synthetic_spec if name == "synthetic" else config.natural,
                         "n": len(d.ids), "image_size": exp.size} for name, d in exp.data.items()},
@@ -481,14 +119,10 @@ def _run(config: AnalysisConfig, ranks: Ranks):
         "timesteps": list(config.timesteps),
         "ablation_timesteps": config.resolved_ablation_timesteps(),
         "seed": config.seed,
-        "processes": ranks.world,
+        "processes": processes,
         "versions": {"diffcirc": __version__, "torch": torch.__version__, "python": platform.python_version()},
-        "wall_time_s": round(time.time() - start, 1),
+        "wall_time_s": round(wall_time_s, 1),
     }
-    write_json(meta, exp.out / "meta.json")
-    summary = summarise(exp.out, n_resamples=config.bootstrap, seed=config.seed)
-    render(exp.out, summary=summary, n_resamples=config.bootstrap, seed=config.seed)
-    return exp.out, summary
 
 
-__all__ = ["AnalysisConfig", "Experiment", "default_timesteps", "noise_for", "run_analysis"]
+__all__ = ["PHASES", "Phase", "meta", "run_analysis", "save_samples"]

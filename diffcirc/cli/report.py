@@ -1,5 +1,9 @@
 """``diffcirc report DIR``: re-render summary.json and the report from saved tables, without the model."""
 
+from __future__ import annotations
+
+from pathlib import Path
+
 from ._checks import reports_input_errors, writable_folder
 
 
@@ -11,18 +15,32 @@ def register(subparsers):
     return p
 
 
-@reports_input_errors
-def run(args) -> int:
-    from pathlib import Path
-
+def write_report(folder, **settings) -> int:
+    """summary.json, report.html and report.md of an analysis folder, and the key numbers on the
+    terminal. settings: ``summarise``'s n_resamples and seed (its defaults where missing)."""
     from ..analysis.summary import summarise
     from ..report import print_summary, render
 
-    folder = Path(args.folder)
-    if not (folder / "meta.json").exists():
-        raise FileNotFoundError(f"{folder} is not a diffcirc analysis folder (no meta.json)")
-    summary = summarise(folder)
-    render(folder)
+    summary = summarise(folder, **settings)
+    render(folder, summary=summary)
     print_summary(summary)
-    print(f"\nreport: {folder / 'report.html'}")
+    print(f"\nreport: {Path(folder) / 'report.html'}  (also report.md, summary.json, tables *.parquet)")
     return 0
+
+
+def summary_settings(meta: dict) -> dict:
+    """The bootstrap size and seed a run was made with (meta.json's config), as ``summarise``
+    arguments: a rebuilt summary equals the one ``diffcirc analyze`` wrote."""
+    config = meta.get("config") or {}
+    return {arg: config[key] for arg, key in (("n_resamples", "bootstrap"), ("seed", "seed")) if key in config}
+
+
+@reports_input_errors
+def run(args) -> int:
+    from ..analysis.summary import read_meta
+
+    folder = Path(args.folder)
+    meta = read_meta(folder)
+    if meta is None:
+        raise FileNotFoundError(f"{folder} is not a diffcirc analysis folder (no meta.json)")
+    return write_report(folder, **summary_settings(meta))

@@ -1,7 +1,7 @@
 """Run as a script: the ablation phase of the driver under a memory budget, in a fresh process,
 printing JSON {"peak_extra": bytes, "passes": [batch of each UNet forward]}.
 
-    python tests/_peak_rss.py MODEL_DIR MAX_MEMORY_BYTES OUT_DIR
+    python tests/helpers/peak_rss.py MODEL_DIR MAX_MEMORY_BYTES OUT_DIR
 
 peak_extra is the resident-set high-water mark during the phase minus the resident set before it
 (Linux: the mark is reset through /proc/self/clear_refs, so model loading does not count).
@@ -12,7 +12,8 @@ import sys
 
 import torch
 
-from diffcirc.analysis.driver import AnalysisConfig, Experiment
+from diffcirc.analysis.config import AnalysisConfig
+from diffcirc.analysis.phases import Experiment
 
 
 def status_bytes(field: str) -> int:

@@ -1,0 +1,94 @@
+"""What an analysis run depends on: ``AnalysisConfig`` (every default of the study, written once),
+the default timestep grid, and the seeds derived from ``config.seed``.
+
+    config = AnalysisConfig(natural="celeba:data/celeba", out="runs/celeba")
+    config.synthetic_spec            # "synthetic": colour faces beside colour CelebA
+
+Noise is seeded per (seed, dataset, image, timestep), so any table row can be recomputed alone,
+on any process and in any batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, asdict, dataclass, field, fields
+
+import numpy as np
+import torch
+
+DATASETS = ("synthetic", "natural")  # in this order: a dataset's index seeds its noise
+CONTROL_SEED_OFFSET = 1_000_003      # the random-weights control's seed is seed + this, never a model's own seed
+# fields that say where and how to run, not what is computed: a folder resumes whatever their values
+NOT_FINGERPRINTED = ("out",)
+
+
+def default_timesteps(n: int = 10, T: int = 1000) -> list[int]:
+    """n evenly spaced timesteps, the centres of n equal bins of [0, T): 50, 150, ..., 950 for n = 10."""
+    return [int((i + 0.5) * T / n) for i in range(n)]
+
+
+def synthetic_spec_for(natural: str) -> str:
+    """The synthetic faces that match a natural dataset: colour beside CelebA, grayscale otherwise
+    (LFW and the photo crops are grayscale)."""
+    return "synthetic" if natural.startswith("celeba") else "synthetic-gray"
+
+
+@dataclass
+class AnalysisConfig:
+    """Everything a run depends on; written to meta.json so a folder says how it was made. The
+    ``diffcirc analyze`` options read their defaults from these fields."""
+
+    out: str = "runs/analysis"
+    model: str = "bundled"
+    synthetic: int = 64                   # held-out synthetic faces
+    synthetic_spec: str | None = None     # None: synthetic_spec_for(natural)
+    natural: str = "lfw"                  # lfw | photos | celeba:PATH | folder:PATH
+    natural_n: int | None = None          # default: every held-out image (LFW: 20)
+    timesteps: list = field(default_factory=default_timesteps)
+    ablation_timesteps: list | None = None  # default: every third trace timestep
+    ablation_modes: tuple = ("zero", "mean")
+    ablation_images: int = 32             # per dataset, the first ones
+    circuit_threshold: float = 10.0       # percent degradation the pruned circuit may cost
+    circuit_timestep: int | None = None   # default: the middle ablation timestep
+    role_control_reps: int = 5            # size-matched random head sets per role
+    sample_maps: int = 4                  # images per dataset whose per-query maps are kept
+    random_control: bool = True
+    batch_size: int = 64
+    max_batch: int = 64                   # batch elements per forward pass of batched conditions (on a CPU larger passes gain nothing)
+    max_memory: int | None = None         # bytes one batched pass may use; None: half of what is free
+    bins: int = 64
+    seed: int = 0
+    bootstrap: int = 2000
+    device: str = "cpu"
+
+    def __post_init__(self):
+        if self.synthetic_spec is None:
+            self.synthetic_spec = synthetic_spec_for(self.natural)
+
+    @staticmethod
+    def defaults() -> dict:
+        """{field: its default} before any resolution (synthetic_spec None, timesteps the default grid)."""
+        return {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(AnalysisConfig)}
+
+    def settings(self) -> dict:
+        """The fields the results depend on: the fingerprint a folder is resumed under."""
+        return {k: v for k, v in asdict(self).items() if k not in NOT_FINGERPRINTED}
+
+    def resolved_ablation_timesteps(self) -> list[int]:
+        return list(self.ablation_timesteps) if self.ablation_timesteps else list(self.timesteps[1::3]) or list(self.timesteps)
+
+    def resolved_circuit_timestep(self) -> int:
+        steps = self.resolved_ablation_timesteps()
+        return int(self.circuit_timestep) if self.circuit_timestep is not None else steps[len(steps) // 2]
+
+
+def noise_for(seed: int, dataset: int, images, t: int, shape) -> torch.Tensor:
+    """Gaussian noise (B, *shape) with image i's noise fixed by (seed, dataset, image id, t)."""
+    out = []
+    for i in images:
+        state = np.random.SeedSequence([seed, dataset, int(i), int(t)]).generate_state(2)
+        g = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+        out.append(torch.randn(shape, generator=g))
+    return torch.stack(out)
+
+
+__all__ = ["AnalysisConfig", "DATASETS", "default_timesteps", "noise_for", "synthetic_spec_for"]

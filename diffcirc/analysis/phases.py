@@ -1,0 +1,348 @@
+"""The phases of the study: ``Experiment`` runs the model on both datasets and leaves each phase's
+tables in ``experiment.tables`` (``diffcirc.analysis.driver`` saves them as resumable units).
+
+  1. trace       per-(model, dataset, timestep, layer, head) entropy / distance / label-mass
+                 aggregates, histograms, per-image means, per-query maps of a few sample images
+                 (model = "trained" and the "random"-weights control of the same architecture)
+  2. features    correlations of each head's entropy map with edge / texture maps of the image
+  3. ablations   every single head zero- and mean-ablated at each ablation timestep (batched)
+  4. attribution one backward pass per (dataset, timestep) scores every head
+  5. roles       role assignment, then role ablations against size-matched random head sets
+  6. circuit     greedy minimal circuit per dataset under a degradation threshold
+
+Under torchrun each phase shards its images, conditions or steps over the ranks
+(``distributed.Ranks``) and every rank ends the phase with the full tables.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from ..data import load_dataset
+from ..models import load, random_like
+from ..processor import Mean, Recorder, Session, Zero, head_attribution, mean_head_outputs, run_conditions
+from ..processor.grid import labels_to_grid
+from . import image_maps
+from .circuit import greedy_minimal_circuit
+from .config import CONTROL_SEED_OFFSET, DATASETS, AnalysisConfig, noise_for
+from .distributed import Ranks
+from .roles import assign_roles, head_features
+
+
+def free_memory_bytes(device: str) -> int:
+    """Memory free for this process now: the CUDA device's free memory, else the host's MemAvailable."""
+    if str(device).startswith("cuda"):
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 1 << 62  # unknown: no bound beyond max_batch
+
+
+def uniform_label_shares(labels: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Same-label mass under uniform attention, per image: the share of a layer's tokens that carry
+    a query's label, averaged over the queries, which is sum_c (n_c / N)^2 for N tokens of which
+    n_c carry label c.
+
+    labels: (B, S, S) integer region maps; grid: the layer's (h, w) token grid. Returns (B,) float64.
+    """
+    tokens = labels_to_grid(labels, grid)  # (B, h * w)
+    n = tokens.shape[1]
+    return torch.stack([torch.bincount(row).double().div(n).square().sum() for row in tokens])
+
+
+class _Data:
+    """One dataset's images (N, 3, S, S), label maps (N, S, S) and ids, in memory."""
+
+    def __init__(self, name, index, dataset):
+        items = [dataset[i] for i in range(len(dataset))]
+        if not items:
+            raise ValueError(f"dataset {name!r} is empty")
+        self.name, self.index = name, index
+        self.images = torch.stack([it["image"] for it in items]).float()
+        self.labels = torch.stack([torch.as_tensor(it["labels"]) for it in items]).long()
+        self.ids = list(range(len(items)))
+        self.sources = [it.get("source", "") for it in items]
+
+    def batches(self, batch_size, n=None, ids=None):
+        """(ids, images, labels) batches of the first n images, or of these ids."""
+        if ids is None:
+            ids = self.ids[: len(self.ids) if n is None else min(n, len(self.ids))]
+        for i in range(0, len(ids), batch_size):
+            chunk = list(ids[i:i + batch_size])
+            yield chunk, self.images[chunk], self.labels[chunk]
+
+
+class Experiment:
+    """The model, its scheduler and both datasets of one configuration; each phase method fills
+    ``self.tables`` with the tables it makes."""
+
+    def __init__(self, config: AnalysisConfig, ranks: Ranks | None = None):
+        self.ranks = ranks or Ranks()
+        self.c = config
+        self.device = self.ranks.device(config.device)
+        self.unet, self.scheduler = load(config.model, device=self.device)
+        self.size = int(self.unet.config.sample_size)
+        self.alphas = self.scheduler.alphas_cumprod.to(torch.float32)
+        specs = {"synthetic": (config.synthetic_spec, config.synthetic), "natural": (config.natural, config.natural_n)}
+        self.data = {}
+        for index, name in enumerate(DATASETS):
+            spec, n = specs[name]
+            self.data[name] = _Data(name, index, load_dataset(spec, size=self.size, n=n, seed=config.seed, split="heldout"))
+        self.session = Session(self.unet)
+        self.heads = self.session.heads()
+        self.tables: dict = {}
+
+    def progress(self, **kwargs):
+        """A progress bar on rank 0 only."""
+        return tqdm(disable=not self.ranks.is_main, **kwargs)
+
+    # -- helpers ---------------------------------------------------------------------------
+    def noisy(self, d: _Data, ids, x0, t):
+        eps = noise_for(self.c.seed, d.index, ids, t, x0.shape[1:])
+        a = self.alphas[t]
+        return a.sqrt() * x0 + (1 - a).sqrt() * eps, eps
+
+    def forward(self, unet, x, t):
+        tt = torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
+        return unet(x.to(self.device), tt).sample.float().cpu()
+
+    def x0_from_eps(self, x_t, eps_hat, t):
+        a = self.alphas[t]
+        return (x_t - (1 - a).sqrt() * eps_hat) / a.sqrt()
+
+    # -- 1. trace ----------------------------------------------------------------------------
+    def trace(self):
+        models = [("trained", self.unet)]
+        if self.c.random_control:
+            # a seed of its own, so that the control never equals a model initialised from `seed`
+            models.append(("random", random_like(self.unet, seed=CONTROL_SEED_OFFSET + self.c.seed)))
+        aggregates, histograms, per_image, maps = [], [], [], []
+        samples = self.sample_ids()
+        shards = {name: self.ranks.shard(d.ids) for name, d in self.data.items()}
+        total = len(models) * sum(len(ids) for ids in shards.values()) * len(self.c.timesteps)
+        bar = self.progress(total=total, desc="trace", unit="img")
+        for model_name, unet in models:
+            session = self.session if unet is self.unet else Session(unet)
+            for name, d in self.data.items():
+                rec = Recorder(stats=("entropy", "distance", "label_mass"), bins=self.c.bins, per_image=True,
+                               maps={"images": samples[name], "stats": ["entropy"]})
+                for t in self.c.timesteps:
+                    for ids, x0, labels in d.batches(self.c.batch_size, ids=shards[name]):
+                        x_t, _ = self.noisy(d, ids, x0, t)
+                        rec.set_tags(model=model_name, dataset=name, timestep=int(t), image_ids=ids)
+                        with torch.no_grad(), session.trace(rec, labels=labels.to(self.device)):
+                            self.forward(unet, x_t, t)
+                        bar.update(len(ids))
+                rec.all_reduce()
+                aggregates.append(rec.to_frame())
+                histograms.append(rec.histograms())
+                per_image.append(rec.per_image_frame())
+                maps.append(rec.maps_frame())
+        bar.close()
+        layers = self.layer_table()
+        aggregates.append(self.uniform_label_mass(layers))
+        self.tables.update({
+            "layers": layers,
+            "aggregates": pd.concat(aggregates, ignore_index=True),
+            "histograms": pd.concat(histograms, ignore_index=True),
+            "per_image": pd.concat(per_image, ignore_index=True),
+            "maps": pd.concat(maps, ignore_index=True).rename(columns={"value": "entropy"}).drop(columns=["stat"]),
+        })
+
+    def layer_table(self) -> pd.DataFrame:
+        rows = []
+        for layer in self.session.layers:
+            h, w = layer.grid if layer.grid else (None, None)
+            n_keys = h * w if layer.kind == "self" and h else None
+            rows.append({"layer": layer.name, "kind": layer.kind, "heads": layer.heads, "head_dim": layer.head_dim,
+                         "n_keys": n_keys, "grid_h": h, "grid_w": w})
+        return pd.DataFrame(rows)
+
+    def uniform_label_mass(self, layers: pd.DataFrame) -> pd.DataFrame:
+        """Rows "label_mass_uniform" of the aggregates table: ``uniform_label_shares`` over each
+        dataset's images, per self-attention layer, repeated for every model, timestep and head
+        (the expectation depends on none of them)."""
+        rows = []
+        for name, d in self.data.items():
+            for layer in layers.itertuples():
+                if layer.kind != "self" or not layer.grid_h:
+                    continue
+                shares = uniform_label_shares(d.labels, (int(layer.grid_h), int(layer.grid_w)))
+                for model in ("trained", "random") if self.c.random_control else ("trained",):
+                    for t in self.c.timesteps:
+                        for h in range(int(layer.heads)):
+                            rows.append({"model": model, "dataset": name, "timestep": int(t), "layer": layer.layer,
+                                         "head": h, "stat": "label_mass_uniform", "count": len(shares),
+                                         "mean": float(shares.mean()), "std": float(shares.std()) if len(shares) > 1 else 0.0,
+                                         "m2": float(((shares - shares.mean()) ** 2).sum())})
+        return pd.DataFrame(rows)
+
+    def sample_ids(self) -> dict:
+        """{dataset: ids of the images whose per-query maps are kept}."""
+        return {name: d.ids[: self.c.sample_maps] for name, d in self.data.items()}
+
+    # -- 2. features from maps -----------------------------------------------------------------
+    def map_features(self):
+        maps = self.tables["maps"]
+        rows = []
+        for (model, name, t, layer, head), g in maps.groupby(["model", "dataset", "timestep", "layer", "head"]):
+            d = self.data[name]
+            corr_e, corr_t = [], []
+            for image, gi in g.groupby("image"):
+                gi = gi.sort_values("query")
+                if (gi["row"] < 0).any():
+                    continue
+                grid = (int(gi["row"].max()) + 1, int(gi["col"].max()) + 1)
+                ent = torch.tensor(gi["entropy"].to_numpy(), dtype=torch.float64)[None]
+                img = d.images[int(image)][None].double()
+                corr_e.append(float(image_maps.pearson_rows(ent, image_maps.to_grid(image_maps.edge_magnitude(img), grid))))
+                corr_t.append(float(image_maps.pearson_rows(ent, image_maps.to_grid(image_maps.texture_energy(img), grid))))
+            if corr_e:
+                rows.append({"model": model, "dataset": name, "timestep": int(t), "layer": layer, "head": int(head),
+                             "edge_corr": float(np.mean(corr_e)), "texture_corr": float(np.mean(corr_t))})
+        self.tables["features_maps"] = pd.DataFrame(rows)
+
+    # -- 3. single-head ablations ------------------------------------------------------------
+    def ablation_steps(self) -> list:
+        """[(dataset, timestep)] of the ablation phases, in their order."""
+        return [(name, t) for name in DATASETS for t in self.c.resolved_ablation_timesteps()]
+
+    def ablation_batch(self, name: str, t: int):
+        """(ids, x0, labels, x_t, eps) of the first ablation_images images of dataset name, noised to t."""
+        d = self.data[name]
+        ids, x0, labels = next(d.batches(self.c.ablation_images, self.c.ablation_images))
+        x_t, eps = self.noisy(d, ids, x0, t)
+        return ids, x0, labels, x_t, eps
+
+    def run_share(self, conditions, x_t, t):
+        """This rank's share of a batched step: (indices into conditions, eps predictions
+        (len(indices), B, 3, S, S)). Index 0, the clean pass, is run by every rank as its baseline;
+        passes are bounded by max_batch and the memory budget."""
+        mine = [0, *self.ranks.shard(range(1, len(conditions)))]
+        with torch.no_grad():
+            eps_hat = run_conditions(self.session, lambda x: self.forward(self.unet, x, t), x_t,
+                                     [conditions[c] for c in mine], max_batch=max(self.c.max_batch, x_t.shape[0]),
+                                     max_bytes=self.memory_budget)
+        return mine, eps_hat
+
+    @property
+    def memory_budget(self) -> int:
+        if self.c.max_memory is not None:
+            return int(self.c.max_memory)
+        if str(self.device).startswith("cuda"):
+            return free_memory_bytes(self.device) // 2
+        return free_memory_bytes(self.device) // (2 * self.ranks.per_host)  # the processes of a host share it
+
+    def gathered(self, keyed_rows: list) -> list:
+        """Rows of every rank, in the order of their keys (the order one process would have made)."""
+        return [row for _, row in sorted(self.ranks.gather_rows(keyed_rows), key=lambda kr: kr[0])]
+
+    def ablations(self):
+        rows = []
+        for step, (name, t) in enumerate(self.progress(iterable=self.ablation_steps(), desc="ablations", unit="step")):
+            ids, _, _, x_t, eps = self.ablation_batch(name, t)
+            conditions, labels = [[]], [None]
+            if "zero" in self.c.ablation_modes:
+                conditions += [[Zero(layer, h)] for layer, h in self.heads]
+                labels += [("zero", layer, h) for layer, h in self.heads]
+            if "mean" in self.c.ablation_modes:
+                means = mean_head_outputs(self.session, lambda x: self.forward(self.unet, x, t), [x_t])
+                conditions += [[Mean(layer, h, means=means)] for layer, h in self.heads]
+                labels += [("mean", layer, h) for layer, h in self.heads]
+            mine, eps_hat = self.run_share(conditions, x_t, t)
+            loss = (eps_hat - eps[None]).square().flatten(2).mean(-1)  # (len(mine), B)
+            for i, c in enumerate(mine[1:], start=1):
+                mode, layer, h = labels[c]
+                for b, image in enumerate(ids):
+                    rows.append(((step, c, b), {
+                        "dataset": name, "timestep": int(t), "layer": layer, "head": h, "mode": mode, "image": int(image),
+                        "loss_clean": float(loss[0, b]), "loss_ablated": float(loss[i, b])}))
+        self.tables["ablations"] = pd.DataFrame(self.gathered(rows))
+
+    # -- 4. attribution ----------------------------------------------------------------------
+    def attribution(self):
+        frames = []
+        for step, (name, t) in self.ranks.shard(enumerate(self.ablation_steps())):
+            _, _, _, x_t, eps = self.ablation_batch(name, t)
+            scores = head_attribution(self.session, lambda: (self.forward(self.unet, x_t, t) - eps).square().mean())
+            scores.insert(0, "timestep", int(t))
+            scores.insert(0, "dataset", name)
+            frames.append((step, scores))
+        self.tables["attribution"] = pd.concat(self.gathered(frames), ignore_index=True)
+
+    # -- 5. roles and role ablations ------------------------------------------------------------
+    def role_ablations(self):
+        features = head_features(self.tables["aggregates"], self.tables["layers"], self.tables.get("features_maps"),
+                                 model="trained")
+        roles = assign_roles(features)
+        rng = np.random.default_rng(self.c.seed)
+        role_sets = {}
+        for role, g in roles.groupby("role"):
+            if role == "unassigned":
+                continue
+            role_sets[role] = [(r.layer, int(r.head)) for r in g.itertuples()]
+        rows = []
+        for step, (name, t) in enumerate(self.progress(iterable=self.ablation_steps(), desc="role ablations",
+                                                       unit="step")):
+            ids, x0, labels, x_t, eps = self.ablation_batch(name, t)
+            conditions, tags = [[]], [None]
+            for role, heads in role_sets.items():
+                conditions.append([Zero(layer, h) for layer, h in heads])
+                tags.append((role, "role", 0))
+                if len(heads) == len(self.heads):
+                    continue  # a size-matched random set would be the role itself: no control exists
+                for rep in range(self.c.role_control_reps):
+                    pick = rng.choice(len(self.heads), size=len(heads), replace=False)
+                    conditions.append([Zero(*self.heads[i]) for i in pick])
+                    tags.append((role, "random", rep))
+            # every rank draws every random set above (same rng stream), then runs its share
+            mine, eps_hat = self.run_share(conditions, x_t, t)
+            x0_hat = self.x0_from_eps(x_t[None], eps_hat, t)
+            errors = [self.errors(eps_hat[i], eps, x0_hat[i], x0, labels) for i in range(len(mine))]
+            for i, c in enumerate(mine[1:], start=1):
+                role, control, rep = tags[c]
+                for e, err_name in enumerate(errors[0]):
+                    for b, image in enumerate(ids):
+                        rows.append(((step, c, e, b), {
+                            "dataset": name, "timestep": int(t), "role": role, "control": control, "rep": rep,
+                            "image": int(image), "error_name": err_name, "err_clean": float(errors[0][err_name][b]),
+                            "err_ablated": float(errors[i][err_name][b])}))
+        self.tables["role_ablations"] = pd.DataFrame(self.gathered(rows))
+
+    @staticmethod
+    def errors(eps_hat, eps, x0_hat, x0, labels) -> dict:
+        out = {"eps_mse": (eps_hat - eps).square().flatten(1).mean(1)}
+        out.update(image_maps.role_errors(x0_hat.clamp(-1, 1), x0, labels))
+        return out
+
+    # -- 6. minimal circuit ----------------------------------------------------------------------
+    def circuit(self):
+        t = self.c.resolved_circuit_timestep()
+        abl = self.tables["ablations"]
+        frames = []
+        for index, name in self.ranks.shard(enumerate(DATASETS)):
+            _, _, _, x_t, eps = self.ablation_batch(name, t)
+            with torch.no_grad():
+                clean = (self.forward(self.unet, x_t, t) - eps).square().mean().item()
+
+            def degradation_of(removed: frozenset) -> float:
+                with torch.no_grad(), self.session.intervene([Zero(layer, h) for layer, h in removed]):
+                    loss = (self.forward(self.unet, x_t, t) - eps).square().mean().item()
+                return 100.0 * (loss - clean) / clean
+
+            single = abl[(abl.dataset == name) & (abl.timestep == t) & (abl["mode"] == "zero")]
+            effect = single.groupby(["layer", "head"])["loss_ablated"].mean()
+            order = sorted(self.heads, key=lambda lh: effect.get(lh, np.inf)) if len(effect) else None
+            _, trace = greedy_minimal_circuit(self.heads, degradation_of, self.c.circuit_threshold, order=order)
+            trace.insert(0, "dataset", name)
+            frames.append((index, trace))
+        self.tables["circuit"] = pd.concat(self.gathered(frames), ignore_index=True)
+
+
+__all__ = ["Experiment", "free_memory_bytes", "uniform_label_shares"]

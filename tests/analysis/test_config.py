@@ -1,0 +1,59 @@
+"""AnalysisConfig: the defaults the CLI reads, the rules that resolve the fields left None, the
+settings a folder is resumed under, and noise seeded per image."""
+
+import pytest
+import torch
+
+from diffcirc.analysis.config import AnalysisConfig, default_timesteps, noise_for
+
+
+def test_default_timesteps_are_the_centres_of_equal_bins():
+    assert default_timesteps() == [50, 150, 250, 350, 450, 550, 650, 750, 850, 950]
+    assert default_timesteps(4, 100) == [12, 37, 62, 87]  # 12.5, 37.5, ... rounded down
+
+
+@pytest.mark.parametrize("natural, spec", [("lfw", "synthetic-gray"), ("photos", "synthetic-gray"),
+                                           ("folder:faces", "synthetic-gray"), ("celeba:data/celeba", "synthetic")])
+def test_synthetic_spec_matches_the_natural_dataset(natural, spec):
+    assert AnalysisConfig(natural=natural).synthetic_spec == spec
+
+
+def test_synthetic_spec_given_is_kept():
+    assert AnalysisConfig(natural="celeba:data/celeba", synthetic_spec="synthetic-gray").synthetic_spec == "synthetic-gray"
+    assert AnalysisConfig(natural="lfw", synthetic_spec="synthetic").synthetic_spec == "synthetic"
+
+
+def test_defaults_are_the_fields_before_resolution():
+    defaults = AnalysisConfig.defaults()
+    assert defaults["synthetic_spec"] is None and defaults["timesteps"] == default_timesteps()
+    assert defaults["synthetic"] == 64 and defaults["ablation_images"] == 32
+    assert AnalysisConfig(**defaults) == AnalysisConfig()
+
+
+def test_ablation_and_circuit_timesteps_resolve_from_the_grid():
+    config = AnalysisConfig()
+    assert config.resolved_ablation_timesteps() == [150, 450, 750]  # every third, from the second
+    assert config.resolved_circuit_timestep() == 450                # the middle one
+    assert AnalysisConfig(timesteps=[600]).resolved_ablation_timesteps() == [600]
+    assert AnalysisConfig(ablation_timesteps=[100, 300, 500, 700]).resolved_circuit_timestep() == 500
+    assert AnalysisConfig(circuit_timestep=300).resolved_circuit_timestep() == 300
+
+
+def test_settings_leave_out_where_and_whether_to_wait():
+    here, there = AnalysisConfig(out="a"), AnalysisConfig(out="b")
+    assert here.settings() == there.settings()
+    assert "out" not in here.settings()
+    assert AnalysisConfig(seed=1).settings() != here.settings()
+    assert here.settings()["synthetic_spec"] == "synthetic-gray"  # resolved: folders of either spelling agree
+    assert AnalysisConfig(synthetic_spec="synthetic-gray").settings() == here.settings()
+
+
+def test_noise_is_seeded_per_image():
+    # noise is seeded per image, so a recomputation of one table row matches exactly
+    a = noise_for(0, 1, [3, 5], 600, (3, 8, 8))
+    b = noise_for(0, 1, [5], 600, (3, 8, 8))
+    assert torch.equal(a[1], b[0])
+    assert not torch.equal(a[0], a[1])
+    assert not torch.equal(noise_for(0, 0, [5], 600, (3, 8, 8))[0], b[0])  # the dataset seeds it
+    assert not torch.equal(noise_for(0, 1, [5], 100, (3, 8, 8))[0], b[0])  # and the timestep
+    assert not torch.equal(noise_for(1, 1, [5], 600, (3, 8, 8))[0], b[0])  # and the seed

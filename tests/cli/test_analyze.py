@@ -1,0 +1,69 @@
+"""``diffcirc analyze``: options read their defaults from AnalysisConfig and set its fields; the
+command composes run_analysis, summarise, render and print_summary."""
+
+import json
+
+import pytest
+
+from diffcirc.analysis.config import AnalysisConfig
+from diffcirc.cli import build_parser
+from diffcirc.cli import main as cli
+from diffcirc.cli.analyze import config_from_args
+
+
+def config_of(*argv) -> AnalysisConfig:
+    return config_from_args(build_parser().parse_args(["analyze", *argv]))
+
+
+def test_no_options_give_the_configs_defaults(tmp_path):
+    assert config_of("--out", str(tmp_path)) == AnalysisConfig(out=str(tmp_path))
+
+
+def test_options_set_their_fields(tmp_path):
+    config = config_of("--out", str(tmp_path), "--synthetic", "5", "--natural", "photos", "--natural-n", "3",
+                       "--timesteps", "100,600", "--ablation-timesteps", "600", "--ablation-images", "2",
+                       "--ablation-modes", "zero", "--circuit-threshold", "2.5", "--role-control-reps", "1",
+                       "--no-random-control", "--batch-size", "4", "--max-batch", "8", "--max-memory", "1KiB",
+                       "--seed", "7")
+    assert config == AnalysisConfig(
+        out=str(tmp_path), synthetic=5, natural="photos", natural_n=3, timesteps=[100, 600], ablation_timesteps=[600],
+        ablation_images=2, ablation_modes=("zero",), circuit_threshold=2.5, role_control_reps=1, random_control=False,
+        batch_size=4, max_batch=8, max_memory=1024, seed=7)
+
+
+@pytest.mark.parametrize("natural, given, spec", [("lfw", None, "synthetic-gray"), ("celeba", None, "synthetic"),
+                                                  ("celeba", "synthetic-gray", "synthetic-gray"),
+                                                  ("lfw", "synthetic", "synthetic")])
+def test_synthetic_spec_follows_the_natural_dataset_unless_given(tmp_path, natural, given, spec):
+    natural = f"celeba:{tmp_path}" if natural == "celeba" else natural
+    argv = ["--out", str(tmp_path / "out"), "--natural", natural, *(["--synthetic-spec", given] if given else [])]
+    assert config_of(*argv).synthetic_spec == spec
+
+
+def test_analyze_summarises_and_reports_the_folder_it_ran(tmp_path, monkeypatch, capsys):
+    import diffcirc.analysis.driver as driver
+
+    out = tmp_path / "out"
+    configs = []
+
+    def analysis(config):  # a run that made no tables: the summary is all nulls, the report still renders
+        configs.append(config)
+        out.mkdir()
+        (out / "meta.json").write_text(json.dumps({"config": {"seed": config.seed}}))
+        return out
+
+    monkeypatch.setattr(driver, "run_analysis", analysis)
+    assert cli(["analyze", "--out", str(out), "--seed", "3"]) == 0
+    assert configs[0].seed == 3
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["seed"] == 3 and summary["settings"]["n_resamples"] == AnalysisConfig().bootstrap
+    assert (out / "report.html").is_file() and (out / "report.md").is_file()
+    assert f"report: {out / 'report.html'}" in capsys.readouterr().out
+
+
+def test_ranks_other_than_the_first_report_nothing(tmp_path, monkeypatch, capsys):
+    import diffcirc.analysis.driver as driver
+
+    monkeypatch.setattr(driver, "run_analysis", lambda config: None)  # what ranks 1.. of torchrun get
+    assert cli(["analyze", "--out", str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().out == "" and not (tmp_path / "out").exists()

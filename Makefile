@@ -49,5 +49,11 @@ bench: build
 wheel-check: build
 	$(PY) benchmarks/wheel_check.py --python $(PY)
 
+# Mutation testing of the modules the study's numbers rest on (slow: not part of `make test`); e.g.
+# make mutate MUTATE_ARGS='--module processor/session.py --max-per-module 20'; results in runs/mutation
+.PHONY: mutate
+mutate: build
+	$(PY) tests/mutation/mutate.py $(MUTATE_ARGS)
+
 clean:
 	rm -rf build *.egg-info diffcirc/_C*.so

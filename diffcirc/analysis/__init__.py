@@ -10,6 +10,7 @@ config       AnalysisConfig (every default of the study, once), default timestep
 phases       Experiment: trace, features, ablations, attribution, role ablations, circuit -> tables
 driver       run_analysis: the phases as resumable work units, then meta.json
 units        the manifest of finished work units of a folder
+folder_lock  one run per output folder (an exclusive lock naming its holder's pid)
 distributed  the processes of a torchrun launch and the collectives the phases need
 image_maps   edge / texture maps of images and role-relevant errors of predicted x0
 metrics      entropy profiles, complexity ratio, entropy divergence, degradation, attribution agreement

@@ -18,7 +18,7 @@ import torch
 DATASETS = ("synthetic", "natural")  # in this order: a dataset's index seeds its noise
 CONTROL_SEED_OFFSET = 1_000_003      # the random-weights control's seed is seed + this, never a model's own seed
 # fields that say where and how to run, not what is computed: a folder resumes whatever their values
-NOT_FINGERPRINTED = ("out",)
+NOT_FINGERPRINTED = ("out", "wait")
 
 
 def default_timesteps(n: int = 10, T: int = 1000) -> list[int]:
@@ -59,6 +59,7 @@ class AnalysisConfig:
     seed: int = 0
     bootstrap: int = 2000
     device: str = "cpu"
+    wait: bool = False                    # out held by another run: wait for it (True) or refuse at once
 
     def __post_init__(self):
         if self.synthetic_spec is None:

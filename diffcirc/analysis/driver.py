@@ -6,12 +6,13 @@ study's tables and ``meta.json`` into ``config.out``. It stops there: ``summary.
     out = run_analysis(config)    # out/*.parquet, meta.json, manifest.json, samples/*.png
 
 Each phase is a unit of ``units.WorkUnits``: a rerun on the same folder skips the finished ones.
-Under torchrun every rank runs every phase on its share and ends it with the full tables; rank 0
-alone reads and writes.
+One run holds the folder at a time (``folder_lock``). Under torchrun every rank runs every phase
+on its share and ends it with the full tables; rank 0 alone holds the lock, reads and writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from .. import __version__
 from ..files import atomic_path, write_json, write_table
 from .config import AnalysisConfig
 from .distributed import Ranks
+from .folder_lock import hold_folder
 from .phases import Experiment
 from .units import WorkUnits
 
@@ -51,11 +53,14 @@ def run_analysis(config: AnalysisConfig, ranks: Ranks | None = None) -> Path | N
     writes their tables, the sample images and meta.json there.
 
     Returns the folder. Under torchrun (``ranks``: default ``Ranks.from_env``) every process calls
-    it; rank 0 writes and returns the folder, the others return None.
+    it; rank 0 writes and returns the folder, the others return None. While another run holds the
+    folder it raises ``folder_lock.FolderBusyError``, or waits when ``config.wait``.
     """
     ranks = ranks or Ranks.from_env(config.device)
     try:
-        return _run(config, ranks)
+        with contextlib.ExitStack() as held:
+            ranks.on_main(lambda: held.enter_context(hold_folder(config.out, wait=config.wait)))
+            return _run(config, ranks)
     finally:
         ranks.close()
 
@@ -70,7 +75,6 @@ def _run(config: AnalysisConfig, ranks: Ranks) -> Path | None:
         error = e
     ranks.check(error)
     out = Path(config.out)
-    ranks.on_main(lambda: out.mkdir(parents=True, exist_ok=True))
     # a folder of another configuration stops every rank with rank 0's error
     units = ranks.on_main(lambda: WorkUnits(out, {"config": config.settings(), "diffcirc": __version__}))
     for phase in PHASES:

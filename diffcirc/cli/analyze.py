@@ -52,6 +52,9 @@ def register(subparsers):
     p.add_argument("--threads", type=positive(int), default=None, help="torch CPU threads (default: torch's)")
     option("device", type=device, help="default %(default)s")
     p.add_argument("--out", type=writable_folder, required=True, help="output folder (checked to be writable first)")
+    option("wait", action="store_true",
+           help="when another run holds --out, wait for it to end, then resume from its finished units "
+                "(default: refuse at once)")
     p.set_defaults(func=run)
     return p
 

@@ -26,7 +26,7 @@ def test_synthetic_spec_given_is_kept():
 def test_defaults_are_the_fields_before_resolution():
     defaults = AnalysisConfig.defaults()
     assert defaults["synthetic_spec"] is None and defaults["timesteps"] == default_timesteps()
-    assert defaults["synthetic"] == 64 and defaults["ablation_images"] == 32
+    assert defaults["synthetic"] == 64 and defaults["ablation_images"] == 32 and defaults["wait"] is False
     assert AnalysisConfig(**defaults) == AnalysisConfig()
 
 
@@ -40,9 +40,9 @@ def test_ablation_and_circuit_timesteps_resolve_from_the_grid():
 
 
 def test_settings_leave_out_where_and_whether_to_wait():
-    here, there = AnalysisConfig(out="a"), AnalysisConfig(out="b")
+    here, there = AnalysisConfig(out="a"), AnalysisConfig(out="b", wait=True)
     assert here.settings() == there.settings()
-    assert "out" not in here.settings()
+    assert "out" not in here.settings() and "wait" not in here.settings()
     assert AnalysisConfig(seed=1).settings() != here.settings()
     assert here.settings()["synthetic_spec"] == "synthetic-gray"  # resolved: folders of either spelling agree
     assert AnalysisConfig(synthetic_spec="synthetic-gray").settings() == here.settings()

@@ -1,4 +1,5 @@
-"""End to end: `diffcirc analyze` on a tiny random UNet, then `diffcirc report` from the saved tables."""
+"""End to end: `diffcirc analyze` on a tiny random UNet, then `diffcirc report` from the saved tables;
+one run per output folder."""
 
 import json
 import shutil
@@ -251,3 +252,66 @@ def test_two_processes_give_the_results_of_one(run, tmp_path):
     one, two = json.loads((run / "summary.json").read_text()), json.loads((out / "summary.json").read_text())
     one.pop("meta"), two.pop("meta")
     _assert_close(two, one)
+
+
+# -- one run per output folder ---------------------------------------------------------------------
+
+HOLDER = """\
+import sys
+from diffcirc.analysis.folder_lock import hold_folder
+with hold_folder(sys.argv[1]):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_second_run_on_a_held_folder_refuses_at_once_naming_the_running_pid(run, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from diffcirc.analysis.folder_lock import LOCK_FILE, hold_folder
+
+    out = tmp_path / "busy"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert cli([*analyze_args(run.parent / "tiny-unet"), "--out", str(out)]) == 1
+    finally:
+        holder.kill()  # SIGKILL: nothing of the holder's runs after this; the OS releases its lock
+        holder.wait()
+    err = capsys.readouterr().err
+    assert err.startswith("diffcirc analyze: error:") and "Traceback" not in err, err
+    assert f"in use by another analysis run (pid {holder.pid})" in err and "--wait" in err, err
+    assert [p.name for p in out.iterdir()] == [LOCK_FILE]  # refused before anything was computed
+    with hold_folder(out):  # the killed holder's lock is gone
+        pass
+
+
+def test_wait_waits_for_the_running_one_then_resumes_from_its_finished_units(run, copy_of_run):
+    import os
+    import subprocess
+    import sys
+
+    from diffcirc.analysis.folder_lock import hold_folder
+
+    before = _table_mtimes(copy_of_run)
+    args = [*analyze_args(run.parent / "tiny-unet"), "--out", str(copy_of_run), "--wait"]
+    with hold_folder(copy_of_run):  # this process is the running analysis
+        waiter = subprocess.Popen([sys.executable, "-m", "diffcirc", *args], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        try:
+            line = ""
+            for line in waiter.stderr:
+                if "waiting" in line:
+                    break
+            assert f"in use by another analysis run (pid {os.getpid()}); waiting for it to end" in line, line
+            assert waiter.poll() is None  # blocked while the folder is held
+        except BaseException:
+            waiter.kill()
+            raise
+    stdout, stderr = waiter.communicate(timeout=600)
+    assert waiter.returncode == 0, stderr[-3000:]
+    for unit in ("trace", "features", "ablations", "attribution", "role_ablations", "circuit"):
+        assert f"{unit}: finished by an earlier run, skipped" in stdout
+    assert _table_mtimes(copy_of_run) == before

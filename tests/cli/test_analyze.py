@@ -24,11 +24,11 @@ def test_options_set_their_fields(tmp_path):
                        "--timesteps", "100,600", "--ablation-timesteps", "600", "--ablation-images", "2",
                        "--ablation-modes", "zero", "--circuit-threshold", "2.5", "--role-control-reps", "1",
                        "--no-random-control", "--batch-size", "4", "--max-batch", "8", "--max-memory", "1KiB",
-                       "--seed", "7")
+                       "--seed", "7", "--wait")
     assert config == AnalysisConfig(
         out=str(tmp_path), synthetic=5, natural="photos", natural_n=3, timesteps=[100, 600], ablation_timesteps=[600],
         ablation_images=2, ablation_modes=("zero",), circuit_threshold=2.5, role_control_reps=1, random_control=False,
-        batch_size=4, max_batch=8, max_memory=1024, seed=7)
+        batch_size=4, max_batch=8, max_memory=1024, seed=7, wait=True)
 
 
 @pytest.mark.parametrize("natural, given, spec", [("lfw", None, "synthetic-gray"), ("celeba", None, "synthetic"),

@@ -1,9 +1,11 @@
 """End to end: `diffcirc analyze` on a tiny random UNet, then `diffcirc report` from the saved tables;
-one run per output folder."""
+rows of its tables recomputed outside the driver; one run per output folder."""
 
 import json
 import shutil
+from types import SimpleNamespace
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -252,6 +254,92 @@ def test_two_processes_give_the_results_of_one(run, tmp_path):
     one, two = json.loads((run / "summary.json").read_text()), json.loads((out / "summary.json").read_text())
     one.pop("meta"), two.pop("meta")
     _assert_close(two, one)
+
+
+# -- rows recomputed outside the driver ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def direct(run):
+    """The run's model, a Session on it, and the natural images of its ablation batch at t = 600
+    noised with the same per-image noise, rebuilt from the data and model layers (not the driver)."""
+    from diffcirc.analysis.config import noise_for
+    from diffcirc.data import load_dataset
+    from diffcirc.models import load
+    from diffcirc.processor import Session
+
+    unet, scheduler = load(str(run.parent / "tiny-unet"))
+    t, n = 600, 8
+    natural = load_dataset("lfw", size=32, n=n, seed=0, split="heldout")
+    x0 = torch.stack([natural[i]["image"] for i in range(n)]).float()
+    eps = noise_for(0, 1, range(n), t, x0.shape[1:])  # seed 0; dataset 1 = natural
+    a = scheduler.alphas_cumprod[t].float()
+    return SimpleNamespace(unet=unet, session=Session(unet), t=t, eps=eps, x_t=a.sqrt() * x0 + (1 - a).sqrt() * eps)
+
+
+def _losses(direct, interventions) -> torch.Tensor:
+    """(B,) ε-MSE per image with these interventions installed."""
+    tt = torch.full((direct.x_t.shape[0],), direct.t, dtype=torch.long)
+    with torch.no_grad(), direct.session.intervene(interventions):
+        eps_hat = direct.unet(direct.x_t, tt).sample
+    return (eps_hat - direct.eps).square().flatten(1).mean(1)
+
+
+def test_ablation_rows_equal_a_direct_zero_ablation_of_their_head(run, direct):
+    from diffcirc.processor import Zero
+
+    rtol = 1e-5  # batched passes round differently from one pass of 8 images: ~2e-7 seen
+    abl = pd.read_parquet(run / "ablations.parquet")
+    zero = abl[(abl.dataset == "natural") & (abl.timestep == direct.t) & (abl["mode"] == "zero")]
+    clean = _losses(direct, []).double()
+    ours = {}
+    for layer, h in direct.session.heads():
+        ours[layer, h] = _losses(direct, [Zero(layer, h)]).double()
+        rows = zero[(zero.layer == layer) & (zero["head"] == h)].sort_values("image")
+        assert rows["image"].tolist() == list(range(8)), (layer, h)
+        torch.testing.assert_close(torch.tensor(rows["loss_ablated"].to_numpy()), ours[layer, h], rtol=rtol, atol=0,
+                                   msg=f"{layer} head {h}")
+        torch.testing.assert_close(torch.tensor(rows["loss_clean"].to_numpy()), clean, rtol=rtol, atol=0)
+    # the check can fail: a row holding its neighbour head's losses would be off by far more than rtol
+    gaps = [float(((ours[layer, h] - ours[layer, h + 1]).abs() / clean).max())
+            for layer, h in direct.session.heads() if (layer, h + 1) in ours]
+    assert min(gaps) > 10 * rtol, gaps
+
+
+def test_circuit_steps_equal_a_direct_ablation_of_the_removed_heads(run, direct):
+    from diffcirc.processor import Zero
+
+    circuit = pd.read_parquet(run / "circuit.parquet")
+    trace = circuit[circuit.dataset == "natural"].sort_values("step")
+    assert len(trace) == len(direct.session.heads())
+    clean = float(_losses(direct, []).mean())
+    removed = []
+    for row in trace.itertuples():
+        candidate = (row.removed_layer, int(row.removed_head))
+        loss = float(_losses(direct, [Zero(layer, h) for layer, h in [*removed, candidate]]).mean())
+        assert row.degradation == pytest.approx(100 * (loss - clean) / clean, abs=1e-3), row
+        assert row.kept == (row.degradation >= 10.0)  # --circuit-threshold's default
+        if not row.kept:
+            removed.append(candidate)
+    assert removed, "no head was pruned: the steps above tested nothing cumulative"
+
+
+def test_uniform_label_mass_rows_match_the_label_maps(run):
+    from diffcirc.data import load_dataset
+    from diffcirc.processor.grid import labels_to_grid
+
+    agg = pd.read_parquet(run / "aggregates.parquet")
+    uniform = agg[agg.stat == "label_mass_uniform"]
+    layers = pd.read_parquet(run / "layers.parquet")
+    assert len(uniform) == 2 * 2 * 2 * int(layers.heads.sum())  # models x datasets x timesteps x heads
+    for name, spec in (("synthetic", "synthetic-gray"), ("natural", "lfw")):
+        dataset = load_dataset(spec, size=32, n=8, seed=0, split="heldout")
+        labels = torch.stack([torch.as_tensor(dataset[i]["labels"]) for i in range(8)]).long()
+        for layer in layers.itertuples():
+            tokens = labels_to_grid(labels, (int(layer.grid_h), int(layer.grid_w))).numpy()
+            shares = [sum((count / row.size) ** 2 for count in np.unique(row, return_counts=True)[1]) for row in tokens]
+            rows = uniform[(uniform.dataset == name) & (uniform.layer == layer.layer)]
+            assert rows["mean"].to_numpy() == pytest.approx(np.full(len(rows), np.mean(shares)), rel=1e-12)
+            assert (rows["count"] == 8).all()
 
 
 # -- one run per output folder ---------------------------------------------------------------------

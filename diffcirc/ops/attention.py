@@ -45,7 +45,7 @@ def attention(
     """
     a = check_and_normalise(q, k, v, scale=scale, key_padding_mask=key_padding_mask, head_scale=head_scale,
                             head_replacement=head_replacement, stats=stats, grid=grid, labels=labels)
-    if extension.load() is None:
+    if not extension.available():
         return _fallback(a)
     out, lse, ent, dist, lab = torch.ops.diffcirc.attention(
         a.q, a.k, a.v, a.scale, a.key_padding_mask, a.head_scale, a.head_replacement, a.grid,

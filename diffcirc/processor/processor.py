@@ -63,11 +63,12 @@ class FusedAttnProcessor:
     """Drop-in replacement for ``AttnProcessor2_0`` computing attention with ``diffcirc.ops.attention``.
 
     Args:
-        layer: module path of the ``Attention`` it serves (only used to address controllers).
+        layer: module path of the ``Attention`` it serves (addresses controllers, names the layer
+            in error messages).
         controller: see ``Controller``; None for plain attention.
 
     Differences from ``AttnProcessor2_0``, all outside what SDPA-based diffusers models use:
-    attention masks must be per-key padding masks (see ``masks``; others raise ValueError), and
+    attention masks must be per-key padding masks (see ``masks``; causal and other masks are refused), and
     a layer built with ``scale_qk=False`` uses ``attn.scale`` (= 1) like ``AttnProcessor``, the
     processor diffusers picks for such layers, where ``AttnProcessor2_0`` would use D ** -0.5.
     """
@@ -110,7 +111,8 @@ class FusedAttnProcessor:
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
             attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-            key_padding_mask = key_padding_mask_from_attention_mask(attention_mask, batch_size, attn.heads, sequence_length)
+            key_padding_mask = key_padding_mask_from_attention_mask(
+                attention_mask, batch_size, attn.heads, sequence_length, self.layer)
 
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)

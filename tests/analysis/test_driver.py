@@ -259,9 +259,10 @@ def test_two_processes_give_the_results_of_one(run, tmp_path):
 # -- rows recomputed outside the driver ------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def direct(run):
+def direct(run, single_thread):
     """The run's model, a Session on it, and the natural images of its ablation batch at t = 600
-    noised with the same per-image noise, rebuilt from the data and model layers (not the driver)."""
+    noised with the same per-image noise, rebuilt from the data and model layers (not the driver);
+    one thread for its tiny passes (see ``single_thread``)."""
     from diffcirc.analysis.config import noise_for
     from diffcirc.data import load_dataset
     from diffcirc.models import load

@@ -3,7 +3,6 @@ found while working are one-line errors, and output folders that cannot be writt
 
 import os
 import re
-import sys
 
 import pytest
 
@@ -11,7 +10,6 @@ from diffcirc.cli import main as cli
 from diffcirc.cli._checks import check_writable_folder
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
-load_module = sys.modules["diffcirc.models.load"]  # the attribute diffcirc.models.load is the function
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

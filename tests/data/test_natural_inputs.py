@@ -1,7 +1,6 @@
 """Unreadable images and malformed dataset files: skipped with one counting warning, or refused naming
 the file; never a silent wrong image."""
 
-import sys
 import warnings
 
 import numpy as np
@@ -12,7 +11,6 @@ from PIL import Image
 from diffcirc.data import CelebA, DatasetError, ImageFolder, load_dataset, parse_mix
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
-load_module = sys.modules["diffcirc.models.load"]  # the attribute diffcirc.models.load is the function
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -2,7 +2,6 @@
 by name and kept on disk."""
 
 import json
-import sys
 
 import pytest
 
@@ -11,7 +10,6 @@ from diffcirc.models import CorruptWeightsError, WeightsMismatchError
 from diffcirc.models.train import TrainConfig, train
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
-load_module = sys.modules["diffcirc.models.load"]  # the attribute diffcirc.models.load is the function
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

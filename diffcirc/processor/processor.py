@@ -1,4 +1,4 @@
-"""``FusedAttnProcessor``: diffusers' ``AttnProcessor2_0``, step for step, on diffcirc's fused op.
+"""``FusedAttnProcessor``: diffusers' ``AttnProcessor2_0`` and ``AttnProcessor``, step for step, on the fused op.
 
 Used alone it is a drop-in attention processor::
 
@@ -59,6 +59,9 @@ class Controller(Protocol):
     def after(self, call: AttentionCall, result: AttentionOutput) -> None: ...
 
 
+SCALE_RULES = ("auto", "head_dim", "attn")
+
+
 class FusedAttnProcessor:
     """Drop-in replacement for ``AttnProcessor2_0`` computing attention with ``diffcirc.ops.attention``.
 
@@ -66,16 +69,22 @@ class FusedAttnProcessor:
         layer: module path of the ``Attention`` it serves (addresses controllers, names the layer
             in error messages).
         controller: see ``Controller``; None for plain attention.
+        scale_rule: how q·k is scaled, so as to follow the processor it replaces. "head_dim":
+            D ** -0.5 always, as ``AttnProcessor2_0`` (SDPA's default); "attn": ``attn.scale``, as
+            ``AttnProcessor``; "auto" (the drop-in default): ``attn.scale`` on layers built with
+            ``scale_qk=False`` (= 1; diffusers gives such layers ``AttnProcessor``), D ** -0.5 otherwise.
 
-    Differences from ``AttnProcessor2_0``, all outside what SDPA-based diffusers models use:
-    attention masks must be per-key padding masks (see ``masks``; causal and other masks are refused), and
-    a layer built with ``scale_qk=False`` uses ``attn.scale`` (= 1) like ``AttnProcessor``, the
-    processor diffusers picks for such layers, where ``AttnProcessor2_0`` would use D ** -0.5.
+    Difference from ``AttnProcessor2_0``, outside what SDPA-based diffusers models use: attention
+    masks must be per-key padding masks (see ``masks``; causal and other masks are refused).
     """
 
-    def __init__(self, layer: Optional[str] = None, controller: Optional[Controller] = None):
+    def __init__(self, layer: Optional[str] = None, controller: Optional[Controller] = None,
+                 scale_rule: str = "auto"):
+        if scale_rule not in SCALE_RULES:
+            raise ValueError(f"scale_rule must be one of {SCALE_RULES}, got {scale_rule!r}")
         self.layer = layer
         self.controller = controller
+        self.scale_rule = scale_rule
 
     def __call__(
         self,
@@ -141,8 +150,9 @@ class FusedAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        # None = D ** -0.5, what SDPA uses in AttnProcessor2_0 (and attn.scale when scale_qk).
-        scale = None if attn.scale_qk else attn.scale
+        # None = D ** -0.5, what SDPA uses in AttnProcessor2_0 whatever attn.scale holds.
+        head_dim_scale = self.scale_rule == "head_dim" or (self.scale_rule == "auto" and attn.scale_qk)
+        scale = None if head_dim_scale else attn.scale
 
         controller = self.controller
         if controller is None:

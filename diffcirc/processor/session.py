@@ -5,10 +5,16 @@
     with session.trace(recorder, labels=part_masks), session.intervene([Zero("mid_block.attentions.0", 2)]):
         unet(x, t)
 
-Each context installs a ``FusedAttnProcessor`` (with this session as its controller) on every
-``Attention`` module, through ``Attention.set_processor`` (UNet2DModel has no
-``set_attn_processor``), when the first context opens, and puts back the previous processors
-when the last one closes, also when the body raises. Contexts nest in any order.
+Attention modules are found by class (``supported.ATTENTION_MODULES``). Each layer's processor
+must have a fused counterpart (``supported.FUSED_COUNTERPARTS``); ``Session(model)`` refuses a
+model with any other processor, naming the layers, before any forward pass, since replacing it
+would silently change the output. ``Session(model, unsupported="skip")`` leaves such layers on
+their own processors instead and lists them in ``session.skipped``; addressing one raises.
+
+Each context installs the counterparts (with this session as their controller) through
+``set_processor`` (UNet2DModel has no ``set_attn_processor``) when the first context opens, and
+puts back the previous processors when the last one closes, also when the body raises. Contexts
+nest in any order.
 
 Token grids: a layer fed a 4-D feature map (B, C, h, w) has grid (h, w). A layer fed 3-D tokens
 (transformer blocks) gets its grid from the model input (H, W) (the first positional argument,
@@ -24,12 +30,14 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-from diffusers.models.attention_processor import Attention
 
 from .grid import infer_grid, labels_to_grid, sample_size_hw, tile_batch
 from .interventions import Intervention, head_arguments
-from .processor import AttentionCall, FusedAttnProcessor, OpRequest
+from .processor import AttentionCall, OpRequest
 from .recorder import Recorder
+from .supported import attention_modules, counterpart, describe_unsupported, supported_names, unsupported_layers
+
+UNSUPPORTED_CHOICES = ("refuse", "skip")
 
 
 @dataclass
@@ -43,6 +51,14 @@ class LayerInfo:
     grid: Optional[tuple] = None
 
 
+@dataclass(frozen=True)
+class SkippedLayer:
+    """An attention layer left on its own processor (``Session(model, unsupported="skip")``), untraced."""
+
+    name: str
+    processor_class: type
+
+
 class _Trace:
     def __init__(self, recorder: Recorder, labels: Optional[torch.Tensor]):
         self.recorder = recorder
@@ -53,11 +69,24 @@ class _Trace:
 class Session:
     """Attention layers of a diffusers model, with ``trace``, ``intervene``, ``capture`` and ``gate`` contexts."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, unsupported: str = "refuse"):
+        """unsupported: "refuse" (ValueError when a layer's processor has no fused counterpart) or
+        "skip" (leave those layers on their own processors, listed in ``skipped``)."""
+        if unsupported not in UNSUPPORTED_CHOICES:
+            raise ValueError(f"unsupported must be one of {UNSUPPORTED_CHOICES}, got {unsupported!r}")
         self.model = model
-        self._modules = {name: m for name, m in model.named_modules() if isinstance(m, Attention)}
+        owner = type(model).__name__
+        modules = attention_modules(model)
+        if not modules:
+            raise ValueError(f"{owner} has no diffusers attention modules (Attention or AttentionModuleMixin)")
+        refused = unsupported_layers(modules)
+        if refused and unsupported == "refuse":
+            raise ValueError(_refusal(owner, refused) + " Pass unsupported='skip' to leave these layers on their "
+                             "own processors, untraced.")
+        self.skipped = [SkippedLayer(name, cls) for name, cls in refused.items()]
+        self._modules = {name: m for name, m in modules.items() if name not in refused}
         if not self._modules:
-            raise ValueError(f"{type(model).__name__} has no diffusers Attention modules")
+            raise ValueError(_refusal(owner, refused) + " Every layer would be skipped: nothing to trace.")
         self.layers = [
             LayerInfo(name, "cross" if m.is_cross_attention else "self", m.heads, m.inner_dim // m.heads)
             for name, m in self._modules.items()
@@ -80,6 +109,11 @@ class Session:
 
     def layer(self, name: str) -> LayerInfo:
         if name not in self._info:
+            skipped = next((s for s in self.skipped if s.name == name), None)
+            if skipped is not None:
+                raise ValueError(
+                    f"layer {name!r} was skipped: its processor {skipped.processor_class.__name__} has no fused "
+                    "counterpart, so it cannot be traced or intervened on")
             raise KeyError(f"no attention layer {name!r}; layers: {self.layer_names}")
         return self._info[name]
 
@@ -91,11 +125,15 @@ class Session:
     @contextmanager
     def _installed(self):
         if self._depth == 0:
+            changed = unsupported_layers(self._modules)  # a processor set after the session was made
+            if changed:
+                raise ValueError(_refusal(type(self.model).__name__, changed)
+                                 + " The processors changed after the Session was made; make a new Session.")
             self._saved = {name: m.processor for name, m in self._modules.items()}
             try:
                 self._hook = self.model.register_forward_pre_hook(self._see_input, with_kwargs=True)
                 for name, m in self._modules.items():
-                    m.set_processor(FusedAttnProcessor(name, self))
+                    m.set_processor(counterpart(m.processor)(name, self, m.processor))
             except BaseException:
                 self._restore()
                 raise
@@ -138,6 +176,8 @@ class Session:
             others = [t.labels for t in self._traces if t.labels is not None]
             if any(o is not labels for o in others):
                 raise ValueError("nested traces must share one label map (the op takes one set of labels per call)")
+        for name in sorted((recorder.maps or {}).get("layers") or ()):
+            self.layer(name)  # maps of a skipped or unknown layer would stay empty: refuse them here
         entry = _Trace(recorder, labels)
         with self._pushed(self._traces, entry):
             yield recorder
@@ -246,6 +286,12 @@ class Session:
                 trace.recorder.record(call.layer, call.n_keys, info.grid, values)
         for callback in self._captures:
             callback(call.layer, result.out)
+
+
+def _refusal(owner: str, layers: dict) -> str:
+    return (f"{owner}: {len(layers)} attention layer(s) have a processor without a fused counterpart, whose "
+            f"replacement would change the model's output: {describe_unsupported(layers)}. Supported processor "
+            f"classes: {', '.join(supported_names())}.")
 
 
 def _baseline(baseline: dict, call: AttentionCall) -> torch.Tensor:

@@ -22,7 +22,8 @@ def _prior():
 def _prior_inputs(batch: int = 2):
     g = torch.Generator().manual_seed(6)
     return dict(hidden_states=torch.randn(batch, 8, generator=g), timestep=torch.tensor([3, 5][:batch]),
-                proj_embedding=torch.randn(batch, 8, generator=g), encoder_hidden_states=torch.randn(batch, 3, 8, generator=g))
+                proj_embedding=torch.randn(batch, 8, generator=g),
+                encoder_hidden_states=torch.randn(batch, 3, 8, generator=g))
 
 
 def test_prior_transformers_causal_mask_is_refused_by_layer_name_at_the_first_forward():

@@ -1,7 +1,7 @@
 """diffusers integration: the drop-in ``FusedAttnProcessor``, ``Session`` (layers, trace, intervene),
 ``Recorder`` (streaming statistics), per-head interventions, batched conditions and attribution.
 
-Modules: processor (the processor), masks (diffusers masks -> key padding masks), grid (token
+Modules: processor (the processor), supported (diffusers processor class -> fused counterpart), masks (diffusers masks -> key padding masks), grid (token
 grids, label resampling), session, recorder (tag keying and dispatch) with aggregates (Welford /
 Chan moments, histograms), recorder_distributed (all_reduce) and recorder_frames (its tables),
 interventions, conditions (run_conditions), attribution (head_attribution).
@@ -13,11 +13,12 @@ from .interventions import (Intervention, Mean, Patch, Scale, Uniform, Zero, cac
                             mean_head_outputs)
 from .processor import AttentionCall, FusedAttnProcessor, OpRequest
 from .recorder import Recorder
-from .session import LayerInfo, Session
+from .session import LayerInfo, Session, SkippedLayer
+from .supported import FUSED_COUNTERPARTS
 
 __all__ = [
     "FusedAttnProcessor", "AttentionCall", "OpRequest",
-    "Session", "LayerInfo",
+    "Session", "LayerInfo", "SkippedLayer", "FUSED_COUNTERPARTS",
     "Recorder",
     "Intervention", "Zero", "Scale", "Mean", "Patch", "Uniform", "head_arguments",
     "cache_head_outputs", "mean_head_outputs",

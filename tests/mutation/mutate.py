@@ -50,7 +50,9 @@ TARGETS = {
     "diffcirc/ops/backward.py": ["tests/ops/test_autograd.py", "tests/processor/test_attribution.py"],
     # the session's gates are driven by head_attribution, its label maps traced by the recorder tests
     "diffcirc/processor/session.py": ["tests/processor/test_processor.py", "tests/processor/test_interventions.py",
-                                      "tests/processor/test_attribution.py", "tests/processor/test_recorder.py"],
+                                      "tests/processor/test_attribution.py", "tests/processor/test_recorder.py",
+                                      "tests/processor/test_supported.py"],
+    "diffcirc/processor/masks.py": ["tests/processor/test_compile.py", "tests/processor/test_processor.py"],
     "diffcirc/processor/recorder*.py": ["tests/processor/test_recorder*.py"],
     "diffcirc/processor/aggregates.py": ["tests/processor/test_recorder*.py"],
     "diffcirc/processor/grid.py": ["tests/processor/test_session.py", "tests/processor/test_recorder.py"],

@@ -81,3 +81,14 @@ def test_merge_adds_aggregates_key_by_key():
     assert merged.mean.item() == pytest.approx(0.54, abs=1e-15)  # (0.1 + 0.2 + 0.9 + 0.7 + 0.8) / 5
     assert merged.m2.item() == pytest.approx(0.532, abs=1e-14)  # sum of squared deviations from 0.54
     assert a.aggregates["only b"].count == 2
+
+
+def test_nbytes_counts_every_tensor_by_hand():
+    # one aggregate of 3 heads and 5 bins: mean and m2 are 3 float64 each, hist 3 x 5 int64 = 21 * 8 bytes;
+    # a per-image row (2, 3) float64 and a map (3, 4) float64 add 6 * 8 and 12 * 8
+    data = RecorderData(5)
+    data.aggregate("k", 3, "cpu")
+    assert data.aggregates["k"].nbytes() == 168
+    data.image_rows.append(((), [0, 1], "l0", "entropy", torch.zeros(2, 3, dtype=torch.float64)))
+    add_map(data.maps, "m", torch.zeros(3, 4, dtype=torch.float64), 1)
+    assert data.nbytes() == 168 + 48 + 96

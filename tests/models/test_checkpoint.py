@@ -4,14 +4,34 @@ by name and kept on disk."""
 import json
 
 import pytest
+import torch
 
 from diffcirc.cli import main as cli
 from diffcirc.models import CorruptWeightsError, WeightsMismatchError
+from diffcirc.models.checkpoint import load_checkpoint, save_checkpoint
 from diffcirc.models.train import TrainConfig, train
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _linear_checkpoint(path, in_features=3):
+    """A real checkpoint folder (one optimizer step, so the optimizer has state) of a tiny Linear model."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(in_features, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, in_features)).sum().backward()
+    opt.step()
+    save_checkpoint(str(path), model=model, ema=dict(model.state_dict()), optimizer=opt,
+                    generator=torch.Generator().manual_seed(0),
+                    state={"step": 1, "losses": [1.0], "elapsed_s": 0.0, "config": {}})
+
+
+def _restore_into(path, in_features=3):
+    model = torch.nn.Linear(in_features, 2)
+    return load_checkpoint(str(path), model=model, optimizer=torch.optim.AdamW(model.parameters()),
+                           generator=torch.Generator())
 
 
 def test_truncated_training_checkpoint_is_refused_and_kept(tmp_path):

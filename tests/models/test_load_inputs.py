@@ -12,7 +12,6 @@ from safetensors.torch import load_file, save_file
 
 from diffcirc.cli import main as cli
 from diffcirc.models import CorruptWeightsError, ModelLoadError, WeightsMismatchError, load
-from diffcirc.models.checkpoint import load_checkpoint, save_checkpoint
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 load_module = sys.modules["diffcirc.models.load"]  # the attribute diffcirc.models.load is the function
@@ -276,21 +275,3 @@ def test_config_that_is_not_json_or_not_buildable(unet_dir, loading_path):
     (unet_dir / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel", "block_out_channels": [-32, 64]}))
     with pytest.raises(ModelLoadError, match="could not build UNet2DModel"):
         load(str(unet_dir))
-
-
-def _linear_checkpoint(path, in_features=3):
-    """A real checkpoint folder (one optimizer step, so the optimizer has state) of a tiny Linear model."""
-    torch.manual_seed(0)
-    model = torch.nn.Linear(in_features, 2)
-    opt = torch.optim.AdamW(model.parameters())
-    model(torch.ones(1, in_features)).sum().backward()
-    opt.step()
-    save_checkpoint(str(path), model=model, ema=dict(model.state_dict()), optimizer=opt,
-                    generator=torch.Generator().manual_seed(0),
-                    state={"step": 1, "losses": [1.0], "elapsed_s": 0.0, "config": {}})
-
-
-def _restore_into(path, in_features=3):
-    model = torch.nn.Linear(in_features, 2)
-    return load_checkpoint(str(path), model=model, optimizer=torch.optim.AdamW(model.parameters()),
-                           generator=torch.Generator())

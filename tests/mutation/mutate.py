@@ -211,7 +211,7 @@ def main(argv=None) -> int:
     tmp.write_text(json.dumps({"started": started.isoformat(), "seed": args.seed,
                                "max_per_module": args.max_per_module, "modules": results}, indent=2) + "\n")
     tmp.replace(out)  # whole or absent
-    print(f"results: {out.relative_to(ROOT)}")
+    print(f"results: {out}")
     return 0
 
 

@@ -53,6 +53,16 @@ def write_table(df, path) -> Path:
     return Path(path)
 
 
+def write_image(image, path) -> Path:
+    """A PIL image in the format its file name says (.png, .jpg, ...)."""
+    from PIL import Image
+
+    fmt = Image.registered_extensions()[Path(path).suffix.lower()]
+    with atomic_path(path) as tmp:
+        image.save(tmp, format=fmt)
+    return Path(path)
+
+
 def read_table(out_dir, name: str):
     """``out_dir/<name>.parquet`` as a DataFrame, or None when it does not exist."""
     import pandas as pd

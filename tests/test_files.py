@@ -6,7 +6,8 @@ import stat
 import pandas as pd
 import pytest
 
-from diffcirc.files import atomic_folder, atomic_path, previous_folder, read_table, write_json, write_table, write_text
+from diffcirc.files import (atomic_folder, atomic_path, previous_folder, read_table, write_image, write_json, write_table,
+                            write_text)
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
@@ -54,3 +55,15 @@ def test_folder_swap_replaces_the_whole_folder_or_nothing(tmp_path):
         (open(os.path.join(tmp, "b"), "w")).close()
     assert sorted(os.listdir(target)) == ["b"]
     assert not os.path.exists(previous_folder(target)) and not os.path.exists(str(target) + ".tmp")
+
+
+def test_images_are_written_in_the_format_of_their_name_and_read_back(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.arange(48, dtype=np.uint8).reshape(4, 4, 3)
+    write_image(Image.fromarray(pixels), tmp_path / "a.png")
+    with Image.open(tmp_path / "a.png") as back:
+        assert back.format == "PNG"
+        np.testing.assert_array_equal(np.asarray(back), pixels)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]

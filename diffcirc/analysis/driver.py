@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from .. import __version__
-from ..files import atomic_path, write_json, write_table
+from ..files import write_image, write_json, write_table
 from .config import AnalysisConfig
 from .distributed import Ranks
 from .folder_lock import hold_folder
@@ -107,8 +107,7 @@ def save_samples(exp: Experiment, folder: Path) -> None:
     for name, ids in exp.sample_ids().items():
         for i in ids:
             img = ((exp.data[name].images[i].permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8)
-            with atomic_path(folder / f"{name}_{i}.png") as tmp:
-                Image.fromarray(img).save(tmp, format="PNG")
+            write_image(Image.fromarray(img), folder / f"{name}_{i}.png")
 
 
 def meta(config: AnalysisConfig, exp: Experiment, processes: int, wall_time_s: float) -> dict:

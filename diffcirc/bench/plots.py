@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 
+from .. import files
+
 
 def _pyplot():
     import matplotlib
@@ -20,7 +22,8 @@ def _save(plt, fig, out_dir: str, name: str, title: str, paths: list):
     path = os.path.join(out_dir, name)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with files.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     paths.append(path)
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..files import atomic_path, write_image
 from .items import make_item
 from .splits import HELDOUT_SEED_BASE
 from .synthetic import generate
@@ -50,11 +51,11 @@ def export_faces(out: str, n: int, size: int = 64, seed: int = 0, grayscale: boo
     for s in range(seed, seed + n):
         image, labels, attrs = generate(s, size, grayscale=grayscale)
         img_rel, lab_rel = os.path.join("images", f"{s}.png"), os.path.join("labels", f"{s}.png")
-        Image.fromarray(np.round(image * 255).astype(np.uint8)).save(os.path.join(out, img_rel))
-        Image.fromarray(labels.astype(np.uint8)).save(os.path.join(out, lab_rel))
+        write_image(Image.fromarray(np.round(image * 255).astype(np.uint8)), os.path.join(out, img_rel))
+        write_image(Image.fromarray(labels.astype(np.uint8)), os.path.join(out, lab_rel))
         rows.append({"image": img_rel, "labels": lab_rel, **attrs})
     path = os.path.join(out, "attributes.csv")
-    with open(path, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["image", "labels"])
         writer.writeheader()
         writer.writerows(rows)

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..files import write_image
+
 
 @torch.no_grad()
 def sample(unet, scheduler, n: int = 16, steps: int = 50, seed: int = 0) -> torch.Tensor:
@@ -35,4 +37,4 @@ def save_grid(images: torch.Tensor, path: str, nrow: int = 8, scale: int = 1) ->
     pil = Image.fromarray(np.round(grid * 255).astype(np.uint8))
     if scale > 1:
         pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
-    pil.save(path)
+    write_image(pil, path)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..data import load_dataset, parse_mix
+from ..files import write_json
 from .checkpoint import find_checkpoint, load_checkpoint, read_state, save_checkpoint
 from .load import ModelLoadError
 from .sampling import sample, save_grid
@@ -209,5 +210,4 @@ def export_ema(ema, config, scheduler, folder: str, info: dict) -> None:
     unet = _ema_unet(ema, config)
     unet.save_pretrained(folder, safe_serialization=True)
     scheduler.save_pretrained(folder)
-    with open(os.path.join(folder, "training.json"), "w") as f:
-        json.dump(info, f, indent=1)
+    write_json(info, os.path.join(folder, "training.json"))

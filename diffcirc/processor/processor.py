@@ -1,4 +1,5 @@
-"""``FusedAttnProcessor``: diffusers' ``AttnProcessor2_0`` and ``AttnProcessor``, step for step, on the fused op.
+"""``FusedAttnProcessor``: diffusers' ``AttnProcessor2_0`` and ``AttnProcessor``, step for step, on the fused op,
+and ``run_attention``, the op call with its controller hand-off that every fused counterpart shares.
 
 Used alone it is a drop-in attention processor::
 
@@ -29,10 +30,15 @@ class AttentionCall:
 
     spatial is the (h, w) feature map when the layer got a 4-D input, else None (3-D tokens).
     key_padding_mask: bool (B, Nk) or None; value: (B, H, Nk, Dv) (a view, do not modify).
+
+    kind "joint": queries and keys are one sequence of image and text tokens (SD3, Flux, AuraFlow).
+    image_span = (start, stop) are the image tokens' positions in it, the same for queries and
+    keys; None when the sequence was joined before the attention module (single-stream blocks),
+    where only the controller can tell (see ``Session``).
     """
 
     layer: str
-    kind: str  # "self" | "cross", from whether encoder_hidden_states was passed
+    kind: str  # "self" | "cross" | "joint"
     spatial: Optional[tuple]
     batch: int
     heads: int
@@ -40,17 +46,25 @@ class AttentionCall:
     n_keys: int
     key_padding_mask: Optional[torch.Tensor]
     value: torch.Tensor
+    image_span: Optional[tuple] = None
 
 
 @dataclass
 class OpRequest:
-    """Extra arguments of ``diffcirc.ops.attention`` a controller asks for (see the op's docstring)."""
+    """Extra arguments of ``diffcirc.ops.attention`` a controller asks for (see the op's docstring).
+
+    On a joint call, image_stats are computed by a second, statistics-only op call over the image
+    tokens image_span (queries and keys), to which grid and labels then refer: distance and label
+    mass are those of the softmax over image keys, as in a UNet's self-attention.
+    """
 
     stats: tuple = ()
     grid: Optional[tuple] = None
     labels: Optional[tuple] = None
     head_scale: Optional[torch.Tensor] = None
     head_replacement: Optional[torch.Tensor] = None
+    image_stats: tuple = ()
+    image_span: Optional[tuple] = None
 
 
 class Controller(Protocol):
@@ -60,6 +74,39 @@ class Controller(Protocol):
 
 
 SCALE_RULES = ("auto", "head_dim", "attn")
+
+
+def run_attention(layer: Optional[str], controller: Optional[Controller], query: torch.Tensor, key: torch.Tensor,
+                  value: torch.Tensor, scale: Optional[float], key_padding_mask: Optional[torch.Tensor], *,
+                  kind: str, spatial: Optional[tuple] = None, image_span: Optional[tuple] = None) -> torch.Tensor:
+    """The head outputs (B, H, Nq, Dv) of the fused op on query (B, H, Nq, D), key, value (B, H, Nk, D|Dv).
+
+    Without a controller, or when it asks for nothing, the op gets exactly the arguments SDPA
+    would; otherwise the controller's statistics and interventions (``Controller``).
+    """
+    if controller is None:
+        return attention(query, key, value, scale=scale, key_padding_mask=key_padding_mask).out
+    call = AttentionCall(layer=layer, kind=kind, spatial=spatial, batch=query.shape[0], heads=query.shape[1],
+                         n_queries=query.shape[2], n_keys=key.shape[2], key_padding_mask=key_padding_mask,
+                         value=value, image_span=image_span)
+    request = controller.before(call)
+    if request is None:
+        return attention(query, key, value, scale=scale, key_padding_mask=key_padding_mask).out
+    result = attention(query, key, value, scale=scale, key_padding_mask=key_padding_mask,
+                       head_scale=request.head_scale, head_replacement=request.head_replacement,
+                       stats=request.stats, grid=None if request.image_stats else request.grid,
+                       labels=None if request.image_stats else request.labels)
+    if request.image_stats:
+        # interventions change outputs, never probabilities, so the image-only call needs none
+        s = slice(*request.image_span)
+        image_mask = None if key_padding_mask is None else key_padding_mask[:, s]
+        with torch.no_grad():
+            image = attention(query[:, :, s].detach(), key[:, :, s].detach(), value[:, :, s].detach(), scale=scale,
+                              key_padding_mask=image_mask, stats=request.image_stats, grid=request.grid,
+                              labels=request.labels)
+        result = result._replace(**{stat: getattr(image, stat) for stat in request.image_stats})
+    controller.after(call, result)
+    return result.out
 
 
 class FusedAttnProcessor:
@@ -154,23 +201,8 @@ class FusedAttnProcessor:
         head_dim_scale = self.scale_rule == "head_dim" or (self.scale_rule == "auto" and attn.scale_qk)
         scale = None if head_dim_scale else attn.scale
 
-        controller = self.controller
-        if controller is None:
-            out = attention(query, key, value, scale=scale, key_padding_mask=key_padding_mask).out
-        else:
-            call = AttentionCall(
-                layer=self.layer, kind="cross" if is_cross else "self",
-                spatial=(height, width) if input_ndim == 4 else None, batch=batch_size, heads=attn.heads,
-                n_queries=query.shape[2], n_keys=key.shape[2], key_padding_mask=key_padding_mask, value=value)
-            request = controller.before(call)
-            if request is None:
-                out = attention(query, key, value, scale=scale, key_padding_mask=key_padding_mask).out
-            else:
-                result = attention(query, key, value, scale=scale, key_padding_mask=key_padding_mask,
-                                   head_scale=request.head_scale, head_replacement=request.head_replacement,
-                                   stats=request.stats, grid=request.grid, labels=request.labels)
-                controller.after(call, result)
-                out = result.out
+        out = run_attention(self.layer, self.controller, query, key, value, scale, key_padding_mask,
+                            kind="cross" if is_cross else "self", spatial=(height, width) if input_ndim == 4 else None)
 
         hidden_states = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)

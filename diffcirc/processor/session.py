@@ -20,7 +20,17 @@ Token grids: a layer fed a 4-D feature map (B, C, h, w) has grid (h, w). A layer
 (transformer blocks) gets its grid from the model input (H, W) (the first positional argument,
 or ``sample`` / ``hidden_states``, seen by a forward pre-hook; else ``config.sample_size``) by
 the rule of ``grid.infer_grid``: the power-of-two down-sampling (ceil(H / 2^k), ceil(W / 2^k))
-with h * w = N; if none fits, statistics that need the grid raise ValueError.
+with h * w = N; if none fits, statistics that need the grid raise ValueError. A model given
+``img_ids`` (Flux: packed latents, ids (N, 3) of (0, row, col)) has the grid those ids span.
+
+Joint layers (SD3, Flux, AuraFlow: image and text tokens in one softmax, kind "joint") record
+their image-token queries under the layer's name, with entropy over all keys and distance and
+label mass over the image keys (the softmax restricted to them, as in a UNet's self-attention;
+a second, statistics-only op call over the image tokens, made only when those are recorded),
+and their text-token queries' entropy under ``LayerInfo.text_name`` (``name + ":text"``). A
+single-stream block (Flux, AuraFlow) gets the sequence already joined, text first; its text
+length is that of the last two-stream joint layer in the same forward pass. Interventions and
+attribution act on a head for all of a joint layer's queries, image and text.
 """
 
 from __future__ import annotations
@@ -38,17 +48,26 @@ from .recorder import Recorder
 from .supported import attention_modules, counterpart, describe_unsupported, supported_names, unsupported_layers
 
 UNSUPPORTED_CHOICES = ("refuse", "skip")
+TEXT_QUERIES = ":text"  # suffix of the recorder name of a joint layer's text-token queries
+_IMAGE_KEY_STATS = {"distance", "label_mass"}  # on joint layers: over image queries and keys only
 
 
 @dataclass
 class LayerInfo:
-    """name: module path; kind: "self" | "cross"; grid: (h, w) of the queries, None until seen."""
+    """name: module path; kind: "self" | "cross" | "joint"; grid: (h, w) of the (image) queries, None
+    until seen; text_tokens: a joint layer's number of text tokens, None until seen."""
 
     name: str
     kind: str
     heads: int
     head_dim: int
     grid: Optional[tuple] = None
+    text_tokens: Optional[int] = None
+
+    @property
+    def text_name(self) -> Optional[str]:
+        """The recorder name of a joint layer's text-token queries, None for other kinds."""
+        return self.name + TEXT_QUERIES if self.kind == "joint" else None
 
 
 @dataclass(frozen=True)
@@ -87,15 +106,16 @@ class Session:
         self._modules = {name: m for name, m in modules.items() if name not in refused}
         if not self._modules:
             raise ValueError(_refusal(owner, refused) + " Every layer would be skipped: nothing to trace.")
-        self.layers = [
-            LayerInfo(name, "cross" if m.is_cross_attention else "self", m.heads, m.inner_dim // m.heads)
-            for name, m in self._modules.items()
-        ]
+        self.layers = [LayerInfo(name, counterpart(m.processor).kind(m), m.heads, m.inner_dim // m.heads)
+                       for name, m in self._modules.items()]
         self._info = {info.name: info for info in self.layers}
         self._depth = 0
         self._saved: dict = {}
         self._hook = None
         self._input_hw = None
+        self._img_ids = None  # the model input's img_ids (Flux), read for its grid when a grid is needed
+        self._ids_grid = None
+        self._text_tokens = None  # text length of the last two-stream joint layer in this forward pass
         self._grid_cache: dict = {}
         self._traces: list = []
         self._interventions: list = []  # one list per open intervene context
@@ -133,7 +153,7 @@ class Session:
             try:
                 self._hook = self.model.register_forward_pre_hook(self._see_input, with_kwargs=True)
                 for name, m in self._modules.items():
-                    m.set_processor(counterpart(m.processor)(name, self, m.processor))
+                    m.set_processor(counterpart(m.processor).build(name, self, m.processor))
             except BaseException:
                 self._restore()
                 raise
@@ -177,7 +197,8 @@ class Session:
             if any(o is not labels for o in others):
                 raise ValueError("nested traces must share one label map (the op takes one set of labels per call)")
         for name in sorted((recorder.maps or {}).get("layers") or ()):
-            self.layer(name)  # maps of a skipped or unknown layer would stay empty: refuse them here
+            # maps of a skipped or unknown layer would stay empty: refuse them here
+            self.layer(name[:-len(TEXT_QUERIES)] if name.endswith(TEXT_QUERIES) else name)
         entry = _Trace(recorder, labels)
         with self._pushed(self._traces, entry):
             yield recorder
@@ -218,16 +239,42 @@ class Session:
         x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         if isinstance(x, torch.Tensor) and x.dim() == 4:
             self._input_hw = (int(x.shape[-2]), int(x.shape[-1]))
+        ids = kwargs.get("img_ids")
+        if ids is not self._img_ids:
+            self._img_ids, self._ids_grid = ids if isinstance(ids, torch.Tensor) else None, None
+        self._text_tokens = None
 
-    def _grid(self, info: LayerInfo, call: AttentionCall, required: bool):
+    def _grid_of_ids(self) -> Optional[tuple]:
+        """(rows, cols) spanned by the model input's img_ids (..., N, 3) = (0, row, col), or None."""
+        if self._img_ids is None:
+            return None
+        if self._ids_grid is None:
+            ids = self._img_ids.reshape(-1, self._img_ids.shape[-1])
+            self._ids_grid = (int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1)
+        return self._ids_grid
+
+    def _image_span(self, call: AttentionCall) -> Optional[tuple]:
+        """(start, stop) of a joint call's image tokens: the call's own, or after the text of the pass."""
+        if call.image_span is not None:
+            self._text_tokens = call.n_queries - (call.image_span[1] - call.image_span[0])
+            return tuple(call.image_span)
+        if self._text_tokens is None or self._text_tokens > call.n_queries:
+            return None
+        return self._text_tokens, call.n_queries
+
+    def _grid(self, info: LayerInfo, call: AttentionCall, required: bool, n_tokens: int):
         if call.spatial is not None:
             info.grid = tuple(call.spatial)
             return info.grid
+        ids_grid = self._grid_of_ids() if self._img_ids is not None else None
+        if ids_grid is not None and ids_grid[0] * ids_grid[1] == n_tokens:
+            info.grid = ids_grid
+            return ids_grid
         hw = self._input_hw or sample_size_hw(getattr(self.model, "config", None))
-        key = (call.n_queries, hw)
+        key = (n_tokens, hw)
         if key not in self._grid_cache:
             try:
-                self._grid_cache[key] = infer_grid(call.n_queries, hw, info.name)
+                self._grid_cache[key] = infer_grid(n_tokens, hw, info.name)
             except ValueError as err:
                 self._grid_cache[key] = err
         grid = self._grid_cache[key]
@@ -246,13 +293,29 @@ class Session:
     def before(self, call: AttentionCall) -> Optional[OpRequest]:
         info = self._info[call.layer]
         needs_grid = any(s in ("distance", "label_mass") for t in self._traces for s in self._stats_for(t, call))
-        grid = self._grid(info, call, required=needs_grid)
+        n_image, span = call.n_queries, None
+        if call.kind == "joint":
+            span = self._image_span(call)
+            if span is None:
+                if self._traces:
+                    raise ValueError(
+                        f"layer {call.layer}: a joint sequence of {call.n_queries} tokens joined before the attention "
+                        "module, and no two-stream joint layer earlier in this forward pass to tell its text length; "
+                        "its image-token statistics cannot be recorded")
+            else:
+                n_image = span[1] - span[0]
+                info.text_tokens = call.n_queries - n_image
+        grid = self._grid(info, call, required=needs_grid, n_tokens=n_image)
         if not (self._traces or self._interventions or self._captures or self._gates):
             return None
         request = OpRequest()
         if self._traces:
             stats = {s for t in self._traces for s in self._stats_for(t, call)}
             request.stats = tuple(sorted(stats))
+            if call.kind == "joint":
+                request.stats = tuple(sorted(stats - _IMAGE_KEY_STATS))
+                request.image_stats = tuple(sorted(stats & _IMAGE_KEY_STATS))
+                request.image_span = span
             if "distance" in stats:
                 request.grid = (grid, grid)
             if "label_mass" in stats:
@@ -283,9 +346,31 @@ class Session:
             info = self._info[call.layer]
             for trace in self._traces:
                 values = {s: getattr(result, s) for s in self._stats_for(trace, call)}
+                if call.kind == "joint":
+                    values, text = _split_joint(values, info.text_tokens, self._image_span(call))
+                    if text:
+                        trace.recorder.record(info.text_name, call.n_keys, None, text)
                 trace.recorder.record(call.layer, call.n_keys, info.grid, values)
         for callback in self._captures:
             callback(call.layer, result.out)
+
+
+def _split_joint(values: dict, text_tokens: int, span: tuple) -> tuple:
+    """({stat: image-query values}, {stat: text-query values}) of a joint call's values.
+
+    Entropy (B, H, N) covers every query and is split at span; distance and label mass
+    (B, H, N_img) come from the image-only call.
+    """
+    start, stop = span
+    image, text = {}, {}
+    for stat, x in values.items():
+        if stat in _IMAGE_KEY_STATS:
+            image[stat] = x
+            continue
+        image[stat] = x[..., start:stop]
+        if text_tokens:
+            text[stat] = torch.cat([x[..., :start], x[..., stop:]], dim=-1)
+    return image, text
 
 
 def _refusal(owner: str, layers: dict) -> str:

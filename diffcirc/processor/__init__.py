@@ -4,7 +4,8 @@
 Modules: processor (the processor), counterparts (those of SD3, Flux, AuraFlow and Sana), supported (diffusers processor class -> fused counterpart), masks (diffusers masks -> key padding masks), grid (token
 grids, label resampling), session, recorder (tag keying and dispatch) with aggregates (Welford /
 Chan moments, histograms), recorder_distributed (all_reduce) and recorder_frames (its tables),
-interventions, conditions (run_conditions), attribution (head_attribution).
+heatmaps (token heatmaps from key-group mass), interventions, conditions (run_conditions), attribution
+(head_attribution).
 """
 
 from .attribution import head_attribution
@@ -14,6 +15,7 @@ from .counterparts import (FusedAuraFlowAttnProcessor, FusedFluxAttnProcessor, F
 from .interventions import (Intervention, Mean, Patch, Scale, Uniform, Zero, cache_head_outputs, head_arguments,
                             mean_head_outputs)
 from .processor import AttentionCall, FusedAttnProcessor, OpRequest
+from .heatmaps import TokenHeatmaps
 from .recorder import Recorder
 from .session import LayerInfo, Session, SkippedLayer
 from .supported import FUSED_COUNTERPARTS
@@ -22,7 +24,7 @@ __all__ = [
     "FusedAttnProcessor", "AttentionCall", "OpRequest",
     "FusedJointAttnProcessor", "FusedFluxAttnProcessor", "FusedAuraFlowAttnProcessor", "FusedSanaAttnProcessor",
     "Session", "LayerInfo", "SkippedLayer", "FUSED_COUNTERPARTS",
-    "Recorder",
+    "Recorder", "TokenHeatmaps",
     "Intervention", "Zero", "Scale", "Mean", "Patch", "Uniform", "head_arguments",
     "cache_head_outputs", "mean_head_outputs",
     "run_conditions",

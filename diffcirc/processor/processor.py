@@ -65,6 +65,8 @@ class OpRequest:
     head_replacement: Optional[torch.Tensor] = None
     image_stats: tuple = ()
     image_span: Optional[tuple] = None
+    key_groups: Optional[torch.Tensor] = None  # (B, Nk) int32 in [-1, n_groups), for "key_group_mass"
+    n_groups: Optional[int] = None
 
 
 class Controller(Protocol):
@@ -92,10 +94,11 @@ def run_attention(layer: Optional[str], controller: Optional[Controller], query:
     request = controller.before(call)
     if request is None:
         return attention(query, key, value, scale=scale, key_padding_mask=key_padding_mask).out
+    groups = {} if request.key_groups is None else {"key_groups": request.key_groups, "n_groups": request.n_groups}
     result = attention(query, key, value, scale=scale, key_padding_mask=key_padding_mask,
                        head_scale=request.head_scale, head_replacement=request.head_replacement,
                        stats=request.stats, grid=None if request.image_stats else request.grid,
-                       labels=None if request.image_stats else request.labels)
+                       labels=None if request.image_stats else request.labels, **groups)
     if request.image_stats:
         # interventions change outputs, never probabilities, so the image-only call needs none
         s = slice(*request.image_span)

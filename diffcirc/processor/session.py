@@ -42,6 +42,7 @@ from typing import Callable, Optional
 import torch
 
 from .grid import infer_grid, labels_to_grid, sample_size_hw, tile_batch
+from .heatmaps import TokenHeatmaps
 from .interventions import Intervention, head_arguments
 from .processor import AttentionCall, OpRequest
 from .recorder import Recorder
@@ -121,6 +122,8 @@ class Session:
         self._interventions: list = []  # one list per open intervene context
         self._captures: list = []
         self._gates: list = []  # (gates {layer: (H,)}, baseline mapping or None)
+        self._heatmaps: list = []
+        self._key_groups: dict = {}  # (Nk, image span, batch, device) -> (B, Nk) int32 text-token groups
 
     # ---- addressing --------------------------------------------------------------------------
     @property
@@ -219,6 +222,22 @@ class Session:
             yield
 
     @contextmanager
+    def heatmaps(self, maps: TokenHeatmaps):
+        """Add every cross and joint layer's attention on each text token into maps (``TokenHeatmaps``).
+
+        Each image query's mass on text token j comes from the op's key-group mass with one group
+        per text token (cross: every key; joint: the non-image tokens), never from a map. Yields maps.
+        """
+        if not isinstance(maps, TokenHeatmaps):
+            raise TypeError(f"heatmaps expects a TokenHeatmaps, got {type(maps).__name__}")
+        for name in sorted(maps.layers or ()):
+            if self.layer(name).kind not in ("cross", "joint"):
+                raise ValueError(f"layer {name!r} is {self.layer(name).kind}-attention: token heatmaps come from "
+                                 "cross and joint layers only")
+        with self._pushed(self._heatmaps, maps):
+            yield maps
+
+    @contextmanager
     def capture(self, callback: Callable[[str, torch.Tensor], None]):
         """Call callback(layer, out) with each layer's head outputs out (B, H, Nq, Dv) (pre-to_out, after interventions)."""
         with self._pushed(self._captures, callback):
@@ -293,11 +312,13 @@ class Session:
     def before(self, call: AttentionCall) -> Optional[OpRequest]:
         info = self._info[call.layer]
         needs_grid = any(s in ("distance", "label_mass") for t in self._traces for s in self._stats_for(t, call))
+        maps = self._maps_for(call)
+        needs_grid = needs_grid or bool(maps)
         n_image, span = call.n_queries, None
         if call.kind == "joint":
             span = self._image_span(call)
             if span is None:
-                if self._traces:
+                if self._traces or maps:
                     raise ValueError(
                         f"layer {call.layer}: a joint sequence of {call.n_queries} tokens joined before the attention "
                         "module, and no two-stream joint layer earlier in this forward pass to tell its text length; "
@@ -306,11 +327,14 @@ class Session:
                 n_image = span[1] - span[0]
                 info.text_tokens = call.n_queries - n_image
         grid = self._grid(info, call, required=needs_grid, n_tokens=n_image)
-        if not (self._traces or self._interventions or self._captures or self._gates):
+        if not (self._traces or self._interventions or self._captures or self._gates or maps):
             return None
         request = OpRequest()
+        if maps:
+            request.stats = ("key_group_mass",)
+            request.key_groups, request.n_groups = self._text_token_groups(call, span)
         if self._traces:
-            stats = {s for t in self._traces for s in self._stats_for(t, call)}
+            stats = {s for t in self._traces for s in self._stats_for(t, call)} | set(request.stats)
             request.stats = tuple(sorted(stats))
             if call.kind == "joint":
                 request.stats = tuple(sorted(stats - _IMAGE_KEY_STATS))
@@ -341,7 +365,34 @@ class Session:
         request.head_scale, request.head_replacement = scale, rep
         return request
 
+    def _maps_for(self, call: AttentionCall) -> list:
+        if call.kind not in ("cross", "joint"):
+            return []
+        return [m for m in self._heatmaps if m.wants(call.layer)]
+
+    def _text_token_groups(self, call: AttentionCall, span: Optional[tuple]) -> tuple:
+        """((B, Nk) int32 key groups, T): text token j of the keys is group j, image keys -1."""
+        key = (call.n_keys, span, call.batch, call.value.device)
+        if key not in self._key_groups:
+            groups = torch.arange(call.n_keys, dtype=torch.int32)
+            if span is not None:  # joint: the text tokens are the keys outside the image span
+                start, stop = span
+                groups[start:stop] = -1
+                groups[stop:] -= stop - start
+            self._key_groups = {key: groups.to(call.value.device).expand(call.batch, -1).contiguous()}
+        groups = self._key_groups[key]
+        return groups, call.n_keys - (0 if span is None else span[1] - span[0])
+
     def after(self, call: AttentionCall, result) -> None:
+        maps = self._maps_for(call)
+        if maps:
+            info = self._info[call.layer]
+            mass = result.key_group_mass
+            if call.kind == "joint":
+                start, stop = self._image_span(call)
+                mass = mass[:, :, start:stop]
+            for m in maps:
+                m.add(call.layer, info.grid, mass)
         if self._traces:
             info = self._info[call.layer]
             for trace in self._traces:

@@ -17,7 +17,7 @@ $(VENV)/.deps: pyproject.toml
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q ninja pybind11 pytest pytest-benchmark hypothesis \
-		diffusers accelerate safetensors numpy scipy pandas pyarrow matplotlib tqdm scikit-image pillow
+		diffusers transformers accelerate safetensors numpy scipy pandas pyarrow matplotlib tqdm scikit-image pillow
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(KERNEL_SOURCES)

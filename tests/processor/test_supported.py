@@ -1,15 +1,22 @@
 """The processor map: each supported diffusers processor class is reproduced by its fused counterpart
-(fp32, max relative difference <= 1e-5, every layer traced); any other processor is refused by name
-before a forward pass, or, with ``unsupported="skip"``, left alone and listed."""
+(fp32, max relative difference <= 1e-5, every layer traced; the transformers' processors in
+test_transformer_models.py); any other processor is refused by name before a forward pass, or,
+with ``unsupported="skip"``, left alone and listed."""
+
+import re
 
 import pytest
 import torch
-from diffusers import FluxTransformer2DModel, SanaTransformer2DModel
-from diffusers.models.attention_processor import (Attention, AttnProcessor, AttnProcessor2_0, IPAdapterAttnProcessor2_0,
+from diffusers.models.attention_processor import (Attention, AttnProcessor, AttnProcessor2_0, AuraFlowAttnProcessor2_0,
+                                                  IPAdapterAttnProcessor2_0, JointAttnProcessor2_0,
                                                   SanaLinearAttnProcessor2_0)
+from diffusers.models.transformers.sana_transformer import SanaAttnProcessor2_0
+from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, FluxIPAdapterAttnProcessor
 
 from helpers import tiny_models as tm
-from diffcirc.processor import FusedAttnProcessor, Recorder, Session, Zero
+from helpers import tiny_transformers as tt
+from diffcirc.processor import (FusedAttnProcessor, FusedAuraFlowAttnProcessor, FusedFluxAttnProcessor,
+                                FusedJointAttnProcessor, FusedSanaAttnProcessor, Recorder, Session, Zero)
 from diffcirc.processor.session import SkippedLayer
 from diffcirc.processor.supported import FUSED_COUNTERPARTS
 
@@ -98,23 +105,61 @@ def test_drop_in_fused_processor_is_replaced_keeping_its_scale_rule():
 
 
 def test_supported_classes_match_exactly():
-    assert set(FUSED_COUNTERPARTS) == {AttnProcessor2_0, AttnProcessor, FusedAttnProcessor}
+    diffusers_classes = {AttnProcessor2_0, AttnProcessor, JointAttnProcessor2_0, FluxAttnProcessor,
+                         AuraFlowAttnProcessor2_0, SanaAttnProcessor2_0}
+    drop_ins = {FusedAttnProcessor, FusedJointAttnProcessor, FusedFluxAttnProcessor, FusedAuraFlowAttnProcessor,
+                FusedSanaAttnProcessor}  # a counterpart already in place is replaced by its like
+    assert set(FUSED_COUNTERPARTS) == diffusers_classes | drop_ins
+
+
+# the transformers' drop-in counterparts, on the layers whose processor they reproduce
+DROP_INS = {
+    "sd3": (lambda: tt.sd3(dual_attention=True, qk_norm="rms_norm"), JointAttnProcessor2_0, FusedJointAttnProcessor),
+    "flux": (tt.flux, FluxAttnProcessor, FusedFluxAttnProcessor),
+    "auraflow": (tt.auraflow, AuraFlowAttnProcessor2_0, FusedAuraFlowAttnProcessor),
+    "sana": (tt.sana, SanaAttnProcessor2_0, FusedSanaAttnProcessor),
+}
+
+
+@pytest.mark.parametrize("build, replaced, drop_in", DROP_INS.values(), ids=DROP_INS.keys())
+def test_drop_in_transformer_counterparts_reproduce_their_processor_and_are_replaced_by_their_like(
+        build, replaced, drop_in):
+    built = build()
+    with torch.no_grad():
+        want = built.run()
+    layers = [name for name, p in _processors(built.model).items() if type(p) is replaced]
+    assert layers
+    for name in layers:
+        built.model.get_submodule(name).set_processor(drop_in())
+    with torch.no_grad():
+        alone = built.run()  # a drop-in without a session: plain attention on the fused op
+    assert _relative(alone, want) <= REL_TOL
+    session = Session(built.model, unsupported="skip" if built.skipped else "refuse")
+    with session.trace(Recorder(stats=("entropy",), bins=4)), torch.no_grad():
+        inside = {name: built.model.get_submodule(name).processor for name in layers}
+        got = built.run()
+    assert all(type(p) is drop_in and p.controller is session and p.layer == name for name, p in inside.items())
+    assert _relative(got, want) <= REL_TOL
 
 
 # ---- refusal ------------------------------------------------------------------------------------------
 
 def _sana():
-    torch.manual_seed(0)
-    return SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=4,
-                                  num_layers=1, num_cross_attention_heads=2, cross_attention_head_dim=4,
-                                  cross_attention_dim=8, caption_channels=8, sample_size=8, patch_size=1).eval()
+    """Two Sana blocks: linear self-attention (refused) and softmax cross-attention (supported)."""
+    return tt.sana(layers=2).model
 
 
 def _flux():
-    torch.manual_seed(0)
-    return FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
-                                  num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16,
-                                  axes_dims_rope=[2, 2, 4]).eval()
+    return tt.flux().model
+
+
+def _flux_with_ip_adapter():
+    """Flux with diffusers' IP-adapter processor on its double-stream blocks, where diffusers puts it."""
+    model = _flux()
+    for name, m in tt.attention_modules(model).items():
+        if name.startswith("transformer_blocks."):
+            m.set_processor(FluxIPAdapterAttnProcessor(hidden_size=64, cross_attention_dim=16, num_tokens=(4,)))
+    return model
 
 
 class DoubledOutput(AttnProcessor2_0):
@@ -146,9 +191,13 @@ def _every_layer(model):
     return model, {name: type(p) for name, p in _processors(model).items()}
 
 
+def _layers_with(model, processor_class):
+    return model, {name: type(p) for name, p in _processors(model).items() if type(p) is processor_class}
+
+
 REFUSED = {
-    "sana": lambda: _every_layer(_sana()),
-    "flux": lambda: _every_layer(_flux()),
+    "sana": lambda: _layers_with(_sana(), SanaLinearAttnProcessor2_0),
+    "flux_ip_adapter": lambda: _layers_with(_flux_with_ip_adapter(), FluxIPAdapterAttnProcessor),
     "sana_linear_on_unet": lambda: _cond_unet_with(SanaLinearAttnProcessor2_0, "attn1"),
     "user_defined": lambda: _cond_unet_with(OwnProcessor, "attn1"),
     "subclass": lambda: _cond_unet_with(DoubledOutput, "attn2"),
@@ -169,22 +218,37 @@ def test_unsupported_processor_is_refused_by_name_before_any_forward_pass(build)
     for name, cls in unsupported.items():
         assert f"{name} ({cls.__name__})" in message
     assert "AttnProcessor2_0, AttnProcessor" in message and "unsupported='skip'" in message
+    named = dict(re.findall(r"([\w.]+) \((\w+)\)", message))
+    assert named == {name: cls.__name__ for name, cls in unsupported.items()}  # the supported layers are not named
     assert not calls and all(p is before[n] for n, p in _processors(model).items())
 
 
 def test_the_refused_models_carry_the_processors_named_above():
     # the parametrised test above is only as strong as these layer lists
-    assert {n: c.__name__ for n, c in _every_layer(_flux())[1].items()} == {
-        "transformer_blocks.0.attn": "FluxAttnProcessor", "single_transformer_blocks.0.attn": "FluxAttnProcessor"}
+    flux = {f"{block}.{i}.attn": "FluxAttnProcessor" for block in ("transformer_blocks", "single_transformer_blocks")
+            for i in range(2)}
+    assert {n: c.__name__ for n, c in _every_layer(_flux())[1].items()} == flux
+    assert {n: c.__name__ for n, c in _every_layer(_flux_with_ip_adapter())[1].items()} == {
+        **flux, "transformer_blocks.0.attn": "FluxIPAdapterAttnProcessor",
+        "transformer_blocks.1.attn": "FluxIPAdapterAttnProcessor"}
     assert {n: c.__name__ for n, c in _every_layer(_sana())[1].items()} == {
-        "transformer_blocks.0.attn1": "SanaLinearAttnProcessor2_0",
-        "transformer_blocks.0.attn2": "SanaAttnProcessor2_0"}
+        f"transformer_blocks.{i}.attn{j}": "SanaLinearAttnProcessor2_0" if j == 1 else "SanaAttnProcessor2_0"
+        for i in range(2) for j in (1, 2)}
+
+
+def test_flux_and_sanas_cross_attention_are_supported():
+    assert Session(_flux()).layer_names == list(_every_layer(_flux())[1])
+    assert Session(_sana(), unsupported="skip").layer_names == ["transformer_blocks.0.attn2",
+                                                                "transformer_blocks.1.attn2"]
 
 
 def test_a_model_whose_every_layer_would_be_skipped_is_refused():
+    model = tm.cond_unet()
+    tm.set_processors(model, lambda name: OwnProcessor())
     with pytest.raises(ValueError, match="nothing to trace") as err:
-        Session(_flux(), unsupported="skip")
-    assert "transformer_blocks.0.attn (FluxAttnProcessor)" in str(err.value)
+        Session(model, unsupported="skip")
+    first = next(iter(tm.attention_modules(model)))
+    assert f"{first} (OwnProcessor)" in str(err.value)
 
 
 def test_unknown_unsupported_option_is_refused():
@@ -241,6 +305,27 @@ def test_skip_leaves_unsupported_layers_on_their_own_processors_and_traces_the_o
         with torch.no_grad():
             alone = originals[name](dict(model.named_modules())[name], hidden)
         assert torch.equal(out, alone)  # exactly the default processor's output on the same input
+
+
+def test_sana_with_skip_traces_its_cross_attention_and_leaves_its_linear_attention_alone():
+    built = tt.sana(layers=2)
+    session = Session(built.model, unsupported="skip")
+    linear = [f"transformer_blocks.{i}.attn1" for i in range(2)]
+    assert session.skipped == [SkippedLayer(name, SanaLinearAttnProcessor2_0) for name in linear]
+    originals = {name: built.model.get_submodule(name).processor for name in linear}
+    seen = {}
+    hooks = [built.model.get_submodule(name).register_forward_pre_hook(
+        lambda mod, args, name=name: seen.__setitem__(name, mod.processor)) for name in linear]
+    rec = Recorder(stats=("entropy", "distance"), bins=4)
+    with torch.no_grad():
+        want = built.run()
+        with session.trace(rec):
+            got = built.run()
+    for h in hooks:
+        h.remove()
+    assert _relative(got, want) <= REL_TOL
+    assert set(rec.to_frame().layer) == {"transformer_blocks.0.attn2", "transformer_blocks.1.attn2"}
+    assert seen == originals  # the linear attention ran on its own processor inside the trace
 
 
 def test_replacing_the_skipped_linear_attention_would_change_the_output():

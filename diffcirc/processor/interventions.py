@@ -17,6 +17,11 @@ mode           s      r (per position, (Nq, Dv))
 ``Uniform``    0      mean of V over the attended keys (attention-pattern ablation)
 =============  =====  ====================================================================
 
+Positions are the op's queries: on a joint layer (SD3, Flux, AuraFlow) every query of the joint
+sequence, image and text, in the model's own order (SD3: image tokens first; Flux and AuraFlow:
+text first), so ``Mean`` / ``Patch`` tables hold (H, N_img + N_txt, Dv) and an intervention acts
+on the head for all of them.
+
 Heads nobody addresses keep s = 1. When two interventions address the same (element, head),
 the later one in the list (or the inner ``intervene`` context) wins. Nothing materialises the
 attention matrix. Example::

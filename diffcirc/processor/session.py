@@ -35,6 +35,7 @@ attribution act on a head for all of a joint layer's queries, image and text.
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -259,9 +260,18 @@ class Session:
         if isinstance(x, torch.Tensor) and x.dim() == 4:
             self._input_hw = (int(x.shape[-2]), int(x.shape[-1]))
         ids = kwargs.get("img_ids")
+        if ids is None and len(args) > self._img_ids_position():
+            ids = args[self._img_ids_position()]
         if ids is not self._img_ids:
             self._img_ids, self._ids_grid = ids if isinstance(ids, torch.Tensor) else None, None
         self._text_tokens = None
+
+    def _img_ids_position(self) -> int:
+        """Index of img_ids among the model's positional parameters (Flux: 4), or a large number."""
+        if not hasattr(self, "_ids_position"):
+            names = list(inspect.signature(self.model.forward).parameters)
+            self._ids_position = names.index("img_ids") if "img_ids" in names else 1 << 30
+        return self._ids_position
 
     def _grid_of_ids(self) -> Optional[tuple]:
         """(rows, cols) spanned by the model input's img_ids (..., N, 3) = (0, row, col), or None."""

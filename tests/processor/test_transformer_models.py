@@ -367,3 +367,13 @@ def test_attribution_equals_the_gradient_of_gates_on_the_head_outputs(edited):
     got = torch.tensor(scores["score"].to_numpy())
     assert _relative(got, want) <= REL_TOL
     assert want.abs().min() > 0 and want.std() > 0.1 * want.abs().max()  # every head matters, and differently
+
+
+def test_flux_grid_comes_from_img_ids_passed_positionally_too():
+    built = tt.flux(grid=(3, 5))
+    args = built.inputs(1)
+    order = ["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids"]
+    session = Session(built.model)
+    with torch.no_grad(), session.trace(Recorder(stats=("distance",), bins=4)):
+        built.model(*[args[k] for k in order])
+    assert {info.grid for info in session.layers} == {(3, 5)}

@@ -79,13 +79,19 @@ def _fix_hint(unet_dir: str) -> str:
             "or copy it again")
 
 
-def _unet_class(config: dict):
+def _model_class(config: dict, where: str, accepted, role: str):
+    """The diffusers class ``config`` names, if ``accepted`` takes it: a tuple of class names, or
+    None for any diffusers UNet (what ``load`` reads). ``role`` says what the folder should hold,
+    for the message."""
     import diffusers
 
     name = config.get("_class_name", "UNet2DModel")
     cls = getattr(diffusers, name, None) if isinstance(name, str) else None
-    if cls is None or "UNet" not in name:
-        raise ModelLoadError(f"config names class {name!r}, which is not a diffusers UNet")
+    fits = cls is not None and ("UNet" in name if accepted is None else name in accepted)
+    if not fits:
+        wanted = "a diffusers UNet" if accepted is None else f"one of {', '.join(accepted)}"
+        raise ModelLoadError(f"{os.path.join(where, 'config.json')} names class {name!r}, which is not {wanted} "
+                             f"({role})")
     return cls
 
 
@@ -310,34 +316,65 @@ def _check_finite(unet: torch.nn.Module, where: str, hint: str) -> None:
                                   f"{', '.join(bad[:_SHOWN])}{more}; {hint}")
 
 
+def load_component(folder: str, accepted=None, role: str = "a denoiser", dtype=None) -> torch.nn.Module:
+    """The diffusers model saved in ``folder`` (config.json and safetensors weights, as
+    ``save_pretrained`` writes them), in eval mode, with every file checked before diffusers reads it.
+
+    accepted: the class names the folder may hold (None: any diffusers UNet); role: what the
+    folder is for, named in errors ("the VAE"). dtype: cast after loading (None: as saved, float32
+    for diffusers). Raises FileNotFoundError without weights (and says so when only pickle files
+    are there) and ``ModelLoadError`` for a folder that is there but broken (module docstring).
+    """
+    hint = _fix_hint(folder)
+    config = _read_config(folder)
+    cls = _model_class(config, folder, accepted, role)
+    variant = _variant(folder)
+    checkpoint = {}  # {key: shape} over all weight files (the shards of an index)
+    for file in _weight_files(folder, variant):
+        checkpoint.update(check_safetensors(file, hint))
+    sharded = os.path.isfile(os.path.join(folder, _with_variant(WEIGHTS_INDEX_NAME, variant)))
+    try:
+        model = _from_pretrained(cls, folder, hint, config=config, checkpoint=checkpoint, sharded=sharded,
+                                 variant=variant)
+    except ModelLoadError:
+        raise
+    except (TypeError, ValueError, RuntimeError) as e:  # config values diffusers cannot build a model from
+        raise ModelLoadError(f"could not build {cls.__name__} from {os.path.join(folder, 'config.json')!r}: "
+                             f"{type(e).__name__}: {e}; {hint}") from e
+    model = model.eval()
+    return model if dtype is None or dtype == model.dtype else model.to(dtype=dtype)
+
+
+def read_scheduler(folder: str, cls=None):
+    """The scheduler whose scheduler_config.json is in ``folder``: as ``cls`` (e.g. DDPMScheduler,
+    which reads the betas of any DDPM-family config) or, when None, as the class the config names.
+    A config that cannot be read is a ``ModelLoadError``: a default in its place would silently
+    change every result."""
+    import diffusers
+
+    path = os.path.join(folder, "scheduler_config.json")
+    if cls is None:
+        try:
+            with open(path) as f:
+                name = json.load(f).get("_class_name")
+        except (OSError, ValueError, AttributeError) as e:
+            raise ModelLoadError(f"{path!r} is not a valid scheduler config ({type(e).__name__}: {e})") from e
+        cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+        if cls is None or not issubclass(cls, diffusers.SchedulerMixin):
+            raise ModelLoadError(f"{path!r} names class {name!r}, which is not a diffusers scheduler")
+    try:
+        return cls.from_pretrained(folder)
+    except (OSError, ValueError, TypeError) as e:  # diffusers reports bad JSON as OSError
+        raise ModelLoadError(f"{path!r} is not a valid scheduler config ({type(e).__name__}: {e})") from e
+
+
 def _load_local(path: str):
     """(unet, scheduler or None) from a local folder, with every file checked before diffusers reads it."""
     from diffusers import DDPMScheduler
 
     unet_dir, sched_dir = _local(path)
-    hint = _fix_hint(unet_dir)
-    config = _read_config(unet_dir)
-    cls = _unet_class(config)
-    variant = _variant(unet_dir)
-    checkpoint = {}  # {key: shape} over all weight files (the shards of an index)
-    for file in _weight_files(unet_dir, variant):
-        checkpoint.update(check_safetensors(file, hint))
-    sharded = os.path.isfile(os.path.join(unet_dir, _with_variant(WEIGHTS_INDEX_NAME, variant)))
-    try:
-        unet = _from_pretrained(cls, unet_dir, hint, config=config, checkpoint=checkpoint, sharded=sharded,
-                                variant=variant)
-    except ModelLoadError:
-        raise
-    except (TypeError, ValueError, RuntimeError) as e:  # config values diffusers cannot build a model from
-        raise ModelLoadError(f"could not build {cls.__name__} from {os.path.join(unet_dir, 'config.json')!r}: "
-                             f"{type(e).__name__}: {e}; {hint}") from e
-    scheduler = None
-    if sched_dir:
-        try:
-            scheduler = DDPMScheduler.from_pretrained(sched_dir)
-        except (OSError, ValueError, TypeError) as e:  # diffusers reports bad JSON as OSError
-            raise ModelLoadError(f"{os.path.join(sched_dir, 'scheduler_config.json')!r} is not a valid scheduler "
-                                 f"config ({type(e).__name__}: {e})") from e
+    unet = load_component(unet_dir)
+    scheduler = read_scheduler(sched_dir, DDPMScheduler) if sched_dir else None
     return unet, scheduler
 
 
@@ -393,7 +430,7 @@ def _from_hub(repo_id: str):
         except (OSError, ValueError) as e:  # e.g. no unet/ in a bare UNet repo: try the root
             last = e
             continue
-        return _hub_unet(_unet_class(config), repo_id, sub), _hub_scheduler(repo_id, sub)
+        return _hub_unet(_model_class(config, f"{repo_id}/{sub}" if sub else repo_id, None, "a denoiser"), repo_id, sub), _hub_scheduler(repo_id, sub)
     raise ModelLoadError(f"{repo_id!r} is not a local folder, and no UNet config could be read for it from the hub "
                          f"(unet/config.json or config.json): {_cause(last)}")
 

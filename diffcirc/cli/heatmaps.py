@@ -68,13 +68,16 @@ def register(subparsers):
     text.add_argument("--prompt-embeds", default=None,
                       help="a safetensors file with prompt_embeds (1, L, C) and, where the model takes it, "
                            "pooled_prompt_embeds (1, P), instead of --prompt")
-    p.add_argument("--images", type=dataset_spec, required=True, help="folder:PATH | celeba:PATH | lfw | photos | synthetic")
-    p.add_argument("--n", type=positive(int), default=None, help="number of images (default: every one; 1000 generated)")
+    p.add_argument("--images", type=dataset_spec, required=True,
+                   help="folder:PATH | celeba:PATH | lfw | photos | synthetic")
+    p.add_argument("--n", type=positive(int), default=None,
+                   help="number of images (default: every one; 1000 generated)")
     p.add_argument("--timesteps", type=_timesteps, default=None,
                    help=f"in the scheduler's units (default: {DEFAULT_TIMESTEPS} quantiles of its training timesteps)")
     p.add_argument("--size", type=positive(int), default=None, help="image resolution (default: the model's)")
     p.add_argument("--tokens", type=_tokens, default=None,
-                   help="token indices to draw and tabulate (default: the prompt's own tokens; all with --prompt-embeds)")
+                   help="token indices to draw and tabulate (default: the prompt's own tokens; all with "
+                        "--prompt-embeds)")
     p.add_argument("--max-sequence-length", type=positive(int), default=None,
                    help="T5 tokens of SD3 (default 256) and Flux (default 512)")
     p.add_argument("--guidance", type=non_negative(float), default=3.5,
@@ -84,7 +87,8 @@ def register(subparsers):
     p.add_argument("--vae-batch-size", type=positive(int), default=8, help="images per VAE pass (default %(default)s)")
     p.add_argument("--seed", type=non_negative(int), default=0, help="noise seed (default %(default)s)")
     p.add_argument("--device", type=device, default="cpu", help="default %(default)s")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="denoiser and text encoders (default %(default)s)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="denoiser and text encoders (default %(default)s)")
     p.add_argument("--threads", type=positive(int), default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", type=writable_folder, required=True, help="output folder (checked to be writable first)")
     p.add_argument("--wait", action="store_true", help="when another run holds --out, wait for it, then resume")

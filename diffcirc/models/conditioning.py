@@ -121,7 +121,8 @@ def encode_sd3(tokenizers: dict, encoders: dict, prompt: str, max_sequence_lengt
                         _texts(first, clip_ids) + t5_texts, _own(first, clip_ids) + t5_own, prompt)
 
 
-def encode_flux(tokenizers: dict, encoders: dict, prompt: str, max_sequence_length: Optional[int] = None) -> Conditioning:
+def encode_flux(tokenizers: dict, encoders: dict, prompt: str,
+                max_sequence_length: Optional[int] = None) -> Conditioning:
     for n, what in (("", "CLIP"), ("_2", "T5")):
         if f"text_encoder{n}" not in encoders or f"tokenizer{n}" not in tokenizers:
             raise ModelLoadError(f"a Flux pipeline needs text_encoder{n} and tokenizer{n} ({what}); pass "
@@ -146,8 +147,8 @@ def encode_prompt(denoiser: torch.nn.Module, tokenizers: dict, encoders: dict, p
             raise ModelLoadError("the model is an unconditional UNet2DModel: it takes no prompt")
         return None
     if not encoders:
-        raise ModelLoadError(f"this {family} pipeline has no text encoder on disk: pass --prompt-embeds FILE.safetensors "
-                             f"with {EMBEDS} (and {POOLED} where the model takes one)")
+        raise ModelLoadError(f"this {family} pipeline has no text encoder on disk: pass --prompt-embeds "
+                             f"FILE.safetensors with {EMBEDS} (and {POOLED} where the model takes one)")
     with torch.no_grad():
         if family == "sd":
             if "text_encoder" not in encoders or "tokenizer" not in tokenizers:

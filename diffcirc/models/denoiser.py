@@ -163,7 +163,8 @@ class Denoiser:
         self.guidance = float(guidance)
         if self.family == "sdxl":
             expected = model.add_embedding.linear_1.in_features
-            given = SDXL_TIME_IDS * int(model.config.addition_time_embed_dim) + conditioning.pooled_prompt_embeds.shape[-1]
+            pooled = conditioning.pooled_prompt_embeds.shape[-1]
+            given = SDXL_TIME_IDS * int(model.config.addition_time_embed_dim) + pooled
             if expected != given:  # the check StableDiffusionXLPipeline._get_add_time_ids makes
                 raise ModelLoadError(f"the SDXL UNet expects an added embedding of {expected} values, but time ids and "
                                      f"the pooled embedding make {given}")

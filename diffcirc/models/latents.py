@@ -115,7 +115,8 @@ class LatentCache:
             encoded = encode_images(self.vae, images[batch])
             self.encoded += len(batch)
             for i, latent in zip(batch, encoded):
-                found[i] = latent.clone(memory_format=torch.contiguous_format)  # its own storage, not a view of the batch
+                # its own storage, not a view of the batch (safetensors saves contiguous tensors only)
+                found[i] = latent.clone(memory_format=torch.contiguous_format)
                 with atomic_path(paths[i]) as tmp:
                     save_file({LATENTS: found[i]}, tmp, metadata={"source": str(sources[i])})
         return torch.stack(found)

@@ -430,7 +430,8 @@ def _from_hub(repo_id: str):
         except (OSError, ValueError) as e:  # e.g. no unet/ in a bare UNet repo: try the root
             last = e
             continue
-        return _hub_unet(_model_class(config, f"{repo_id}/{sub}" if sub else repo_id, None, "a denoiser"), repo_id, sub), _hub_scheduler(repo_id, sub)
+        cls = _model_class(config, f"{repo_id}/{sub}" if sub else repo_id, None, "a denoiser")
+        return _hub_unet(cls, repo_id, sub), _hub_scheduler(repo_id, sub)
     raise ModelLoadError(f"{repo_id!r} is not a local folder, and no UNet config could be read for it from the hub "
                          f"(unet/config.json or config.json): {_cause(last)}")
 

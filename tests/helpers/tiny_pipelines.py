@@ -15,9 +15,10 @@ import string
 from pathlib import Path
 
 import torch
-from diffusers import (AutoencoderKL, DDPMPipeline, DDPMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler,
-                       FluxPipeline, FluxTransformer2DModel, PNDMScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline,
-                       StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel, UNet2DModel)
+from diffusers import (AutoencoderKL, DDPMPipeline, DDPMScheduler, EulerDiscreteScheduler,
+                       FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel, PNDMScheduler,
+                       SD3Transformer2DModel, StableDiffusion3Pipeline, StableDiffusionPipeline,
+                       StableDiffusionXLPipeline, UNet2DConditionModel, UNet2DModel)
 from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config,
                           T5EncoderModel, T5TokenizerFast)
 
@@ -105,9 +106,11 @@ def sd_pipeline(folder: Path, seed: int = 0) -> StableDiffusionPipeline:
         block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16, attention_head_dim=4,
         norm_num_groups=8)
-    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True)
-    pipe = StableDiffusionPipeline(vae=vae(), text_encoder=clip_encoder(16), tokenizer=clip_tokenizer(_scratch(folder, "tok")),
-                                   unet=_sharpen(unet), scheduler=scheduler, safety_checker=None, feature_extractor=None,
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
+                              steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae(), text_encoder=clip_encoder(16),
+                                   tokenizer=clip_tokenizer(_scratch(folder, "tok")), unet=_sharpen(unet),
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(folder)
     return pipe
@@ -126,7 +129,8 @@ def sdxl_pipeline(folder: Path, seed: int = 0) -> StableDiffusionXLPipeline:
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        prediction_type="v_prediction")
     pipe = StableDiffusionXLPipeline(
-        vae=vae(scaling_factor=0.13025), text_encoder=clip_encoder(16), tokenizer=clip_tokenizer(_scratch(folder, "tok")),
+        vae=vae(scaling_factor=0.13025), text_encoder=clip_encoder(16),
+        tokenizer=clip_tokenizer(_scratch(folder, "tok")),
         text_encoder_2=clip_encoder(24, projection=12, seed=1),
         tokenizer_2=clip_tokenizer(_scratch(folder, "tok2"), pad_token="!"), unet=_sharpen(unet), scheduler=scheduler)
     pipe.save_pretrained(folder)
@@ -146,7 +150,8 @@ def sd3_pipeline(folder: Path, seed: int = 0, with_t5: bool = True) -> StableDif
         vae=vae(shift_factor=0.06, scaling_factor=1.5), text_encoder=clip_encoder(16, projection=8),
         tokenizer=clip_tokenizer(_scratch(folder, "tok")), text_encoder_2=clip_encoder(24, projection=12, seed=1),
         tokenizer_2=clip_tokenizer(_scratch(folder, "tok2"), pad_token="!"),
-        text_encoder_3=t5_encoder(48) if with_t5 else None, tokenizer_3=t5_tokenizer(_scratch(folder, "tok3")) if with_t5 else None)
+        text_encoder_3=t5_encoder(48) if with_t5 else None,
+        tokenizer_3=t5_tokenizer(_scratch(folder, "tok3")) if with_t5 else None)
     pipe.save_pretrained(folder)
     return pipe
 
@@ -180,4 +185,5 @@ def pixel_pipeline(folder: Path, seed: int = 0, prediction_type: str = "epsilon"
     return pipe
 
 
-BUILDERS = {"sd": sd_pipeline, "sdxl": sdxl_pipeline, "sd3": sd3_pipeline, "flux": flux_pipeline, "pixel": pixel_pipeline}
+BUILDERS = {"sd": sd_pipeline, "sdxl": sdxl_pipeline, "sd3": sd3_pipeline, "flux": flux_pipeline,
+            "pixel": pixel_pipeline}

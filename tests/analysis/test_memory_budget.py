@@ -1,5 +1,5 @@
-"""--max-memory holds: a sweep whose unchunked passes would need ~1 GB runs under a 384 MiB budget,
-with the peak resident memory of the phase measured in a fresh process."""
+"""--max-memory holds: an ablation sweep whose unchunked passes would need ~250 MiB runs under a
+128 MiB budget, with the peak resident memory of the phase measured in a fresh process."""
 
 import json
 import os
@@ -8,33 +8,37 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from diffcirc.models import build_scheduler, build_unet
+from helpers.analysis_models import HEADS_PER_LAYER, LAYERS, save_analysis_unet
 
-BUDGET = 384 * 2**20
+BUDGET = 128 * 2**20
+IMAGES = 20  # per dataset: every held-out LFW image
 SCRIPT = Path(__file__).parents[1] / "helpers" / "peak_rss.py"
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak RSS reset needs Linux /proc")
 
 
-def ablate(model_dir, max_memory, out) -> dict:
+def start_ablation(model_dir, max_memory, out) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SCRIPT.parents[2]), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(model_dir), str(max_memory), str(out)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return subprocess.Popen([sys.executable, str(SCRIPT), str(model_dir), str(max_memory), str(IMAGES), str(out)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def result_of(proc: subprocess.Popen) -> dict:
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def test_ablation_sweep_stays_under_max_memory(tmp_path):
-    torch.manual_seed(0)
-    model_dir = tmp_path / "tiny-unet"
-    build_unet(32).save_pretrained(model_dir)
-    build_scheduler().save_pretrained(model_dir)
-    unchunked = ablate(model_dir, 1 << 50, tmp_path / "unchunked")
-    chunked = ablate(model_dir, BUDGET, tmp_path / "chunked")
-    # without a budget: clean + 24 heads x 16 images in one pass, past the budget (the test can fail)
-    assert max(unchunked["passes"]) == 24 * 16 and unchunked["peak_extra"] > BUDGET, unchunked
+    model_dir = save_analysis_unet(tmp_path / "tiny-unet")
+    # two fresh processes side by side: each measures only its own resident set
+    unchunked = start_ablation(model_dir, 1 << 50, tmp_path / "unchunked")
+    chunked = start_ablation(model_dir, BUDGET, tmp_path / "chunked")
+    unchunked, chunked = result_of(unchunked), result_of(chunked)
+    heads = LAYERS * HEADS_PER_LAYER
+    # without a budget: clean + every head x every image in one pass, past the budget (the test can fail)
+    assert max(unchunked["passes"]) == heads * IMAGES and unchunked["peak_extra"] > BUDGET, unchunked
     # with it: smaller passes, and the measured peak stays under the budget
-    assert max(chunked["passes"]) < 24 * 16
+    assert max(chunked["passes"]) < heads * IMAGES
     assert chunked["peak_extra"] < BUDGET, chunked

@@ -8,7 +8,7 @@ import torch
 
 from diffcirc.analysis.config import AnalysisConfig
 from diffcirc.analysis.phases import Experiment, uniform_label_shares
-from diffcirc.models import build_scheduler, build_unet
+from helpers.analysis_models import save_analysis_unet
 
 
 def test_uniform_label_shares_of_region_maps():
@@ -59,10 +59,7 @@ def test_errors_clamp_the_predicted_image_to_the_data_range():
 @pytest.fixture(scope="module")
 def tiny_experiment(tmp_path_factory, single_thread):
     """An Experiment on a tiny random UNet with 2 images per dataset and one ablation timestep."""
-    model_dir = tmp_path_factory.mktemp("tiny-unet")
-    torch.manual_seed(0)
-    build_unet(32).save_pretrained(model_dir)
-    build_scheduler().save_pretrained(model_dir)
+    model_dir = save_analysis_unet(tmp_path_factory.mktemp("tiny-unet"))
     config = AnalysisConfig(model=str(model_dir), synthetic=2, natural_n=2, timesteps=[600],
                             ablation_timesteps=[600], ablation_images=2)
     return Experiment(config)

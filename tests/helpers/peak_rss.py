@@ -1,7 +1,7 @@
 """Run as a script: the ablation phase of the driver under a memory budget, in a fresh process,
 printing JSON {"peak_extra": bytes, "passes": [batch of each UNet forward]}.
 
-    python tests/helpers/peak_rss.py MODEL_DIR MAX_MEMORY_BYTES OUT_DIR
+    python tests/helpers/peak_rss.py MODEL_DIR MAX_MEMORY_BYTES IMAGES OUT_DIR
 
 peak_extra is the resident-set high-water mark during the phase minus the resident set before it
 (Linux: the mark is reset through /proc/self/clear_refs, so model loading does not count).
@@ -24,10 +24,12 @@ def status_bytes(field: str) -> int:
     raise KeyError(field)
 
 
-def main(model: str, max_memory: int, out: str) -> None:
+def main(model: str, max_memory: int, images: int, out: str) -> None:
+    """The ablation phase on ``images`` images per dataset, every zero-ablation in as few passes as
+    max_memory allows (max_batch unbounded)."""
     torch.set_num_threads(1)
-    config = AnalysisConfig(out=out, model=model, synthetic=16, natural="lfw", natural_n=16, timesteps=[600],
-                            ablation_timesteps=[600], ablation_images=16, ablation_modes=("zero",),
+    config = AnalysisConfig(out=out, model=model, synthetic=images, natural="lfw", natural_n=images,
+                            timesteps=[600], ablation_timesteps=[600], ablation_images=images, ablation_modes=("zero",),
                             max_batch=1 << 20, max_memory=max_memory)
     exp = Experiment(config)
     passes = []
@@ -40,4 +42,4 @@ def main(model: str, max_memory: int, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])

@@ -12,7 +12,7 @@ import torch
 
 from diffcirc.analysis import metrics
 from diffcirc.cli import main as cli
-from diffcirc.models import build_scheduler, build_unet
+from helpers.analysis_models import HEADS_PER_LAYER, LAYERS, TOKENS, save_analysis_unet
 
 TABLES = {
     "aggregates": {"model", "dataset", "timestep", "layer", "head", "stat", "count", "mean", "std", "m2"},
@@ -27,13 +27,19 @@ TABLES = {
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(single_thread):
+    """One intra-op thread for the in-process runs (see ``single_thread``); subprocesses get
+    ``ONE_THREAD`` in their environment."""
+
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("analysis")
-    torch.manual_seed(0)
-    model_dir = root / "tiny-unet"
-    build_unet(32).save_pretrained(model_dir)
-    build_scheduler().save_pretrained(model_dir)
+    model_dir = save_analysis_unet(root / "tiny-unet")
     out = root / "out"
     assert cli([*analyze_args(model_dir), "--out", str(out)]) == 0
     return out
@@ -43,6 +49,18 @@ def analyze_args(model_dir):
     return ["analyze", "--model", str(model_dir), "--synthetic", "8", "--natural", "lfw", "--natural-n", "8",
             "--timesteps", "100,600", "--ablation-timesteps", "600", "--ablation-images", "8",
             "--role-control-reps", "2"]
+
+
+def analyze_tables(args) -> None:
+    """What ``diffcirc analyze ARGS`` computes, without the summary and report it writes after:
+    the driver on the configuration that command line parses to. For the tests that check only
+    the tables and the manifest of a resumed folder (the report of a finished folder is tested
+    above, and test_rerun_skips_every_finished_unit reruns the whole command)."""
+    from diffcirc.analysis.driver import run_analysis
+    from diffcirc.cli import build_parser
+    from diffcirc.cli.analyze import config_from_args
+
+    assert run_analysis(config_from_args(build_parser().parse_args(args))) is not None
 
 
 @pytest.fixture
@@ -59,7 +77,7 @@ def test_output_schema(run):
         assert columns <= set(df.columns), (name, columns - set(df.columns))
         assert len(df) > 0, name
     layers = pd.read_parquet(run / "layers.parquet")
-    assert len(layers) == 3 and (layers.heads == 8).all() and (layers.n_keys == 64).all()
+    assert len(layers) == LAYERS and (layers.heads == HEADS_PER_LAYER).all() and (layers.n_keys == TOKENS).all()
     agg = pd.read_parquet(run / "aggregates.parquet")
     assert set(agg.model) == {"trained", "random"} and set(agg.dataset) == {"synthetic", "natural"}
     assert set(agg.timestep) == {100, 600}
@@ -117,7 +135,7 @@ def test_truncated_unit_is_redone_and_matches(run, copy_of_run):
     path = copy_of_run / "ablations.parquet"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a half-written file
     others = {k: v for k, v in _table_mtimes(copy_of_run).items() if k != "ablations.parquet"}
-    assert cli([*analyze_args(run.parent / "tiny-unet"), "--out", str(copy_of_run)]) == 0
+    analyze_tables([*analyze_args(run.parent / "tiny-unet"), "--out", str(copy_of_run)])
     redone = pd.read_parquet(path)
     pd.testing.assert_frame_equal(redone, original, rtol=1e-6)
     after = _table_mtimes(copy_of_run)
@@ -132,7 +150,7 @@ def test_unit_whose_inputs_changed_is_redone(run, copy_of_run):
     manifest["units"]["features"]["inputs"]["trace"]["aggregates.parquet"] = "0" * 64
     manifest_path.write_text(json.dumps(manifest))
     before = _table_mtimes(copy_of_run)
-    assert cli([*analyze_args(run.parent / "tiny-unet"), "--out", str(copy_of_run)]) == 0
+    analyze_tables([*analyze_args(run.parent / "tiny-unet"), "--out", str(copy_of_run)])
     after = _table_mtimes(copy_of_run)
     assert after["features_maps.parquet"] != before["features_maps.parquet"]
     unchanged = {k for k in before if k != "features_maps.parquet"}
@@ -181,7 +199,7 @@ def test_killed_run_resumes_to_identical_results(run, tmp_path):
     out = tmp_path / "killed"
     args = [*analyze_args(run.parent / "tiny-unet"), "--out", str(out)]
     proc = subprocess.Popen([sys.executable, "-m", "diffcirc", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=dict(os.environ))
+                            stderr=subprocess.DEVNULL, env={**os.environ, **ONE_THREAD})
     manifest = out / "manifest.json"
     deadline = time.time() + 240
     try:
@@ -195,7 +213,7 @@ def test_killed_run_resumes_to_identical_results(run, tmp_path):
     finished = set(json.loads(manifest.read_text())["units"])
     assert {"trace", "features"} <= finished and "circuit" not in finished, finished
     kept = {name: (out / name).stat().st_mtime_ns for name in ("aggregates.parquet", "features_maps.parquet")}
-    assert cli(args) == 0
+    analyze_tables(args)
     assert {name: (out / name).stat().st_mtime_ns for name in kept} == kept  # not computed twice
     for name in ("aggregates", "histograms", "per_image", "ablations", "attribution", "role_ablations", "circuit"):
         pd.testing.assert_frame_equal(pd.read_parquet(out / f"{name}.parquet"), pd.read_parquet(run / f"{name}.parquet"),
@@ -234,7 +252,7 @@ def test_two_processes_give_the_results_of_one(run, tmp_path):
     out = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "diffcirc", *analyze_args(run.parent / "tiny-unet"), "--out", str(out)]
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+    proc = subprocess.run(cmd, env={**os.environ, **ONE_THREAD}, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert json.loads((out / "meta.json").read_text())["processes"] == 2
@@ -345,30 +363,36 @@ def test_uniform_label_mass_rows_match_the_label_maps(run):
 
 # -- one run per output folder ---------------------------------------------------------------------
 
-HOLDER = """\
-import sys
-from diffcirc.analysis.folder_lock import hold_folder
-with hold_folder(sys.argv[1]):
-    print("held", flush=True)
-    sys.stdin.read()
-"""
+def _hold_until_killed(folder, held):
+    """A running analysis, as far as the folder lock can tell: holds folder until SIGKILL."""
+    import time
+
+    from diffcirc.analysis.folder_lock import hold_folder
+
+    with hold_folder(folder):
+        held.set()
+        while True:
+            time.sleep(60)
 
 
 def test_second_run_on_a_held_folder_refuses_at_once_naming_the_running_pid(run, tmp_path, capsys):
-    import subprocess
-    import sys
+    import multiprocessing
 
     from diffcirc.analysis.folder_lock import LOCK_FILE, hold_folder
 
     out = tmp_path / "busy"
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True)
+    # a forked copy of this process: a holder with a pid of its own that runs nothing of torch, so
+    # it needs no start-up of its own (the killed run and --wait below start real analyses)
+    fork = multiprocessing.get_context("fork")
+    held = fork.Event()
+    holder = fork.Process(target=_hold_until_killed, args=(str(out), held), daemon=True)
+    holder.start()
     try:
-        assert holder.stdout.readline() == "held\n"
+        assert held.wait(timeout=60)
         assert cli([*analyze_args(run.parent / "tiny-unet"), "--out", str(out)]) == 1
     finally:
         holder.kill()  # SIGKILL: nothing of the holder's runs after this; the OS releases its lock
-        holder.wait()
+        holder.join()
     err = capsys.readouterr().err
     assert err.startswith("diffcirc analyze: error:") and "Traceback" not in err, err
     assert f"in use by another analysis run (pid {holder.pid})" in err and "--wait" in err, err
@@ -388,7 +412,7 @@ def test_wait_waits_for_the_running_one_then_resumes_from_its_finished_units(run
     args = [*analyze_args(run.parent / "tiny-unet"), "--out", str(copy_of_run), "--wait"]
     with hold_folder(copy_of_run):  # this process is the running analysis
         waiter = subprocess.Popen([sys.executable, "-m", "diffcirc", *args], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)
+                                  stderr=subprocess.PIPE, text=True, env={**os.environ, **ONE_THREAD})
         try:
             line = ""
             for line in waiter.stderr:

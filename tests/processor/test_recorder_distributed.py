@@ -75,27 +75,52 @@ def _assert_equals_numpy(rec, per_rank):
         np.testing.assert_array_equal(got.numpy(), x.astype(np.float32).reshape(3, 4, 4))
 
 
-def _worker(rank, world, init, split):
+SPLITS = ("strided", "all_on_rank0")
+
+
+def _check_split(rank, world, split):
+    batches = list(enumerate(_batches()))
+    rec = _recorder()
+    _fill(rec, _share(batches, rank, world, split))
+    rec.all_reduce()
+    _assert_equals_numpy(rec, [_share(batches, r, world, split) for r in range(world)])
+    one = _recorder()
+    _fill(one, batches)
+    for got, want in zip(_frames(rec), _frames(one)):
+        pd.testing.assert_frame_equal(got, want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(RuntimeError, match="already called"):
+        rec.all_reduce()
+
+
+def _worker(rank, world, init, done):
+    """Checks every split in one process group; a failure ends this process (and the launch), naming
+    its split, so the ranks never run out of step."""
+    torch.set_num_threads(1)  # a forked child: OpenMP's thread pool did not survive the fork
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
-        batches = list(enumerate(_batches()))
-        rec = _recorder()
-        _fill(rec, _share(batches, rank, world, split))
-        rec.all_reduce()
-        _assert_equals_numpy(rec, [_share(batches, r, world, split) for r in range(world)])
-        one = _recorder()
-        _fill(one, batches)
-        for got, want in zip(_frames(rec), _frames(one)):
-            pd.testing.assert_frame_equal(got, want, rtol=1e-12, atol=1e-12)
-        with pytest.raises(RuntimeError, match="already called"):
-            rec.all_reduce()
+        for split in SPLITS:
+            try:
+                _check_split(rank, world, split)
+            except BaseException as e:
+                raise AssertionError(f"split {split!r}, rank {rank}: {e!r}") from e
+            (done / f"{split}.{rank}").touch()
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("split", ["strided", "all_on_rank0"])
-def test_all_reduce_equals_one_recorder(tmp_path, split):
-    mp.spawn(_worker, args=(2, f"file://{tmp_path / 'store'}", split), nprocs=2, join=True)
+@pytest.fixture(scope="module")
+def all_reduce_launch(tmp_path_factory):
+    """One launch of two gloo processes that check every split; returns the folder of their
+    "<split>.<rank>" marks of splits that passed. Starting processes is the cost of these tests:
+    they are forked copies of this one, which need no second import of torch and this module."""
+    done = tmp_path_factory.mktemp("all_reduce")
+    mp.start_processes(_worker, args=(2, f"file://{done / 'store'}", done), nprocs=2, join=True, start_method="fork")
+    return done
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_all_reduce_equals_one_recorder(all_reduce_launch, split):
+    assert sorted(p.name for p in all_reduce_launch.glob(f"{split}.*")) == [f"{split}.0", f"{split}.1"]
 
 
 def test_ranks_give_each_process_its_own_gpu_and_share_host_memory(monkeypatch):

@@ -13,6 +13,10 @@ from diffcirc.models.evaluate import eps_mse
 
 load_module = sys.modules["diffcirc.models.load"]  # the attribute diffcirc.models.load is the function
 
+# paper-like UNets built, saved, loaded and run on 2 images: a second OpenMP thread buys nothing
+# there and, on a shared machine, spins against the other jobs (see ``single_thread``)
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 @pytest.fixture(params=["low-memory", "full-init"])
 def loading_path(request, monkeypatch):

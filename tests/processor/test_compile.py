@@ -87,3 +87,23 @@ def test_masks_the_op_cannot_express_are_refused_inside_a_compiled_graph(case):
     compiled = torch.compile(attn, backend=BACKEND, fullgraph=True)
     with torch.no_grad(), pytest.raises(RuntimeError, match=f"layer 'blocks.0.attn'.*{message}"):
         compiled(x, attention_mask=mask)
+
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_transformer_counterparts_compile_fullgraph_without_recompiling(family):
+    from helpers import tiny_transformers as tt
+    from diffcirc.processor import FusedFluxAttnProcessor, FusedJointAttnProcessor
+
+    built = tt.sd3(dual_attention=True) if family == "sd3" else tt.flux()
+    model = built.model
+    fused = FusedJointAttnProcessor if family == "sd3" else FusedFluxAttnProcessor
+    first, second = built.inputs(1), built.inputs(2)
+    with torch.no_grad():
+        want = model(**second).sample
+        tm.set_processors(model, lambda name: fused())
+        compiled = torch.compile(model, backend=BACKEND, fullgraph=True)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            compiled(**first)
+            got = compiled(**second).sample
+    assert ((got - want).abs().max() / want.abs().max()).item() <= TOL

@@ -32,7 +32,8 @@ void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::
                             const std::optional<at::Tensor>& head_scale,
                             const std::optional<at::Tensor>& head_replacement, at::IntArrayRef grid,
                             const std::optional<at::Tensor>& q_labels, const std::optional<at::Tensor>& k_labels,
-                            bool want_distance, bool want_label_mass) {
+                            bool want_distance, bool want_label_mass, const std::optional<at::Tensor>& key_groups,
+                            int64_t n_groups) {
   for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"q", &q}, {"k", &k}, {"v", &v}}) {
     TORCH_CHECK_VALUE(t->dim() == 4, name, " must be 4-D (B, H, N, D), got shape ", shape_of(*t));
     const auto st = t->scalar_type();
@@ -89,15 +90,27 @@ void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::
       check_same_device(name, *t, q);
     }
   }
+  if (key_groups) {
+    const auto& g = *key_groups;
+    TORCH_CHECK_VALUE(g.scalar_type() == at::kInt && g.dim() == 2 && g.size(0) == B && g.size(1) == Nk,
+                      "key_groups must be int32 of shape (B, Nk) = (", B, ", ", Nk, "), got ", describe(g));
+    check_same_device("key_groups", g, q);
+    TORCH_CHECK_VALUE(n_groups >= 1 && n_groups <= kMaxKeyGroups, "n_groups must be in [1, ", kMaxKeyGroups,
+                      "] with key_groups, got ", n_groups);
+  } else {
+    TORCH_CHECK_VALUE(n_groups == 0, "n_groups = ", n_groups, " given without key_groups (B, Nk) = (", B, ", ", Nk,
+                      ")");
+  }
 }
 
 AttentionResult allocate_attention_outputs(const at::Tensor& q, const at::Tensor& v, bool want_entropy,
-                                           bool want_distance, bool want_label_mass) {
+                                           bool want_distance, bool want_label_mass, int64_t n_groups) {
   const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), Dv = v.size(3);
   auto out = at::empty({B, Nq, H, Dv}, q.options()).transpose(1, 2);
   auto f32 = q.options().dtype(at::kFloat);
   auto stat = [&](bool on) { return on ? at::empty({B, H, Nq}, f32) : at::empty({0}, f32); };
-  return {out, stat(true), stat(want_entropy), stat(want_distance), stat(want_label_mass)};
+  auto group_mass = n_groups > 0 ? at::empty({B, H, Nq, n_groups}, f32) : at::empty({0}, f32);
+  return {out, stat(true), stat(want_entropy), stat(want_distance), stat(want_label_mass), group_mass};
 }
 
 std::pair<at::Tensor, at::Tensor> grid_centres(int64_t h, int64_t w, const at::TensorOptions& options) {
@@ -113,5 +126,6 @@ TORCH_LIBRARY(diffcirc, m) {
   m.def(
       "attention(Tensor q, Tensor k, Tensor v, float scale, Tensor? key_padding_mask, Tensor? head_scale, "
       "Tensor? head_replacement, int[] grid, Tensor? q_labels, Tensor? k_labels, bool entropy, bool distance, "
-      "bool label_mass) -> (Tensor out, Tensor lse, Tensor entropy, Tensor distance, Tensor label_mass)");
+      "bool label_mass, Tensor? key_groups=None, int n_groups=0) -> (Tensor out, Tensor lse, Tensor entropy, "
+      "Tensor distance, Tensor label_mass, Tensor key_group_mass)");
 }

@@ -6,6 +6,14 @@
 //   ent  = sum_j e^{s_j - m} (s_j - m)            (<= 0; entropy = ln l - ent / l, no cancellation)
 //   dist = sum_j e^{s_j - m} ||g_q - g_k(j)||
 //   lab  = sum_j e^{s_j - m} [label_k(j) == label_q]
+// Every statistic but entropy is a mass, acc / l: the probability-weighted sum of a per-key value.
+// Key-group mass is the one whose state does not fit here: G accumulators per row (G is a run-time
+// size), kept relative to a reference max of their own, m_ref <= m, rather than to m:
+//   grp[g] = sum_{j in group g} e^{s_j - m_ref}
+// so that a moving max costs them nothing (a block's p, taken relative to m, is added times
+// e^{m - m_ref} >= 1); they are rescaled to m_ref = m only when that factor would pass
+// e^kGroupMassRescaleGap, and finished by group_mass_factor. Label mass is key-group mass read at
+// the query's own label: the kernels keep its one accumulator (a compare per key) rather than G.
 // A block's partial sums are taken relative to the new max before they are added, so merging is
 // a rescale by alpha = e^{m_old - m_new} followed by an add. Every formula is written with
 // selects, never 0 * (-inf), so masked keys and fully masked rows produce no NaN.
@@ -95,6 +103,16 @@ DC_HOST_DEVICE RowStats row_state_finalize(const RowState& st) {
   float entropy = log_l - st.ent * inv_l;
   entropy = entropy > 0.f ? entropy : 0.f;  // rounding can dip below the true minimum of 0
   return RowStats{inv_l, st.m + log_l, entropy, st.dist * inv_l, st.lab * inv_l};
+}
+
+// Largest gap m - m_ref that key-group accumulators tolerate before they are rescaled: a block's p
+// is added times at most e^8 (about 3000), far from float32's range whatever the number of keys.
+constexpr float kGroupMassRescaleGap = 8.0f;
+
+// What turns key-group accumulators relative to m_ref (-inf while none was added to) into masses:
+// e^{m_ref - m} / l; NaN for a poisoned row (inv_l is NaN), 0 for one without grouped keys.
+DC_HOST_DEVICE float group_mass_factor(float m_ref, const RowState& st, const RowStats& rs) {
+  return m_ref == -INFINITY ? 0.f * rs.inv_l : expf(m_ref - st.m) * rs.inv_l;
 }
 
 }  // namespace diffcirc

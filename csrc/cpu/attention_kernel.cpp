@@ -6,6 +6,17 @@
 //   O = alpha * O + P V        (BLAS GEMM)
 // so per thread only a (rows x keys) tile of logits exists, never the Nq x Nk matrix.
 // Tasks run in parallel through at::parallel_for (OpenMP).
+//
+// Key-group mass keeps G running sums per row, one more accumulator family of the online softmax
+// (row_state.h). They live in the task's own rows of the (B, H, Nq, G) output itself (no scratch,
+// memory O(B H Nq G)). They are kept relative to a reference max of their own, not rescaled each
+// time a row's max moves: a block without grouped keys (Flux's image keys after its text keys)
+// never touches them, and one with grouped keys adds its p times e^{m - m_ref}, rescaling only when
+// the max has grown by more than kGroupMassRescaleGap since (rescaling on every move, the plain
+// online softmax, cost up to 40% on Flux's layer at G = 512; the final e^{m_ref - m} rides on the
+// 1 / l multiply). Each block's p goes in group by group through runs of consecutive keys
+// (GroupRun, built once per call): a prompt whose tokens are each a group, or whose words span
+// several tokens, costs a few vector adds per row and block rather than one scattered add per key.
 #include <algorithm>
 #include <limits>
 #include <vector>
@@ -46,6 +57,9 @@ struct Problem {
   const float* k_col;
   const int32_t* q_label;    // (B, Nq), or nullptr
   const int32_t* k_label;    // (B, Nk)
+  int64_t n_groups;          // key groups, 0 without key-group mass
+  const GroupRun* runs;      // grouped keys of key block jb of batch b: runs[run_begin[b * n_kblocks + jb] ..
+  const int64_t* run_begin;  //   run_begin[b * n_kblocks + jb + 1])
   const float* head_scale;   // (B, H) with strides hs_stride, or nullptr
   int64_t hs_stride[2];
   const float* replacement;  // (B, H, Nq, Dv) with strides rep_stride, or nullptr
@@ -57,7 +71,46 @@ struct Problem {
   float* ent;                // (B, H, Nq) or nullptr
   float* dist;
   float* lab;
+  float* group_mass;         // (B, H, Nq, n_groups) or nullptr
 };
+
+constexpr int64_t key_blocks(int64_t nk) { return (nk + kKeyBlock - 1) / kKeyBlock; }
+
+// The runs of grouped keys (row_kernels.h) of every (batch, key block), in that order, and where each
+// (batch, key block)'s runs begin: key_groups (B, Nk) int32 contiguous; ids outside [0, n_groups) are
+// in no group. O(B * Nk) work and memory.
+void build_group_runs(const int32_t* key_groups, int64_t B, int64_t Nk, int64_t n_groups, std::vector<GroupRun>& runs,
+                      std::vector<int64_t>& run_begin) {
+  const int64_t n_kblocks = key_blocks(Nk);
+  runs.clear();
+  run_begin.assign(B * n_kblocks + 1, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t jb = 0; jb < n_kblocks; ++jb) {
+      run_begin[b * n_kblocks + jb] = static_cast<int64_t>(runs.size());
+      const int64_t j0 = jb * kKeyBlock, cols = std::min(kKeyBlock, Nk - j0);
+      const int32_t* g = key_groups + b * Nk + j0;
+      const size_t first = runs.size();
+      for (int32_t j = 0; j < cols; ++j) {
+        if (g[j] < 0 || g[j] >= n_groups) continue;
+        if (runs.size() > first) {
+          GroupRun& last = runs.back();
+          const bool adjacent = last.col + last.len == j;
+          if (adjacent && last.len == 1 && (g[j] == last.group || g[j] == last.group + 1)) {
+            last.step = g[j] - last.group;
+            last.len = 2;
+            continue;
+          }
+          if (adjacent && last.len > 1 && g[j] == last.group + last.step * last.len) {
+            ++last.len;
+            continue;
+          }
+        }
+        runs.push_back(GroupRun{j, g[j], 1, 1});
+      }
+    }
+  }
+  run_begin[B * n_kblocks] = static_cast<int64_t>(runs.size());
+}
 
 // How a dtype reaches the GEMMs: float32 through sgemm; bfloat16 (even head dim) through the
 // bf16 micro-kernel on K and V packed once per (batch, head); anything else widened to float32
@@ -113,11 +166,13 @@ struct Tiles {
   std::vector<c10::BFloat16> p_bf16;
   std::vector<float> qw, kw, vw;  // widened blocks (GemmPath::kWiden)
   std::vector<RowState> state;
+  std::vector<float> group_ref;  // key-group accumulators' reference max per row (row_state.h)
   Tiles(const Problem& pb, GemmPath path, int64_t kb_max) : ld(kb_max + (kb_max & 1)) {
     s.resize(kQueryBlock * ld);
     o.resize(kQueryBlock * pb.Dv);
     alpha.resize(kQueryBlock);
     state.resize(kQueryBlock);
+    if (pb.group_mass) group_ref.resize(kQueryBlock);
     if (path == GemmPath::kBf16Packed) p_bf16.resize(kQueryBlock * ld);
     if (path == GemmPath::kWiden) {
       qw.resize(kQueryBlock * pb.D);
@@ -140,6 +195,11 @@ void finish_rows(const Problem& pb, int64_t b, int64_t h, int64_t i0, int64_t ro
     if (pb.ent) pb.ent[stat_index] = rs.entropy;
     if (pb.dist) pb.dist[stat_index] = rs.distance;
     if (pb.lab) pb.lab[stat_index] = rs.label_mass;
+    if (pb.group_mass) {
+      float* acc = pb.group_mass + stat_index * pb.n_groups;
+      const float f = group_mass_factor(t.group_ref[r], t.state[r], rs);
+      for (int64_t g = 0; g < pb.n_groups; ++g) acc[g] *= f;
+    }
     const float* o = t.o.data() + r * pb.Dv;
     T* dst = out + ((b * pb.Nq + i) * pb.H + h) * pb.Dv;
     if (pb.replacement) {
@@ -163,6 +223,11 @@ void run_task(const Problem& pb, GemmPath path, const T* q, const T* k, const T*
   if (path == GemmPath::kWiden) widen(qp, pb.q_stride[2], rows, pb.D, t.qw.data());
   std::fill(t.state.begin(), t.state.begin() + rows, row_state_init());
   std::fill(t.o.begin(), t.o.begin() + rows * pb.Dv, 0.f);
+  float* group_mass = pb.group_mass ? pb.group_mass + ((b * pb.H + h) * pb.Nq + i0) * pb.n_groups : nullptr;
+  if (group_mass) {
+    std::fill(group_mass, group_mass + rows * pb.n_groups, 0.f);
+    std::fill(t.group_ref.begin(), t.group_ref.begin() + rows, -std::numeric_limits<float>::infinity());
+  }
 
   for (int64_t j0 = 0, jb = 0; j0 < pb.Nk; j0 += kKeyBlock, ++jb) {
     const int64_t cols = std::min(kKeyBlock, pb.Nk - j0);
@@ -202,6 +267,14 @@ void run_task(const Problem& pb, GemmPath path, const T* q, const T* k, const T*
       a.q_label = pb.q_label + b * pb.Nq + i0;
     }
     a.entropy = pb.entropy;
+    if (group_mass) {
+      const int64_t* begin = pb.run_begin + b * key_blocks(pb.Nk) + jb;
+      a.group_mass = group_mass;
+      a.n_groups = pb.n_groups;
+      a.group_ref = t.group_ref.data();
+      a.runs = pb.runs + begin[0];
+      a.n_runs = begin[1] - begin[0];
+    }
     a.state = t.state.data();
     a.alpha = t.alpha.data();
     process(a);
@@ -276,11 +349,12 @@ AttentionResult attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, co
                               const std::optional<at::Tensor>& head_scale,
                               const std::optional<at::Tensor>& head_replacement, at::IntArrayRef grid,
                               const std::optional<at::Tensor>& q_labels, const std::optional<at::Tensor>& k_labels,
-                              bool want_entropy, bool want_distance, bool want_label_mass) {
+                              bool want_entropy, bool want_distance, bool want_label_mass,
+                              const std::optional<at::Tensor>& key_groups, int64_t n_groups) {
   check_attention_inputs(q_in, k_in, v_in, key_padding_mask, head_scale, head_replacement, grid, q_labels, k_labels,
-                         want_distance, want_label_mass);
-  auto result = allocate_attention_outputs(q_in, v_in, want_entropy, want_distance, want_label_mass);
-  auto& [out, lse, ent, dist, lab] = result;
+                         want_distance, want_label_mass, key_groups, n_groups);
+  auto result = allocate_attention_outputs(q_in, v_in, want_entropy, want_distance, want_label_mass, n_groups);
+  auto& [out, lse, ent, dist, lab, group_mass] = result;
   if (lse.numel() == 0) return result;  // B, H or Nq is 0
   const auto q = gemm_compatible(q_in), k = gemm_compatible(k_in), v = gemm_compatible(v_in);
 
@@ -300,6 +374,8 @@ AttentionResult attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, co
 
   // Small per-call side inputs (O(B * N), never O(Nq * Nk)), kept alive until the kernel ends.
   at::Tensor key_bias, q_row, q_col, k_row, k_col, ql, kl, hs, rep;
+  std::vector<GroupRun> runs;
+  std::vector<int64_t> run_begin;
   if (key_padding_mask) {
     key_bias = at::where(*key_padding_mask, 0.f, -std::numeric_limits<float>::infinity()).to(at::kFloat).contiguous();
     pb.key_bias = key_bias.data_ptr<float>();
@@ -318,6 +394,14 @@ AttentionResult attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, co
     kl = k_labels->contiguous();
     pb.q_label = ql.data_ptr<int32_t>();
     pb.k_label = kl.data_ptr<int32_t>();
+  }
+  if (key_groups) {
+    const at::Tensor kg = key_groups->contiguous();
+    build_group_runs(kg.data_ptr<int32_t>(), pb.B, pb.Nk, n_groups, runs, run_begin);
+    pb.n_groups = n_groups;
+    pb.runs = runs.data();
+    pb.run_begin = run_begin.data();
+    pb.group_mass = group_mass.data_ptr<float>();
   }
   if (head_scale) {
     hs = *head_scale;

@@ -20,11 +20,48 @@ DC_TARGET inline uint16_t float_to_bf16(float f) {
   return static_cast<uint16_t>(u >> 16);
 }
 
-template <bool DIST, bool LAB>
+// acc[0, n) *= alpha
+DC_TARGET inline void scale_row(float* acc, int64_t n, float alpha) {
+  int64_t c = 0;
+  if constexpr (V::W > 0) {
+    const auto va = V::set1(alpha);
+    for (; c + V::W <= n; c += V::W) V::store(acc + c, V::mul(V::load(acc + c), va));
+  }
+  for (; c < n; ++c) acc[c] *= alpha;
+}
+
+// Adds a row's probabilities p (float32, columns of the block) times f to its key-group accumulators acc.
+DC_TARGET inline void add_group_runs(float* acc, const float* p, float f, const diffcirc::cpu::GroupRun* runs,
+                                     int64_t n_runs) {
+  for (int64_t k = 0; k < n_runs; ++k) {
+    const auto& run = runs[k];
+    const float* pr = p + run.col;
+    float* dst = acc + run.group;
+    int64_t t = 0;
+    if (run.step == 1) {
+      if constexpr (V::W > 0) {
+        const auto vf = V::set1(f);
+        for (; t + V::W <= run.len; t += V::W) V::store(dst + t, V::fmadd(V::load(pr + t), vf, V::load(dst + t)));
+      }
+      for (; t < run.len; ++t) dst[t] += pr[t] * f;
+    } else {
+      float sum = 0.f;
+      if constexpr (V::W > 0) {
+        auto vs = V::zero();
+        for (; t + V::W <= run.len; t += V::W) vs = V::add(vs, V::load(pr + t));
+        sum = V::hsum(vs);
+      }
+      for (; t < run.len; ++t) sum += pr[t];
+      dst[0] += sum * f;
+    }
+  }
+}
+
+template <bool DIST, bool LAB, bool GROUPS>
 DC_TARGET void process_rows(const BlockArgs& a) {
   const int64_t cols = a.cols;
   for (int64_t r = 0; r < a.rows; ++r) {
-    const float* s = a.s + r * a.ld_s;
+    float* s = a.s + r * a.ld_s;
     float* pf = static_cast<float*>(a.p) + r * a.ld_p;
     uint16_t* pb = static_cast<uint16_t*>(a.p) + r * a.ld_p;
     const float* bias = a.key_bias;
@@ -79,6 +116,7 @@ DC_TARGET void process_rows(const BlockArgs& a) {
     // 2. p = e^{s - m}, with the sums the statistics need
     const float qx = DIST ? a.qx[r] : 0.f, qy = DIST ? a.qy[r] : 0.f;
     const int32_t ql = LAB ? a.q_label[r] : 0;
+    const bool keep_p32 = GROUPS && a.p_bf16;  // the group sums read p unrounded, from s
     float sum_p = 0.f, sum_pz = 0.f, sum_pd = 0.f, sum_pl = 0.f;
     j = 0;
     if constexpr (V::W > 0) {
@@ -98,8 +136,12 @@ DC_TARGET void process_rows(const BlockArgs& a) {
           acc_pd = V::fmadd(p, V::sqrt(V::fmadd(dx, dx, V::mul(dy, dy))), acc_pd);
         }
         if constexpr (LAB) acc_pl = V::add(acc_pl, V::select_eq(a.k_label + j, ql, p));
-        if (a.p_bf16) V::store_bf16(pb + j, p);
-        else V::store(pf + j, p);
+        if (a.p_bf16) {
+          V::store_bf16(pb + j, p);
+          if (keep_p32) V::store(s + j, p);
+        } else {
+          V::store(pf + j, p);
+        }
       }
       sum_p = V::hsum(acc_p);
       sum_pz = V::hsum(acc_pz);
@@ -117,19 +159,46 @@ DC_TARGET void process_rows(const BlockArgs& a) {
         sum_pd += p * std::sqrt(dx * dx + dy * dy);
       }
       if constexpr (LAB) sum_pl += a.k_label[j] == ql ? p : 0.f;
-      if (a.p_bf16) pb[j] = float_to_bf16(p);
-      else pf[j] = p;
+      if (a.p_bf16) {
+        pb[j] = float_to_bf16(p);
+        if (keep_p32) s[j] = p;
+      } else {
+        pf[j] = p;
+      }
     }
     diffcirc::row_state_add(st, sum_p, a.entropy ? sum_pz : 0.f, sum_pd, sum_pl);
+
+    // 3. key-group accumulators (relative to their own max, row_state.h): this block's p added run by
+    // run, times e^{m - m_ref}; rescaled first only if that factor would pass e^kGroupMassRescaleGap.
+    // Masked keys have p = 0 exactly and add nothing.
+    if constexpr (GROUPS) {
+      float* acc = a.group_mass + r * a.n_groups;
+      float& ref = a.group_ref[r];
+      if (ref == -INFINITY) {
+        ref = m_new;  // every accumulator is still 0: any reference will do
+      } else if (m_new - ref > diffcirc::kGroupMassRescaleGap) {
+        scale_row(acc, a.n_groups, std::exp(ref - m_new));
+        ref = m_new;
+      }
+      add_group_runs(acc, a.p_bf16 ? s : pf, std::exp(m_new - ref), a.runs, a.n_runs);
+    }
   }
 }
 
-DC_TARGET void process_block(const BlockArgs& a) {
+template <bool GROUPS>
+DC_TARGET void process_block_with(const BlockArgs& a) {
   const bool dist = a.kx != nullptr, lab = a.k_label != nullptr;
-  if (dist && lab) process_rows<true, true>(a);
-  else if (dist) process_rows<true, false>(a);
-  else if (lab) process_rows<false, true>(a);
-  else process_rows<false, false>(a);
+  if (dist && lab) process_rows<true, true, GROUPS>(a);
+  else if (dist) process_rows<true, false, GROUPS>(a);
+  else if (lab) process_rows<false, true, GROUPS>(a);
+  else process_rows<false, false, GROUPS>(a);
+}
+
+// Blocks without a grouped key leave the key-group accumulators alone: a moving max is absorbed by
+// their reference (row_state.h), so only blocks with runs do any key-group work.
+DC_TARGET void process_block(const BlockArgs& a) {
+  if (a.group_mass && a.n_runs > 0) process_block_with<true>(a);
+  else process_block_with<false>(a);
 }
 
 }  // namespace

@@ -3,9 +3,9 @@
 // registration. The kernel itself is in attention_kernel.cuh, compiled once per head-dim bucket
 // (attention_hdim<DP>.cu).
 //
-// Nothing is allocated besides the outputs: the key-padding mask, labels, head_scale and
+// Nothing is allocated besides the outputs: the key-padding mask, labels, key groups, head_scale and
 // head_replacement are read in place through their strides, and grid centres are computed in the
-// kernel. Nothing synchronises with the host. Only c10/cuda headers are used (not
+// kernel. Key-group mass is zeroed on the stream and filled by a second kernel (attention_kernel.cuh). Nothing synchronises with the host. Only c10/cuda headers are used (not
 // ATen/cuda/CUDAContext.h, which needs the cuBLAS/cuSPARSE headers that minimal toolkits lack).
 #include <algorithm>
 #include <cstdint>
@@ -49,6 +49,10 @@ void launch(const AttentionParams& p) {
               minor);
   TORCH_CHECK(Cfg::kSmemBytes <= max_smem, "attention: head-dim bucket ", DP, " needs ", Cfg::kSmemBytes,
               " bytes of shared memory per block, this GPU allows ", max_smem);
+  using GroupCfg = GroupMassConfig<T, DP>;
+  TORCH_CHECK(p.key_group_mass == nullptr || GroupCfg::kSmemBytes <= max_smem, "attention: key_group_mass for head-dim "
+              "bucket ", DP, " needs ", GroupCfg::kSmemBytes, " bytes of shared memory per block, this GPU allows ",
+              max_smem);
   const cudaError_t err = launch_attention<T, DP>(p, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_CHECK(err);
 }
@@ -71,13 +75,14 @@ AttentionResult attention_cuda(const at::Tensor& q, const at::Tensor& k, const a
                                const std::optional<at::Tensor>& head_scale,
                                const std::optional<at::Tensor>& head_replacement, at::IntArrayRef grid,
                                const std::optional<at::Tensor>& q_labels, const std::optional<at::Tensor>& k_labels,
-                               bool want_entropy, bool want_distance, bool want_label_mass) {
+                               bool want_entropy, bool want_distance, bool want_label_mass,
+                               const std::optional<at::Tensor>& key_groups, int64_t n_groups) {
   check_attention_inputs(q, k, v, key_padding_mask, head_scale, head_replacement, grid, q_labels, k_labels,
-                         want_distance, want_label_mass);
+                         want_distance, want_label_mass, key_groups, n_groups);
   TORCH_CHECK_VALUE(q.is_cuda(), "attention (CUDA): q must be a CUDA tensor, got ", q.device());
   const c10::cuda::CUDAGuard device_guard(q.device());
-  auto result = allocate_attention_outputs(q, v, want_entropy, want_distance, want_label_mass);
-  auto& [out, lse, ent, dist, lab] = result;
+  auto result = allocate_attention_outputs(q, v, want_entropy, want_distance, want_label_mass, n_groups);
+  auto& [out, lse, ent, dist, lab, group_mass] = result;
   if (lse.numel() == 0) return result;  // B, H or Nq is 0
 
   // The kernel indexes rows and tiles in int (element offsets are int64). Row indices run up to a
@@ -130,6 +135,14 @@ AttentionResult attention_cuda(const at::Tensor& q, const at::Tensor& k, const a
     p.k_label = k_labels->data_ptr<int32_t>();
     p.k_label_stride[0] = k_labels->stride(0);
     p.k_label_stride[1] = k_labels->stride(1);
+  }
+  if (key_groups) {
+    p.key_groups = key_groups->data_ptr<int32_t>();
+    p.key_groups_stride[0] = key_groups->stride(0);
+    p.key_groups_stride[1] = key_groups->stride(1);
+    p.n_groups = static_cast<int>(n_groups);  // <= kMaxKeyGroups (check_attention_inputs)
+    group_mass.zero_();                       // on the current stream, before the kernels add to it
+    p.key_group_mass = group_mass.data_ptr<float>();
   }
   if (head_scale) {
     p.head_scale = head_scale->data_ptr<float>();

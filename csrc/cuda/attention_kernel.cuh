@@ -24,6 +24,17 @@
 // rows g and g + 8 at columns 8 n + 2 t and 8 n + 2 t + 1. The four lanes of a quad (same g)
 // therefore share a row; row reductions are two xor-shuffles across the quad, after which all
 // four lanes hold bit-identical copies of the row state.
+//
+// Key-group mass is a second kernel, launched after the forward one. Its state, G sums per row
+// (G up to 512 for a T5 prompt), fits neither in registers nor in shared memory (128 rows x 512
+// floats are 256 KiB), so it is not kept as an online-softmax accumulator here (the CPU kernel does
+// that). Once the forward has written each row's final lse, p = e^{scale s - lse} is exact with no
+// rescaling, and the second pass recomputes S = Q K^T for the key tiles that hold a grouped key only
+// (skipping the others costs one read of their group ids), adding each p into the (B, H, Nq, G)
+// output with a fire-and-forget global atomic add (red.global.add.f32). Its extra cost is that
+// share of Q K^T plus one atomic per grouped key and query; G is bounded only by memory. Additions
+// within a group run in no fixed order: sums of several keys may differ in the last bits between
+// runs.
 #pragma once
 
 #include <cstdint>
@@ -178,6 +189,52 @@ struct RowQuery {
   int label;
 };
 
+// S = Q K^T for one warp's 16 query rows against a key tile of 8 NT keys, both in shared memory
+// (row stride LDS): s[n][2 ri + e] = row (g + 8 ri), key (8 n + 2 t + e). q_s points at the warp's
+// first query row; d is the real head dim (k-steps past it only meet zero padding and are skipped).
+template <typename T, int DP, int LDS, int NT>
+__device__ __forceinline__ void warp_scores(float (&s)[NT][4], const T* q_s, const T* k_s, int d, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int n = 0; n < NT; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[n][e] = 0.f;
+  if constexpr (std::is_same_v<T, float>) {
+    const float* qa = q_s + g * LDS;
+    const float* qb = qa + 8 * LDS;
+    const int d_steps4 = (d + 3) / 4;
+#pragma unroll 4
+    for (int d4 = 0; d4 < d_steps4; ++d4) {
+      const float4 a = *reinterpret_cast<const float4*>(qa + 4 * d4);
+      const float4 c = *reinterpret_cast<const float4*>(qb + 4 * d4);
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float4 kv = *reinterpret_cast<const float4*>(k_s + (8 * n + 2 * t + e) * LDS + 4 * d4);
+          s[n][e] = fmaf(a.x, kv.x, fmaf(a.y, kv.y, fmaf(a.z, kv.z, fmaf(a.w, kv.w, s[n][e]))));
+          s[n][2 + e] = fmaf(c.x, kv.x, fmaf(c.y, kv.y, fmaf(c.z, kv.z, fmaf(c.w, kv.w, s[n][2 + e]))));
+        }
+    }
+  } else {
+    const int d_steps16 = (d + 15) / 16;
+#pragma unroll
+    for (int kk = 0; kk < DP / 16; ++kk) {
+      if (kk < d_steps16) {
+        uint32_t a[4];
+        ldmatrix_x4(a, q_s + (lane & 15) * LDS + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+        for (int np = 0; np < NT / 2; ++np) {
+          uint32_t kb[4];
+          ldmatrix_x4(kb, k_s + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * LDS + kk * 16 + ((lane >> 3) & 1) * 8);
+          mma_16816<T>(s[2 * np], a, kb[0], kb[1]);
+          mma_16816<T>(s[2 * np + 1], a, kb[2], kb[3]);
+        }
+      }
+    }
+  }
+}
+
 }  // namespace detail
 
 template <typename T, int DP>
@@ -258,8 +315,7 @@ __global__ void __launch_bounds__(TileConfig<T, DP>::kThreads, 1) attention_fwd_
 #pragma unroll
     for (int e = 0; e < 4; ++e) o[n][e] = 0.f;
 
-  const int d_steps16 = (p.D + 15) / 16;  // k-steps of S that touch real (unpadded) head-dim columns
-  const int col0 = wn * DVW;              // first output column of this warp
+  const int col0 = wn * DVW;  // first output column of this warp
 
   for (int it = 0; it < n_ktiles; ++it) {
     const int stage = it & 1;
@@ -274,43 +330,7 @@ __global__ void __launch_bounds__(TileConfig<T, DP>::kThreads, 1) attention_fwd_
 
     // ---- S = Q K^T: s[n][2 ri + e] = row (g + 8 ri), key (8 n + 2 t + e) of this tile
     float s[NT][4];
-#pragma unroll
-    for (int n = 0; n < NT; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[n][e] = 0.f;
-    if constexpr (Cfg::kF32) {
-      const float* qa = sQ + (wm * 16 + g) * LDS;
-      const float* qb = qa + 8 * LDS;
-      const int d_steps4 = (p.D + 3) / 4;
-#pragma unroll 4
-      for (int d4 = 0; d4 < d_steps4; ++d4) {
-        const float4 a = *reinterpret_cast<const float4*>(qa + 4 * d4);
-        const float4 c = *reinterpret_cast<const float4*>(qb + 4 * d4);
-#pragma unroll
-        for (int n = 0; n < NT; ++n)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const float4 kv = *reinterpret_cast<const float4*>(k_s + (8 * n + 2 * t + e) * LDS + 4 * d4);
-            s[n][e] = fmaf(a.x, kv.x, fmaf(a.y, kv.y, fmaf(a.z, kv.z, fmaf(a.w, kv.w, s[n][e]))));
-            s[n][2 + e] = fmaf(c.x, kv.x, fmaf(c.y, kv.y, fmaf(c.z, kv.z, fmaf(c.w, kv.w, s[n][2 + e]))));
-          }
-      }
-    } else {
-#pragma unroll
-      for (int kk = 0; kk < DP / 16; ++kk) {
-        if (kk < d_steps16) {
-          uint32_t a[4];
-          ldmatrix_x4(a, sQ + (wm * 16 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8);
-#pragma unroll
-          for (int np = 0; np < NT / 2; ++np) {
-            uint32_t kb[4];
-            ldmatrix_x4(kb, k_s + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * LDS + kk * 16 + ((lane >> 3) & 1) * 8);
-            mma_16816<T>(s[2 * np], a, kb[0], kb[1]);
-            mma_16816<T>(s[2 * np + 1], a, kb[2], kb[3]);
-          }
-        }
-      }
-    }
+    warp_scores<T, DP, LDS, NT>(s, sQ + wm * 16 * LDS, k_s, p.D, lane);
 
     // ---- online softmax and statistics; s becomes p = e^{scale s + bias - m}
     // Keys j0 + jj with jj >= kv_valid are tile padding (zero K rows): never part of the row, and
@@ -482,6 +502,95 @@ __global__ void __launch_bounds__(TileConfig<T, DP>::kThreads, 1) attention_fwd_
   }
 }
 
+// Second pass for key-group mass (see the top of this file): adds p = e^{scale s - lse} of every
+// grouped, unmasked key to key_group_mass[b, h, i, group], which the caller zeroed. Reads the lse the
+// forward kernel wrote (same stream, so it has finished). A fully masked row (lse = -inf) keeps 0; a
+// poisoned row (lse NaN) becomes NaN in every group, as on the CPU. Masked keys, keys past Nk and ids
+// outside [0, n_groups) are never touched, so neither their logits (garbage in padding) nor their ids
+// can reach the output.
+template <typename T, int DP>
+__global__ void __launch_bounds__(GroupMassConfig<T, DP>::kThreads, 1) key_group_mass_kernel(const AttentionParams p) {
+  using namespace detail;
+  using Cfg = GroupMassConfig<T, DP>;
+  constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, LDS = Cfg::kLds, THREADS = Cfg::kThreads;
+  constexpr int NT = BN / 8;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* const sQ = reinterpret_cast<T*>(smem_raw);                // [BM][LDS]
+  T* const sK = sQ + BM * LDS;                                 // [BN][LDS]
+  int* const sGroup = reinterpret_cast<int*>(sK + BN * LDS);  // [BN] group of each key of the tile, or -1
+
+  const int n_qtiles = (p.Nq + BM - 1) / BM;
+  const int qt = static_cast<int>(blockIdx.x % n_qtiles);
+  const int bh = static_cast<int>(blockIdx.x / n_qtiles);
+  const int b = bh / p.H, h = bh % p.H;
+  const int q0 = qt * BM;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int G = p.n_groups;
+
+  const T* const qp = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
+  const T* const kp = static_cast<const T*>(p.k) + b * p.k_stride[0] + h * p.k_stride[1];
+  load_tile<T, DP, LDS, BM, THREADS>(sQ, qp, p.q_stride[2], q0, p.Nq, p.D, p.q_vec, tid);
+  cp_async_commit();
+
+  // Rows g and g + 8 of this warp's 16: their final lse and their G sums.
+  const int row_base = q0 + warp * 16 + g;
+  float lse[2];
+  float* mass[2];
+  bool live[2];
+#pragma unroll
+  for (int ri = 0; ri < 2; ++ri) {
+    const int i = row_base + 8 * ri;
+    const bool valid = i < p.Nq;
+    lse[ri] = valid ? p.lse[static_cast<int64_t>(bh) * p.Nq + i] : -INFINITY;
+    mass[ri] = p.key_group_mass + (static_cast<int64_t>(bh) * p.Nq + (valid ? i : 0)) * G;
+    live[ri] = valid && fabsf(lse[ri]) < INFINITY;   // false for -inf (fully masked) and NaN (poisoned)
+    if (valid && lse[ri] != lse[ri])                  // the quad's four lanes share the row's writes
+      for (int c = t; c < G; c += 4) mass[ri][c] = NAN;
+  }
+
+  const int n_ktiles = (p.Nk + BN - 1) / BN;
+  for (int it = 0; it < n_ktiles; ++it) {
+    const int j0 = it * BN;
+    bool any = false;
+    for (int jj = tid; jj < BN; jj += THREADS) {
+      const int j = j0 + jj;
+      int grp = -1;
+      if (j < p.Nk && (!p.key_mask || p.key_mask[b * p.mask_stride[0] + j * p.mask_stride[1]] != 0)) {
+        const int id = p.key_groups[b * p.key_groups_stride[0] + j * p.key_groups_stride[1]];
+        grp = (id >= 0 && id < G) ? id : -1;
+      }
+      sGroup[jj] = grp;
+      any |= grp >= 0;
+    }
+    if (!__syncthreads_or(any)) continue;  // no grouped key in this tile (the same answer in every thread)
+
+    load_tile<T, DP, LDS, BN, THREADS>(sK, kp, p.k_stride[2], j0, p.Nk, p.D, p.k_vec, tid);
+    cp_async_commit();
+    cp_async_wait<0>();  // this thread's copies of K (and, the first time, of Q) have landed
+    __syncthreads();     // ... and everyone else's
+
+    float s[NT][4];
+    warp_scores<T, DP, LDS, NT>(s, sQ + warp * 16 * LDS, sK, p.D, lane);
+#pragma unroll
+    for (int ri = 0; ri < 2; ++ri)
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int grp = sGroup[8 * n + 2 * t + e];
+          if (live[ri] && grp >= 0) {
+            // the forward's logit (an unfused multiply), relative to the final lse: z <= 0 up to rounding
+            const float z = __fmul_rn(s[n][2 * ri + e], p.scale) - lse[ri];
+            if (z > kExpUnderflow) atomicAdd(mass[ri] + grp, __expf(z));  // result unused: compiles to RED
+          }
+        }
+    __syncthreads();  // everyone is done with sK and sGroup before the next tile refills them
+  }
+  cp_async_wait<0>();  // a block that met no grouped key still has its Q copy in flight
+}
+
 template <typename T, int DP>
 cudaError_t launch_attention(const AttentionParams& p, cudaStream_t stream) {
   using Cfg = TileConfig<T, DP>;
@@ -490,6 +599,15 @@ cudaError_t launch_attention(const AttentionParams& p, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
   const int64_t blocks = static_cast<int64_t>((p.Nq + Cfg::kBlockM - 1) / Cfg::kBlockM) * p.B * p.H;
   kernel<<<static_cast<unsigned>(blocks), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
+  err = cudaGetLastError();
+  if (err != cudaSuccess || p.key_group_mass == nullptr) return err;
+
+  using GCfg = GroupMassConfig<T, DP>;
+  auto group_kernel = key_group_mass_kernel<T, DP>;
+  err = cudaFuncSetAttribute(group_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, GCfg::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  const int64_t group_blocks = static_cast<int64_t>((p.Nq + GCfg::kBlockM - 1) / GCfg::kBlockM) * p.B * p.H;
+  group_kernel<<<static_cast<unsigned>(group_blocks), GCfg::kThreads, GCfg::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -34,6 +34,9 @@ struct AttentionParams {
   int64_t q_label_stride[2];
   const int32_t* k_label;  // (B, Nk)
   int64_t k_label_stride[2];
+  const int32_t* key_groups;  // (B, Nk) (key_group_mass only); an id outside [0, n_groups) is in no group
+  int64_t key_groups_stride[2];
+  int n_groups;
 
   const float* head_scale;  // (B, H) or nullptr (= 1)
   int64_t head_scale_stride[2];
@@ -47,6 +50,7 @@ struct AttentionParams {
   float* entropy;  // (B, H, Nq) contiguous, or nullptr
   float* distance;
   float* label_mass;
+  float* key_group_mass;  // (B, H, Nq, n_groups) contiguous, zeroed before the launch, or nullptr
 };
 
 // Head dims are padded up to one of these buckets (the max of D and Dv decides); each bucket is
@@ -100,8 +104,25 @@ struct TileConfig {
   static_assert(kSmemBytes <= 99 * 1024, "tile does not fit the 99 KiB shared-memory budget");
 };
 
+// Tile shape of the key-group-mass pass (attention_kernel.cuh): every warp owns 16 query rows (the
+// forward's warps_n split for DP = 512 shares O's columns, which this pass does not compute) and
+// key tiles are the forward's; one K tile at a time, the Q tile and each key's group in shared memory.
+template <typename T, int DP>
+struct GroupMassConfig {
+  using Fwd = TileConfig<T, DP>;
+  static constexpr int kWarps = Fwd::kWarpsM * Fwd::kWarpsN;
+  static constexpr int kBlockM = 16 * kWarps;
+  static constexpr int kBlockN = Fwd::kBlockN;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kLds = Fwd::kLds;
+  static constexpr int kSmemBytes =
+      (kBlockM + kBlockN) * kLds * static_cast<int>(sizeof(T)) + kBlockN * static_cast<int>(sizeof(int));
+  static_assert(kSmemBytes <= 99 * 1024, "tile does not fit the 99 KiB shared-memory budget");
+};
+
 // Launches the forward kernel for dtype T (float, __half, __nv_bfloat16) and bucket DP on stream;
-// returns the launch error, if any. Defined in attention_kernel.cuh, instantiated per bucket.
+// then, with key_group_mass, its second pass; returns the launch error, if any. Defined in
+// attention_kernel.cuh, instantiated per bucket.
 template <typename T, int DP>
 cudaError_t launch_attention(const AttentionParams& p, cudaStream_t stream);
 

@@ -7,15 +7,17 @@ cannot crash), but these are the messages users meet, for the extension and the 
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from .types import STAT_NAMES
+from .types import ALL_STAT_NAMES
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 512
+MAX_GROUPS = 1 << 16  # kMaxKeyGroups in csrc/attention.h, the same on every backend
 
 
 @dataclass
@@ -32,6 +34,8 @@ class OpArgs:
     grid: list  # [hq, wq, hk, wk] or []
     q_labels: Optional[torch.Tensor]  # int32 (B, Nq), any strides
     k_labels: Optional[torch.Tensor]  # int32 (B, Nk), any strides
+    key_groups: Optional[torch.Tensor]  # int32 (B, Nk), any strides
+    n_groups: int  # G, 0 without key_groups
     stats: frozenset
 
 
@@ -47,9 +51,9 @@ def normalise_stats(stats) -> frozenset:
     if isinstance(stats, str):
         stats = (stats,)
     stats = frozenset(stats)
-    unknown = stats - set(STAT_NAMES)
+    unknown = stats - set(ALL_STAT_NAMES)
     if unknown:
-        raise ValueError(f"stats: unknown statistic(s) {sorted(unknown)}; choose from {list(STAT_NAMES)}")
+        raise ValueError(f"stats: unknown statistic(s) {sorted(unknown)}; choose from {list(ALL_STAT_NAMES)}")
     return stats
 
 
@@ -58,7 +62,54 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
-def check_and_normalise(q, k, v, *, scale, key_padding_mask, head_scale, head_replacement, stats, grid, labels) -> OpArgs:
+def _is_integer_tensor(t) -> bool:
+    return isinstance(t, torch.Tensor) and not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+
+def check_key_groups(key_groups, n_groups, stats: frozenset, B: int, Nk: int, device) -> tuple:
+    """key_groups (B, Nk) integer ids in [-1, n_groups) (-1: in no group) and n_groups G, for the
+    "key_group_mass" statistic. Returns (int32 key_groups or None, G or 0).
+
+    The ids' range is checked where that is free: on CPU tensors outside torch.compile. On a GPU it
+    would wait for the device, so there (and under torch.compile) an id outside [-1, G) is not an
+    error: like -1, it puts its key in no group.
+    """
+    wanted = "key_group_mass" in stats
+    if key_groups is None:
+        if wanted:
+            raise ValueError(f"stats 'key_group_mass' needs key_groups (B, Nk) = ({B}, {Nk}) and n_groups")
+        if n_groups is not None:
+            raise ValueError(f"n_groups = {n_groups!r} given without key_groups (B, Nk) = ({B}, {Nk})")
+        return None, 0
+    if not wanted:
+        raise ValueError("key_groups given but stats does not ask for 'key_group_mass'")
+    if not _is_integer_tensor(key_groups) or tuple(key_groups.shape) != (B, Nk):
+        got = _describe(key_groups) if isinstance(key_groups, torch.Tensor) else type(key_groups).__name__
+        raise ValueError(f"key_groups must be an integer tensor of shape (B, Nk) = ({B}, {Nk}), got {got}")
+    if key_groups.device != device:
+        raise ValueError(f"key_groups must be on {device}, got {key_groups.device}")
+    if n_groups is None:
+        raise ValueError("stats 'key_group_mass' needs n_groups: the number of groups G (key_groups holds ids in [-1, G))")
+    try:
+        if isinstance(n_groups, bool):
+            raise TypeError
+        G = operator.index(n_groups)
+    except TypeError:
+        raise ValueError(f"n_groups must be an int, got {type(n_groups).__name__} {n_groups!r}") from None
+    if not 1 <= G <= MAX_GROUPS:
+        raise ValueError(f"n_groups must be in [1, {MAX_GROUPS}], got {G}")
+    if key_groups.device.type == "cpu" and key_groups.numel() and not torch.compiler.is_compiling():
+        lo, hi = (int(x) for x in torch.aminmax(key_groups))
+        if lo < -1 or hi >= G:
+            raise ValueError(f"key_groups must hold ids in [-1, n_groups) = [-1, {G}), got ids from {lo} to {hi} "
+                             f"in key_groups {_shape(key_groups)}")
+    if key_groups.dtype != torch.int32:  # clamped first: a wide id must not wrap into [0, G)
+        key_groups = key_groups.to(torch.int64).clamp(-1, G).to(torch.int32)
+    return key_groups, G
+
+
+def check_and_normalise(q, k, v, *, scale, key_padding_mask, head_scale, head_replacement, stats, grid, labels,
+                        key_groups=None, n_groups=None) -> OpArgs:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -148,5 +199,8 @@ def check_and_normalise(q, k, v, *, scale, key_padding_mask, head_scale, head_re
     elif "label_mass" in stats:
         raise ValueError("stats 'label_mass' needs labels=(q_labels (B, Nq), k_labels (B, Nk))")
 
+    key_groups, n_groups = check_key_groups(key_groups, n_groups, stats, B, Nk, device)
+
     return OpArgs(_last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v), scale,
-                  key_padding_mask, head_scale, head_replacement, grid_list, q_labels, k_labels, stats)
+                  key_padding_mask, head_scale, head_replacement, grid_list, q_labels, k_labels, key_groups,
+                  n_groups, stats)

@@ -25,6 +25,28 @@ def grid_coordinates(h: int, w: int, device=None, dtype=torch.float64) -> torch.
     return torch.stack(((r + 0.5) / h, (c + 0.5) / w), dim=-1)
 
 
+def group_mass(p: torch.Tensor, key_groups: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Probability mass of each key group: sum over keys j of group g of p_ij.
+
+    p: (B, H, Nq, Nk); key_groups: (B, Nk) integer ids, those outside [0, n_groups) in no group.
+    Returns (B, H, Nq, n_groups) in p's dtype (a NaN row of p gives a NaN row).
+    """
+    in_range = (key_groups >= 0) & (key_groups < n_groups)
+    ids = torch.where(in_range, key_groups, n_groups).long()
+    one_hot = torch.nn.functional.one_hot(ids, n_groups + 1)[..., :n_groups].to(p.dtype)  # (B, Nk, G)
+    return torch.einsum("bhij,bjg->bhig", p, one_hot)
+
+
+def label_mass_from_groups(p: torch.Tensor, q_labels: torch.Tensor, k_labels: torch.Tensor) -> torch.Tensor:
+    """Same-label mass sum_j p_ij [label_k(j) = label_q(i)]: key-group mass with one group per label
+    value, read at the query's own label. p: (B, H, Nq, Nk); labels (B, Nq), (B, Nk). Returns (B, H, Nq)."""
+    B, H, Nq, _ = p.shape
+    _, dense = torch.unique(torch.cat((q_labels, k_labels), dim=1), return_inverse=True)  # ids 0 .. U - 1
+    n_labels = int(dense.max()) + 1 if dense.numel() else 1
+    mass = group_mass(p, dense[:, Nq:], n_labels)  # (B, H, Nq, U)
+    return mass.gather(-1, dense[:, None, :Nq, None].expand(B, H, Nq, 1)).squeeze(-1)
+
+
 def reference_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -37,12 +59,15 @@ def reference_attention(
     stats=(),
     grid=None,
     labels=None,
+    key_groups=None,
+    n_groups=None,
 ) -> AttentionOutput:
     """Float64 attention with statistics; differentiable through plain autograd.
 
-    q: (B, H, Nq, D), k: (B, H, Nk, D), v: (B, H, Nk, Dv).
-    Returns float64 tensors: out (B, H, Nq, Dv), stats (B, H, Nq) or None when not asked for.
-    Arguments are assumed valid (the public wrapper checks them).
+    q: (B, H, Nq, D), k: (B, H, Nk, D), v: (B, H, Nk, Dv); key_groups (B, Nk) ids (outside
+    [0, n_groups): in no group).
+    Returns float64 tensors: out (B, H, Nq, Dv), stats (B, H, Nq) and key_group_mass (B, H, Nq, G),
+    or None when not asked for. Arguments are assumed valid (the public wrapper checks them).
     """
     stats = set(stats)
     d = q.shape[-1]
@@ -75,7 +100,7 @@ def reference_attention(
     def masked_mean(x):
         return torch.where(row_valid, (p * x).sum(dim=-1), torch.zeros_like(denom))
 
-    lse = entropy = distance = label_mass = None
+    lse = entropy = distance = label_mass = key_group_mass = None
     if "lse" in stats:
         lse = torch.where(row_valid, m + torch.log(denom), torch.full_like(denom, -math.inf))
     if "entropy" in stats:
@@ -88,7 +113,7 @@ def reference_attention(
         dist = torch.cdist(gq, gk)  # (Nq, Nk)
         distance = masked_mean(dist)
     if "label_mass" in stats:
-        q_labels, k_labels = labels
-        same = (q_labels[:, None, :, None] == k_labels[:, None, None, :]).double()
-        label_mass = masked_mean(same)
-    return AttentionOutput(out, lse, entropy, distance, label_mass)
+        label_mass = label_mass_from_groups(p, *labels)  # p is 0 on fully masked rows: so is the mass
+    if "key_group_mass" in stats:
+        key_group_mass = group_mass(p, key_groups, n_groups)
+    return AttentionOutput(out, lse, entropy, distance, label_mass, key_group_mass)

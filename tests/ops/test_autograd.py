@@ -134,3 +134,40 @@ def test_torch_compile_fullgraph(device):
     out, ent = compiled(q, k, v)
     want_out, want_ent = f(q, k, v)
     assert torch.allclose(out, want_out) and torch.allclose(ent, want_ent)
+
+
+def test_key_group_mass_leaves_gradients_alone(device):
+    # the statistic is not differentiable; asking for it changes no gradient of out, bit for bit
+    q, k, v = _inputs(device=device)
+    mask = torch.rand(2, 530, device=device) > 0.3
+    kg = torch.randint(-1, 6, (2, 530), device=device)
+    grad_out = torch.randn(2, 3, 40, 16, device=device)
+    r = attention(q, k, v, key_padding_mask=mask, stats=("key_group_mass",), key_groups=kg, n_groups=6)
+    assert not r.key_group_mass.requires_grad
+    got = torch.autograd.grad(r.out, (q, k, v), grad_out)
+    want = torch.autograd.grad(attention(q, k, v, key_padding_mask=mask).out, (q, k, v), grad_out)
+    for name, a, b in zip("qkv", got, want):
+        assert torch.equal(a, b), name
+
+
+def test_opcheck_with_key_groups(device):
+    q, k, v = (t.detach() for t in _inputs(Nq=9, Nk=13, D=8, Dv=4, device=device))
+    kg = torch.randint(-1, 5, (2, 13), dtype=torch.int32, device=device)
+    args = (q, k, v, 0.5, torch.rand(2, 13, device=device) > 0.3, None, None, [], None, None, True, False, False, kg, 5)
+    torch.library.opcheck(torch.ops.diffcirc.attention.default, args)
+    q.requires_grad_()
+    torch.library.opcheck(torch.ops.diffcirc.attention.default, args)
+
+
+def test_torch_compile_fullgraph_with_key_group_mass(device):
+    def f(q, k, v, kg):
+        r = attention(q, k, v, stats=("key_group_mass",), key_groups=kg, n_groups=5)
+        return r.out * 2, r.key_group_mass
+
+    q, k, v = (t.detach() for t in _inputs(Nk=64, device=device))
+    kg = torch.randint(-1, 5, (2, 64), device=device)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out, mass = compiled(q, k, v, kg)
+    want_out, want_mass = f(q, k, v, kg)
+    assert mass.shape == (2, 3, 40, 5)
+    assert torch.allclose(out, want_out) and torch.equal(mass, want_mass)

@@ -17,6 +17,13 @@ def qkv(dtype=torch.float32):
 
 
 q, k, v = qkv()
+KG = torch.randint(-1, 4, (B, NK))
+
+
+def kgm(**kw):
+    """attention asking for key_group_mass, key_groups = KG and n_groups = 4 unless overridden."""
+    return attention(q, k, v, **{"stats": ("key_group_mass",), "key_groups": KG, "n_groups": 4, **kw})
+
 
 BAD = {
     "q rank": (lambda: attention(q[0], k, v), "q must be 4-D"),
@@ -48,6 +55,25 @@ BAD = {
     "mixed devices": (lambda: attention(q, k.to("meta"), v), "q, k, v must be on one device, got cpu, meta, cpu"),
     "mask device": (lambda: attention(q, k, v, key_padding_mask=torch.ones(B, NK, dtype=torch.bool, device="meta")),
                     "key_padding_mask must be on cpu, got meta"),
+    "key_group_mass without key_groups": (lambda: kgm(key_groups=None, n_groups=None),
+                                          "stats 'key_group_mass' needs key_groups (B, Nk) = (2, 10) and n_groups"),
+    "key_groups without the stat": (lambda: kgm(stats=("entropy",)), "key_groups given but stats does not ask for 'key_group_mass'"),
+    "n_groups without key_groups": (lambda: attention(q, k, v, n_groups=4), "n_groups = 4 given without key_groups (B, Nk) = (2, 10)"),
+    "n_groups missing": (lambda: kgm(n_groups=None), "stats 'key_group_mass' needs n_groups"),
+    "n_groups zero": (lambda: kgm(n_groups=0), "n_groups must be in [1, 65536], got 0"),
+    "n_groups too large": (lambda: kgm(n_groups=65537), "n_groups must be in [1, 65536], got 65537"),
+    "n_groups float": (lambda: kgm(n_groups=4.0), "n_groups must be an int, got float 4.0"),
+    "n_groups bool": (lambda: kgm(n_groups=True), "n_groups must be an int, got bool True"),
+    "key_groups shape": (lambda: kgm(key_groups=KG[:, :5]), "key_groups must be an integer tensor of shape (B, Nk) = (2, 10), got int64 (2, 5)"),
+    "key_groups per head": (lambda: kgm(key_groups=KG[:, None].expand(B, H, NK)), "key_groups must be an integer tensor of shape (B, Nk) = (2, 10), got int64 (2, 3, 10)"),
+    "key_groups float": (lambda: kgm(key_groups=KG.float()), "key_groups must be an integer tensor of shape (B, Nk) = (2, 10), got float32"),
+    "key_groups bool": (lambda: kgm(key_groups=KG > 0), "key_groups must be an integer tensor"),
+    "key_groups list": (lambda: kgm(key_groups=KG.tolist()), "key_groups must be an integer tensor of shape (B, Nk) = (2, 10), got list"),
+    "key_groups device": (lambda: kgm(key_groups=KG.to("meta")), "key_groups must be on cpu, got meta"),
+    "key_groups id too large": (lambda: kgm(key_groups=torch.where(KG == 3, 4, KG)),
+                                "key_groups must hold ids in [-1, n_groups) = [-1, 4), got ids from -1 to 4 in key_groups (2, 10)"),
+    "key_groups id below -1": (lambda: kgm(key_groups=torch.where(KG == -1, -2, KG)), "key_groups must hold ids in [-1, n_groups) = [-1, 4), got ids from -2"),
+    "key_groups id wraps in int32": (lambda: kgm(key_groups=KG + (1 << 32)), "key_groups must hold ids in [-1, n_groups)"),
 }
 
 
@@ -67,6 +93,11 @@ def test_bad_input_raises_clear_error(case):
     ((q, k, v, 1.0, None, None, None, [], torch.zeros(B, NQ, dtype=torch.long), torch.zeros(B, NK, dtype=torch.long), False, False, True), "must be int32"),
     ((q, k, v, 1.0, None, None, None, [], None, None, False, False, True), "needs q_labels and k_labels"),
     ((q.transpose(2, 3), k, v, 1.0, None, None, None, [], None, None, False, False, False), "contiguous last dim"),
+    ((q, k, v, 1.0, None, None, None, [], None, None, False, False, False, KG, 4), "key_groups must be int32 of shape (B, Nk) = (2, 10), got Long"),
+    ((q, k, v, 1.0, None, None, None, [], None, None, False, False, False, KG.int()[:, :9], 4), "key_groups must be int32 of shape (B, Nk) = (2, 10), got Int [2, 9]"),
+    ((q, k, v, 1.0, None, None, None, [], None, None, False, False, False, KG.int(), 0), "n_groups must be in [1, 65536] with key_groups, got 0"),
+    ((q, k, v, 1.0, None, None, None, [], None, None, False, False, False, KG.int(), 65537), "n_groups must be in [1, 65536]"),
+    ((q, k, v, 1.0, None, None, None, [], None, None, False, False, False, None, 4), "n_groups = 4 given without key_groups (B, Nk) = (2, 10)"),
 ])
 def test_direct_op_calls_are_checked_not_crashing(args, message):
     assert extension.load() is not None  # registers torch.ops.diffcirc.*

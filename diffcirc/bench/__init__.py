@@ -6,6 +6,8 @@ optional GPU baselines, which failures skip one), measure (timers and peak memor
 machine (what ran the benchmark), results (JSON/CSV files, comparing two runs), scaling (fitted
 exponents of time and memory vs N), op (the op benchmark), workloads (the diffusers models and
 inputs of the UNet benchmarks), processors (the attention processors the UNet benchmark
-compares), unet (UNet forward passes), sweep (the batched ablation sweep), plots (PNG figures).
+compares), unet (UNet forward passes), sweep (the batched ablation sweep), joint (a Flux-like joint
+attention layer read as per-token heatmaps: SDPA, fused, fused + key-group mass, the materialising
+map), plots (PNG figures).
 Nothing here queries the GPU at import time.
 """

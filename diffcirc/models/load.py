@@ -47,9 +47,7 @@ WEIGHTS_INDEX_NAME = WEIGHTS_NAME + ".index.json"  # a sharded checkpoint
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name
 _SHOWN = 5  # keys quoted per kind in a mismatch message; the rest are counted
 _CAUSE_CHARS = 600  # of a hub error quoted in a message (diffusers' own run to several lines)
-# diffusers' names for a variant (see diffusers.utils._add_variant): the variant goes before the last extension
-_VARIANT_FILE = re.compile(r"diffusion_pytorch_model\.(?P<variant>[^.]+)\.safetensors")
-_VARIANT_INDEX = re.compile(r"diffusion_pytorch_model\.safetensors\.index\.(?P<variant>[^.]+)\.json")
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 _SHARD = re.compile(r".*-\d+-of-\d+")  # "fp16-00001-of-00002": a shard of a variant, not a variant itself
 
 
@@ -127,41 +125,60 @@ def _with_variant(name: str, variant: str | None) -> str:
     return f"{stem}.{variant}.{ext}"
 
 
-def _variant(unet_dir: str) -> str | None:
-    """The weights variant to load from ``unet_dir``: None where the plain file (or its shard index)
-    is there, as diffusers reads by default; else the one variant present, e.g. "fp16" for a folder
-    written by ``save_pretrained(folder, variant="fp16")``. Several variants and no plain file:
-    ModelLoadError, since picking one would be a guess."""
-    if any(os.path.isfile(os.path.join(unet_dir, n)) for n in (WEIGHTS_NAME, WEIGHTS_INDEX_NAME)):
+def weights_variant(folder: str, weights_name: str = WEIGHTS_NAME) -> str | None:
+    """The weights variant to load from ``folder``: None where ``weights_name`` (or its shard index)
+    is there, as diffusers and transformers read by default; else the one variant present, e.g.
+    "fp16" for a folder written by ``save_pretrained(folder, variant="fp16")``. Several variants and
+    no plain file: ModelLoadError, since picking one would be a guess.
+
+    Both libraries name a variant file by putting the variant before the last extension
+    (``_with_variant``): model.fp16.safetensors, model.safetensors.index.fp16.json."""
+    index_name = weights_name + ".index.json"
+    if any(os.path.isfile(os.path.join(folder, n)) for n in (weights_name, index_name)):
         return None
+    stem = re.escape(weights_name.rsplit(".", 1)[0])
+    variant_file = re.compile(stem + r"\.(?P<variant>[^.]+)\.safetensors")
+    variant_index = re.compile(re.escape(index_name.rsplit(".", 1)[0]) + r"\.(?P<variant>[^.]+)\.json")
     found = set()
-    for name in os.listdir(unet_dir):
-        match = _VARIANT_FILE.fullmatch(name) or _VARIANT_INDEX.fullmatch(name)
+    for name in os.listdir(folder):
+        match = variant_file.fullmatch(name) or variant_index.fullmatch(name)
         if match and not _SHARD.fullmatch(match["variant"]):
             found.add(match["variant"])
     if len(found) > 1:
-        raise ModelLoadError(f"{unet_dir!r} holds no {WEIGHTS_NAME} but {len(found)} variants of it: {sorted(found)}; "
+        raise ModelLoadError(f"{folder!r} holds no {weights_name} but {len(found)} variants of it: {sorted(found)}; "
                              f"keep the files of only the variant to load there, or save that one with "
                              f"save_pretrained(folder) (no variant)")
     return found.pop() if found else None
 
 
-def _weight_files(unet_dir: str, variant: str | None = None) -> list[str]:
-    """The safetensors files diffusers will read from ``unet_dir`` for ``variant`` (one file, or the
-    shards of an index)."""
-    index = os.path.join(unet_dir, _with_variant(WEIGHTS_INDEX_NAME, variant))
+def safetensors_files(folder: str, weights_name: str, variant: str | None, hint: str) -> list[str]:
+    """The safetensors files a library will read from ``folder`` for ``weights_name`` and
+    ``variant``: the shards its index names, or the single file; [] when neither is there. A shard
+    index that is not valid JSON with a weight_map raises CorruptWeightsError (with ``hint``)."""
+    index = os.path.join(folder, _with_variant(weights_name + ".index.json", variant))
     if os.path.isfile(index):
         try:
             with open(index) as f:
                 shards = sorted(set(json.load(f)["weight_map"].values()))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise CorruptWeightsError(f"{index} is not a valid shard index ({type(e).__name__}: {e}); "
-                                      f"{_fix_hint(unet_dir)}") from None
-        return [os.path.join(unet_dir, s) for s in shards]
-    single = os.path.join(unet_dir, _with_variant(WEIGHTS_NAME, variant))
-    if os.path.isfile(single):
-        return [single]
-    pickled = sorted(f for f in os.listdir(unet_dir) if f.endswith((".bin", ".ckpt", ".pt", ".pth")))
+            raise CorruptWeightsError(f"{index} is not a valid shard index ({type(e).__name__}: {e}); {hint}") from None
+        return [os.path.join(folder, s) for s in shards]
+    single = os.path.join(folder, _with_variant(weights_name, variant))
+    return [single] if os.path.isfile(single) else []
+
+
+def pickle_files(folder: str) -> list[str]:
+    """The pickle weight files in ``folder`` (which diffcirc never reads: unpickling can run code)."""
+    return sorted(f for f in os.listdir(folder) if f.endswith(PICKLE_SUFFIXES))
+
+
+def _weight_files(unet_dir: str, variant: str | None = None) -> list[str]:
+    """The safetensors files diffusers will read from ``unet_dir`` for ``variant`` (one file, or the
+    shards of an index)."""
+    files = safetensors_files(unet_dir, WEIGHTS_NAME, variant, _fix_hint(unet_dir))
+    if files:
+        return files
+    pickled = pickle_files(unet_dir)
     why = (f"; found {pickled}, but diffcirc reads only safetensors (pickle files can run code): load them yourself "
            "in a trusted environment and save with save_pretrained(folder, safe_serialization=True)") if pickled else ""
     raise FileNotFoundError(f"no {WEIGHTS_NAME} in {unet_dir!r}{why}")
@@ -328,7 +345,7 @@ def load_component(folder: str, accepted=None, role: str = "a denoiser", dtype=N
     hint = _fix_hint(folder)
     config = _read_config(folder)
     cls = _model_class(config, folder, accepted, role)
-    variant = _variant(folder)
+    variant = weights_variant(folder)
     checkpoint = {}  # {key: shape} over all weight files (the shards of an index)
     for file in _weight_files(folder, variant):
         checkpoint.update(check_safetensors(file, hint))

@@ -21,19 +21,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 
 import torch
 
-from .load import (CorruptWeightsError, ModelLoadError, _check_finite, _raise_mismatch, check_safetensors)
+from .load import (ModelLoadError, _check_finite, _raise_mismatch, check_safetensors, pickle_files, safetensors_files,
+                   weights_variant)
 
 TEXT_ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel")
 TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast", "T5Tokenizer", "T5TokenizerFast")
 WEIGHTS_NAME = "model.safetensors"
-WEIGHTS_INDEX_NAME = WEIGHTS_NAME + ".index.json"
-_VARIANT_FILE = re.compile(r"model\.(?P<variant>[^.]+)\.safetensors")
-_SHARD = re.compile(r".*-\d+-of-\d+")
-_PICKLES = (".bin", ".ckpt", ".pt", ".pth")
 
 
 def _hint(folder: str) -> str:
@@ -41,35 +37,13 @@ def _hint(folder: str) -> str:
             "(writes config.json and model.safetensors together) or copy it again")
 
 
-def _variant(folder: str):
-    """None where model.safetensors (or its index) is there; else the one variant present."""
-    if any(os.path.isfile(os.path.join(folder, n)) for n in (WEIGHTS_NAME, WEIGHTS_INDEX_NAME)):
-        return None
-    found = {m["variant"] for m in map(_VARIANT_FILE.fullmatch, os.listdir(folder))
-             if m and not _SHARD.fullmatch(m["variant"])}
-    if len(found) > 1:
-        raise ModelLoadError(f"{folder!r} holds no {WEIGHTS_NAME} but {len(found)} variants of it: {sorted(found)}; "
-                             "keep the files of only the variant to load there")
-    return found.pop() if found else None
-
-
 def weight_files(folder: str, variant=None) -> list:
     """The safetensors files transformers will read from ``folder``; a ``ModelLoadError`` when there
     are none (naming the pickle files there, if any)."""
-    suffix = f".{variant}" if variant else ""
-    index = os.path.join(folder, f"model{suffix}.safetensors.index.json")
-    if os.path.isfile(index):
-        try:
-            with open(index) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise CorruptWeightsError(f"{index} is not a valid shard index ({type(e).__name__}: {e}); "
-                                      f"{_hint(folder)}") from None
-        return [os.path.join(folder, s) for s in shards]
-    single = os.path.join(folder, f"model{suffix}.safetensors")
-    if os.path.isfile(single):
-        return [single]
-    pickled = sorted(f for f in os.listdir(folder) if f.endswith(_PICKLES))
+    files = safetensors_files(folder, WEIGHTS_NAME, variant, _hint(folder))
+    if files:
+        return files
+    pickled = pickle_files(folder)
     if pickled:
         raise ModelLoadError(
             f"the text encoder in {folder!r} has only pickle weights {pickled}, and diffcirc reads only safetensors "
@@ -121,7 +95,7 @@ def load_text_encoder(folder: str, class_name: str | None = None, dtype=torch.fl
                              f"{', '.join(TEXT_ENCODER_CLASSES)}")
     cls = getattr(transformers, class_name)
     hint = _hint(folder)
-    variant = _variant(folder)
+    variant = weights_variant(folder, WEIGHTS_NAME)
     for file in weight_files(folder, variant):
         check_safetensors(file, hint)
     try:

@@ -126,6 +126,20 @@ def test_a_text_encoder_with_only_pickle_weights_is_refused(copy_of):
         load_pipeline(str(folder))
 
 
+def test_a_text_encoder_saved_as_a_sharded_variant_loads_its_saved_weights(folders, tmp_path):
+    # transformers names a variant's shard index model.safetensors.index.fp16.json: the variant
+    # goes before the last extension, as for the denoiser's files
+    saved = load_text_encoder(str(folders["sd3"] / "text_encoder_3"))
+    folder = tmp_path / "text_encoder_3"
+    saved.save_pretrained(folder, variant="fp16", max_shard_size="20KB", safe_serialization=True)
+    assert (folder / "model.safetensors.index.fp16.json").is_file() and not (folder / "model.safetensors").exists()
+    loaded = load_text_encoder(str(folder))
+    state = loaded.state_dict()
+    assert state.keys() == saved.state_dict().keys()
+    for key, value in saved.state_dict().items():
+        assert torch.equal(state[key], value), key
+
+
 def test_a_truncated_text_encoder_is_refused_before_transformers_reads_it(copy_of):
     folder = copy_of("flux")
     path = folder / "text_encoder_2" / "model.safetensors"

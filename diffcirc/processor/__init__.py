@@ -12,10 +12,10 @@ from .attribution import head_attribution
 from .conditions import run_conditions
 from .counterparts import (FusedAuraFlowAttnProcessor, FusedFluxAttnProcessor, FusedJointAttnProcessor,
                            FusedSanaAttnProcessor)
+from .heatmaps import TokenHeatmaps
 from .interventions import (Intervention, Mean, Patch, Scale, Uniform, Zero, cache_head_outputs, head_arguments,
                             mean_head_outputs)
 from .processor import AttentionCall, FusedAttnProcessor, OpRequest
-from .heatmaps import TokenHeatmaps
 from .recorder import Recorder
 from .session import LayerInfo, Session, SkippedLayer
 from .supported import FUSED_COUNTERPARTS

@@ -36,6 +36,16 @@ def _split_heads(x: torch.Tensor, batch: int, heads: int, head_dim: int) -> torc
     return x.view(batch, -1, heads, head_dim).transpose(1, 2)
 
 
+def _norm_qk(q_norm, k_norm, query: torch.Tensor, key: torch.Tensor):
+    """query and key through a layer's optional q / k norms (None: unchanged)."""
+    return (query if q_norm is None else q_norm(query)), (key if k_norm is None else k_norm(key))
+
+
+def _join(first: tuple, second: tuple, dim: int) -> tuple:
+    """(q, k, v) of two token sets concatenated along the token dim, ``first``'s tokens first."""
+    return tuple(torch.cat([a, b], dim=dim) for a, b in zip(first, second))
+
+
 class _Counterpart:
     def __init__(self, layer: Optional[str] = None, controller: Optional[Controller] = None):
         self.layer = layer
@@ -68,22 +78,14 @@ class FusedJointAttnProcessor(_Counterpart):
         query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
         head_dim = key.shape[-1] // attn.heads
         query, key, value = (_split_heads(t, batch, attn.heads, head_dim) for t in (query, key, value))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key = _norm_qk(attn.norm_q, attn.norm_k, query, key)
 
         joint = encoder_hidden_states is not None
         if joint:
             c_query, c_key, c_value = (_split_heads(proj(encoder_hidden_states), batch, attn.heads, head_dim)
                                        for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
-            if attn.norm_added_q is not None:
-                c_query = attn.norm_added_q(c_query)
-            if attn.norm_added_k is not None:
-                c_key = attn.norm_added_k(c_key)
-            query = torch.cat([query, c_query], dim=2)
-            key = torch.cat([key, c_key], dim=2)
-            value = torch.cat([value, c_value], dim=2)
+            c_query, c_key = _norm_qk(attn.norm_added_q, attn.norm_added_k, c_query, c_key)
+            query, key, value = _join((query, key, value), (c_query, c_key, c_value), dim=2)
 
         out = run_attention(self.layer, self.controller, query, key, value, None, None,
                             kind="joint" if joint else "self", image_span=(0, n_image) if joint else None)
@@ -120,21 +122,13 @@ class FusedAuraFlowAttnProcessor(_Counterpart):
         head_dim = key.shape[-1] // attn.heads
         # (B, N, H, D): AuraFlow normalises and joins in this layout
         query, key, value = (t.view(batch, -1, attn.heads, head_dim) for t in (query, key, value))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key = _norm_qk(attn.norm_q, attn.norm_k, query, key)
         n_context = 0
         if joint:
             n_context = encoder_hidden_states.shape[1]
             c_query, c_key, c_value = (t.view(batch, -1, attn.heads, head_dim) for t in (c_query, c_key, c_value))
-            if attn.norm_added_q is not None:
-                c_query = attn.norm_added_q(c_query)
-            if attn.norm_added_k is not None:
-                c_key = attn.norm_added_k(c_key)
-            query = torch.cat([c_query, query], dim=1)
-            key = torch.cat([c_key, key], dim=1)
-            value = torch.cat([c_value, value], dim=1)
+            c_query, c_key = _norm_qk(attn.norm_added_q, attn.norm_added_k, c_query, c_key)
+            query, key, value = _join((c_query, c_key, c_value), (query, key, value), dim=1)
 
         query, key, value = (t.transpose(1, 2) for t in (query, key, value))
         out = run_attention(self.layer, self.controller, query, key, value, attn.scale, None, kind="joint",
@@ -197,9 +191,7 @@ class FusedFluxAttnProcessor(_Counterpart):
         if attn.added_kv_proj_dim is not None:
             c_query, c_key, c_value = (t.unflatten(-1, (-1, attn.head_dim)) for t in context)
             c_query, c_key = attn.norm_added_q(c_query), attn.norm_added_k(c_key)
-            query = torch.cat([c_query, query], dim=1)
-            key = torch.cat([c_key, key], dim=1)
-            value = torch.cat([c_value, value], dim=1)
+            query, key, value = _join((c_query, c_key, c_value), (query, key, value), dim=1)
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
@@ -243,10 +235,7 @@ class FusedSanaAttnProcessor(_Counterpart):
         is_cross = encoder_hidden_states is not None
         context = encoder_hidden_states if is_cross else hidden_states
         key, value = attn.to_k(context), attn.to_v(context)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key = _norm_qk(attn.norm_q, attn.norm_k, query, key)
         head_dim = key.shape[-1] // attn.heads
         query, key, value = (_split_heads(t, batch, attn.heads, head_dim) for t in (query, key, value))
 

@@ -55,6 +55,10 @@ TARGETS = {
     "diffcirc/processor/masks.py": ["tests/processor/test_compile.py", "tests/processor/test_processor.py"],
     "diffcirc/processor/recorder*.py": ["tests/processor/test_recorder*.py"],
     "diffcirc/processor/aggregates.py": ["tests/processor/test_recorder*.py"],
+    # the transformer models' counterparts are checked against diffusers' processors there
+    "diffcirc/processor/counterparts.py": ["tests/processor/test_transformer_models.py",
+                                           "tests/processor/test_compile.py"],
+    "diffcirc/processor/heatmaps.py": [],
     "diffcirc/processor/grid.py": ["tests/processor/test_session.py", "tests/processor/test_recorder.py"],
     "diffcirc/analysis/config.py": ["tests/analysis/test_driver.py"],
     "diffcirc/analysis/phases*.py": ["tests/analysis/test_driver.py"],

@@ -22,6 +22,9 @@ from diffcirc.ops import attention, reference_attention
 N_IMG, N_TXT, D, FLUX_HEADS = 4096, 512, 128, 24
 HEADS = 4  # default: what two CPU cores run in reasonable time (every head costs the same)
 REPEATS = 3
+DEFAULTS = {"h": HEADS, "n_img": N_IMG, "n_txt": N_TXT, "d": D, "repeats": REPEATS}
+QUICK = {"h": 1, "n_img": 256, "n_txt": 64, "d": 64, "repeats": 1}  # seconds: a smoke run of every path
+HEADER = f"{'implementation':22} {'ms':>13} {'vs sdpa':>13} {'peak extra':>19}  error vs float64"
 
 
 def make_joint_case(b: int, h: int, n_img: int, n_txt: int, d: int, dtype: torch.dtype, seed: int = 0,

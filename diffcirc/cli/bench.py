@@ -6,6 +6,8 @@
                         [--out DIR] [--compare OLD.json] [--quick]
     diffcirc bench sweep [--device cpu|cuda] [--conditions 9 25] [--max-batch 8 40 200] [--images 8]
                          [--repeats 3] [--out DIR] [--compare OLD.json] [--quick]
+    diffcirc bench joint [--device cpu|cuda] [--dtype bf16] [--heads 4] [--n-img 4096] [--n-txt 512] [--d 128]
+                         [--impl ...] [--repeats 3] [--out DIR] [--compare OLD.json] [--quick]
     diffcirc bench compare NEW.json OLD.json [--threshold 10]
 
 Every implementation is checked against the reference before it is timed; a wrong one is refused
@@ -127,6 +129,24 @@ def _sweep_parser(sub):
     p.set_defaults(func=run_sweep_command)
 
 
+def _joint_parser(sub):
+    from diffcirc.bench import joint
+
+    p = sub.add_parser("joint", help="a Flux-like joint-attention layer read as per-token heatmaps: SDPA vs fused vs "
+                                     "fused + key-group mass vs the materialising map")
+    _common(p, "joint", f"default {joint.REPEATS}, --quick {joint.QUICK['repeats']}")
+    p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    p.add_argument("--heads", type=positive(int), help=f"default {joint.HEADS} (Flux: {joint.FLUX_HEADS}); "
+                                                       f"--quick {joint.QUICK['h']}")
+    p.add_argument("--n-img", type=positive(int), help=f"image tokens (default {joint.N_IMG}: Flux at 1024²; "
+                                                       f"--quick {joint.QUICK['n_img']})")
+    p.add_argument("--n-txt", type=positive(int), help=f"text tokens, one group each (default {joint.N_TXT}; "
+                                                       f"--quick {joint.QUICK['n_txt']})")
+    p.add_argument("--d", type=positive(int), help=f"head dim (default {joint.D})")
+    p.add_argument("--impl", nargs="+", choices=list(joint.IMPLEMENTATIONS), help="default: all")
+    p.set_defaults(func=run_joint_command)
+
+
 def _compare_parser(sub):
     p = sub.add_parser("compare", help="compare two results.json files")
     p.add_argument("new")
@@ -138,8 +158,8 @@ def _compare_parser(sub):
 def register(subparsers):
     p = subparsers.add_parser("bench", help="benchmark the fused op or a UNet; JSON, CSV, plots, --compare",
                               description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="bench_command", metavar="{op,unet,sweep,compare}")
-    for add in (_op_parser, _unet_parser, _sweep_parser, _compare_parser):
+    sub = p.add_subparsers(dest="bench_command", metavar="{op,unet,sweep,joint,compare}")
+    for add in (_op_parser, _unet_parser, _sweep_parser, _joint_parser, _compare_parser):
         add(sub)
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
     return p
@@ -198,12 +218,12 @@ def _title(meta: dict) -> str:
 
 
 def _finish(args, meta, rows, plot, **extra) -> int:
-    """Writes results.json, results.csv and (unless --no-plots) plot(rows, out, title)'s PNGs into
-    --out, then compares with --compare; returns the exit status."""
+    """Writes results.json, results.csv and (unless --no-plots, or plot is None) plot(rows, out,
+    title)'s PNGs into --out, then compares with --compare; returns the exit status."""
     from diffcirc.bench.results import write_results
 
     paths = write_results(args.out, meta, rows, **extra)
-    if not args.no_plots:
+    if plot is not None and not args.no_plots:
         paths += plot(rows, args.out, title=_title(meta))
     print("wrote " + " ".join(paths))
     return compare_rows(rows, args.compare, args.threshold) if args.compare else 0
@@ -278,3 +298,20 @@ def run_sweep_command(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return _finish(args, _meta(args, "sweep", config=dataclasses.asdict(cfg)), rows, write_sweep_plots)
+
+
+def run_joint_command(args) -> int:
+    from diffcirc.bench import joint
+    from diffcirc.bench.gate import IncorrectImplementation
+
+    size = {k: v for k, v in (("h", args.heads), ("n_img", args.n_img), ("n_txt", args.n_txt), ("d", args.d),
+                              ("repeats", args.repeats)) if v is not None}
+    case = {**(joint.QUICK if args.quick else joint.DEFAULTS), **size}
+    _start(args, joint.HEADER)
+    try:
+        rows = joint.run_joint(dtype=args.dtype, names=args.impl, device=args.device, **case)
+    except IncorrectImplementation as e:
+        return _refused(e)
+    for line in joint.summary_lines(rows):
+        print(line)
+    return _finish(args, _meta(args, "joint", case=case), rows, None)

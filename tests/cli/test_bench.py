@@ -1,4 +1,4 @@
-"""``diffcirc bench`` (op, unet, sweep, compare) and the thin scripts of ``benchmarks/``: the JSON/CSV
+"""``diffcirc bench`` (op, unet, sweep, joint, compare) and the thin scripts of ``benchmarks/``: the JSON/CSV
 schema, --compare, plots, refusals of wrong implementations, options reaching the library, option
 ranges. The sweep runs on the tiny UNet with 2 conditions x 1 image. No wall-clock limits."""
 
@@ -18,7 +18,7 @@ from diffcirc.cli.bench import EXIT_REFUSED, EXIT_REGRESSION, compare_files
 
 pytest.importorskip("diffusers")
 
-from diffcirc.bench import sweep, unet  # noqa: E402
+from diffcirc.bench import joint, sweep, unet  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 SWEEP = ["bench", "sweep", "--quick", "--conditions", "2", "--threads", "1"]
@@ -252,7 +252,7 @@ def nothing_starts(monkeypatch):
     def started(*args, **kwargs):
         raise _Started
 
-    for module, name in ((op, "run_op"), (unet, "run_unet"), (sweep, "run_sweep")):
+    for module, name in ((op, "run_op"), (unet, "run_unet"), (sweep, "run_sweep"), (joint, "run_joint")):
         monkeypatch.setattr(module, name, started)
 
 
@@ -274,6 +274,9 @@ def nothing_starts(monkeypatch):
     (["op", "--mem-budget-gib", "-1"], "--mem-budget-gib"),
     (["op", "--threshold", "nan"], "--threshold"),
     (["op", "--dtype", "f64"], "--dtype"),
+    (["joint", "--heads", "0"], "--heads"),
+    (["joint", "--n-txt", "0"], "--n-txt"),
+    (["joint", "--impl", "flash"], "--impl"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_bench_count_out_of_range_is_a_usage_error(tmp_path, capsys, nothing_starts, argv, option):
     with pytest.raises(SystemExit) as exit_info:
@@ -301,6 +304,7 @@ def _script(name: str):
     ("bench_unet", ["--warmup", "-1"]), ("bench_sweep", ["--max-batch", "0"]),
     ("bench_attention", ["--repeats", "0"]), ("bench_attention", ["--threads", "0"]),
     ("bench_attention", ["--shapes", "0"]), ("bench_attention", ["--b", "-1"]),
+    ("bench_joint", ["--heads", "0"]), ("bench_joint", ["--repeats", "0"]),
 ])
 def test_bench_scripts_check_their_counts(nothing_starts, script, argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -310,7 +314,7 @@ def test_bench_scripts_check_their_counts(nothing_starts, script, argv, capsys):
 
 @pytest.mark.parametrize("script, command, runner", [
     ("bench_attention", "op", (op, "run_op")), ("bench_unet", "unet", (unet, "run_unet")),
-    ("bench_sweep", "sweep", (sweep, "run_sweep")),
+    ("bench_sweep", "sweep", (sweep, "run_sweep")), ("bench_joint", "joint", (joint, "run_joint")),
 ])
 def test_bench_scripts_run_the_command(tmp_path, monkeypatch, script, command, runner):
     ran = []

@@ -5,7 +5,8 @@ tables in ``experiment.tables`` (``diffcirc.analysis.driver`` saves them as resu
                  aggregates, histograms, per-image means, per-query maps of a few sample images
                  (model = "trained" and the "random"-weights control of the same architecture)
   2. features    correlations of each head's entropy map with edge / texture maps of the image
-  3. ablations   every single head zero- and mean-ablated at each ablation timestep (batched)
+  3. ablations   every single head zero- and mean-ablated at each ablation timestep (batched, each
+                 condition resumed from the clean pass at the first stage it changes)
   4. attribution one backward pass per (dataset, timestep) scores every head
   5. roles       role assignment, then role ablations against size-matched random head sets
   6. circuit     greedy minimal circuit per dataset under a degradation threshold
@@ -16,6 +17,8 @@ Under torchrun each phase shards its images, conditions or steps over the ranks
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import numpy as np
 import pandas as pd
 import torch
@@ -25,6 +28,7 @@ from ..data import load_dataset
 from ..models import load, random_like
 from ..processor import Mean, Recorder, Session, Zero, head_attribution, mean_head_outputs, run_conditions
 from ..processor.grid import labels_to_grid
+from ..processor.stage_reuse import StageReuse, stage_units
 from . import image_maps
 from .circuit import greedy_minimal_circuit
 from .config import CONTROL_SEED_OFFSET, DATASETS, AnalysisConfig, noise_for
@@ -223,7 +227,8 @@ class Experiment:
     def run_share(self, conditions, x_t, t):
         """This rank's share of a batched step: (indices into conditions, eps predictions
         (len(indices), B, 3, S, S)). Index 0, the clean pass, is run by every rank as its baseline;
-        passes are bounded by max_batch and the memory budget."""
+        passes are bounded by max_batch and the memory budget, and resume from the clean pass at
+        the first stage their conditions change (``run_conditions``' reuse)."""
         mine = [0, *self.ranks.shard(range(1, len(conditions)))]
         with torch.no_grad():
             eps_hat = run_conditions(self.session, lambda x: self.forward(self.unet, x, t), x_t,
@@ -328,11 +333,15 @@ class Experiment:
         frames = []
         for index, name in self.ranks.shard(enumerate(DATASETS)):
             _, _, _, x_t, eps = self.ablation_batch(name, t)
-            with torch.no_grad():
+            # every step of the greedy search is one condition: each resumes from this clean pass
+            # at the first stage its removed heads change
+            reuse = StageReuse(self.session) if stage_units(self.unet) else None
+            with torch.no_grad(), self.session.intervene([]), reuse.recording() if reuse else nullcontext():
                 clean = (self.forward(self.unet, x_t, t) - eps).square().mean().item()
 
-            def degradation_of(removed: frozenset) -> float:
-                with torch.no_grad(), self.session.intervene([Zero(layer, h) for layer, h in removed]):
+            def degradation_of(removed: frozenset, reuse=reuse) -> float:
+                with torch.no_grad(), self.session.intervene([Zero(layer, h) for layer, h in removed]), \
+                        reuse.resuming() if reuse else nullcontext():
                     loss = (self.forward(self.unet, x_t, t) - eps).square().mean().item()
                 return 100.0 * (loss - clean) / clean
 

@@ -7,6 +7,7 @@ import torch
 from helpers import tiny_models as tm
 from diffcirc.processor import (Mean, Patch, Scale, Session, Uniform, Zero, cache_head_outputs, mean_head_outputs,
                                 run_conditions)
+from diffcirc.processor.stage_reuse import ReuseFallback
 
 TOL = 1e-5
 L0, L1, MID = "down_blocks.1.attentions.0", "down_blocks.1.attentions.1", "mid_block.attentions.0"
@@ -180,7 +181,8 @@ def test_conditions_in_one_batch_equal_separate_runs(unet):
     separate = torch.stack([_fused(session, c, lambda: forward((x2, t2))) for c in conditions])
     with torch.no_grad():
         batched = run_conditions(session, forward, (x2, t2), conditions, max_batch=4)
-        by_bytes = run_conditions(session, forward, (x2, t2), conditions, max_bytes=1)
+        with pytest.warns(ReuseFallback, match="holds less than the stored stage outputs"):
+            by_bytes = run_conditions(session, forward, (x2, t2), conditions, max_bytes=1)  # one per pass, full
         unlimited = run_conditions(session, lambda xt: {"eps": model(*xt).sample}, (x2, t2), conditions)["eps"]
     assert batched.shape == (6, 2, 3, 16, 16)
     for got in (batched, by_bytes, unlimited):
@@ -196,9 +198,13 @@ def test_chunks_respect_max_batch(unet):
         sizes.append(xt[0].shape[0])
         return model(*xt).sample
 
+    conditions = [[Zero(L0, h)] for h in range(5)]
     with torch.no_grad():
-        run_conditions(session, forward, (x, t), [[Zero(L0, h)] for h in range(5)], max_batch=7)
-    assert sizes == [6, 6, 3]
+        run_conditions(session, forward, (x, t), conditions, max_batch=7, reuse=False)
+        assert sizes == [6, 6, 3]  # 2 conditions of 3 images per pass
+        sizes.clear()
+        run_conditions(session, forward, (x, t), conditions, max_batch=7, reuse=True)
+    assert sizes == [3, 6, 6, 3]  # reuse's clean pass of the 3 images, then the same chunks
     with pytest.raises(ValueError, match="max_batch"):
         run_conditions(session, forward, (x, t), [[]], max_batch=2)
 

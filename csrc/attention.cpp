@@ -104,12 +104,17 @@ void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::
 }
 
 AttentionResult allocate_attention_outputs(const at::Tensor& q, const at::Tensor& v, bool want_entropy,
-                                           bool want_distance, bool want_label_mass, int64_t n_groups) {
+                                           bool want_distance, bool want_label_mass, int64_t n_groups,
+                                           bool sum_group_heads) {
+  TORCH_CHECK_VALUE(!sum_group_heads || n_groups > 0, "sum_group_heads is for key_group_mass: give key_groups and "
+                    "n_groups with it");
   const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), Dv = v.size(3);
   auto out = at::empty({B, Nq, H, Dv}, q.options()).transpose(1, 2);
   auto f32 = q.options().dtype(at::kFloat);
   auto stat = [&](bool on) { return on ? at::empty({B, H, Nq}, f32) : at::empty({0}, f32); };
-  auto group_mass = n_groups > 0 ? at::empty({B, H, Nq, n_groups}, f32) : at::empty({0}, f32);
+  auto group_mass = n_groups == 0      ? at::empty({0}, f32)
+                    : sum_group_heads ? at::zeros({B, 1, Nq, n_groups}, f32)
+                                      : at::empty({B, H, Nq, n_groups}, f32);
   return {out, stat(true), stat(want_entropy), stat(want_distance), stat(want_label_mass), group_mass};
 }
 
@@ -126,6 +131,6 @@ TORCH_LIBRARY(diffcirc, m) {
   m.def(
       "attention(Tensor q, Tensor k, Tensor v, float scale, Tensor? key_padding_mask, Tensor? head_scale, "
       "Tensor? head_replacement, int[] grid, Tensor? q_labels, Tensor? k_labels, bool entropy, bool distance, "
-      "bool label_mass, Tensor? key_groups=None, int n_groups=0) -> (Tensor out, Tensor lse, Tensor entropy, "
-      "Tensor distance, Tensor label_mass, Tensor key_group_mass)");
+      "bool label_mass, Tensor? key_groups=None, int n_groups=0, bool sum_group_heads=False) -> (Tensor out, "
+      "Tensor lse, Tensor entropy, Tensor distance, Tensor label_mass, Tensor key_group_mass)");
 }

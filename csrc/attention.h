@@ -15,7 +15,8 @@ namespace diffcirc {
 // out (B, H, Nq, Dv) in q's dtype (memory laid out as (B, Nq, H, Dv), so merging heads back into
 // diffusers' (B, N, H * Dv) is a free view), lse (B, H, Nq) float32, then entropy, distance and
 // label_mass, each (B, H, Nq) float32 when asked for, else an empty (0,) tensor, then
-// key_group_mass (B, H, Nq, G) float32 (uninitialised: each backend fills it) or an empty (0,) tensor.
+// key_group_mass (B, H, Nq, G) float32, or (B, 1, Nq, G) summed over heads with sum_group_heads
+// (uninitialised per head, zeroed when summed: each backend fills or adds into it), or an empty (0,) tensor.
 using AttentionResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // Largest number of key groups (n_groups) of key-group mass, on every backend. Group ids are int32;
@@ -38,9 +39,11 @@ void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::
                             bool want_distance, bool want_label_mass, const std::optional<at::Tensor>& key_groups,
                             int64_t n_groups);
 
-// Allocates the outputs described above; key_group_mass is (B, H, Nq, n_groups) when n_groups > 0.
+// Allocates the outputs described above; key_group_mass is (B, H, Nq, n_groups) when n_groups > 0,
+// (B, 1, Nq, n_groups) and zeroed when sum_group_heads.
 AttentionResult allocate_attention_outputs(const at::Tensor& q, const at::Tensor& v, bool want_entropy,
-                                           bool want_distance, bool want_label_mass, int64_t n_groups);
+                                           bool want_distance, bool want_label_mass, int64_t n_groups,
+                                           bool sum_group_heads);
 
 // Token-grid centres in [0, 1]^2 (row, col) of an (h, w) row-major grid, as two float32 (h * w,) tensors.
 std::pair<at::Tensor, at::Tensor> grid_centres(int64_t h, int64_t w, const at::TensorOptions& options);

@@ -19,6 +19,8 @@
 // several tokens, costs a few vector adds per row and block rather than one scattered add per key.
 #include <algorithm>
 #include <limits>
+#include <memory>
+#include <mutex>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -71,8 +73,14 @@ struct Problem {
   float* ent;                // (B, H, Nq) or nullptr
   float* dist;
   float* lab;
-  float* group_mass;         // (B, H, Nq, n_groups) or nullptr
+  float* group_mass;         // (B, H, Nq, n_groups), (B, 1, Nq, n_groups) zeroed when summed, or nullptr
+  // Summed over heads: each task accumulates its rows in its tile, then adds them into group_mass
+  // holding the lock of its (batch, query block) (tasks of different heads share those rows).
+  bool group_heads_summed;
+  std::mutex* group_locks;   // kGroupLocks of them, or nullptr
 };
+
+constexpr int64_t kGroupLocks = 64;
 
 constexpr int64_t key_blocks(int64_t nk) { return (nk + kKeyBlock - 1) / kKeyBlock; }
 
@@ -167,12 +175,14 @@ struct Tiles {
   std::vector<float> qw, kw, vw;  // widened blocks (GemmPath::kWiden)
   std::vector<RowState> state;
   std::vector<float> group_ref;  // key-group accumulators' reference max per row (row_state.h)
+  std::vector<float> group_acc;  // (kQueryBlock, n_groups) accumulators when summed over heads
   Tiles(const Problem& pb, GemmPath path, int64_t kb_max) : ld(kb_max + (kb_max & 1)) {
     s.resize(kQueryBlock * ld);
     o.resize(kQueryBlock * pb.Dv);
     alpha.resize(kQueryBlock);
     state.resize(kQueryBlock);
     if (pb.group_mass) group_ref.resize(kQueryBlock);
+    if (pb.group_heads_summed) group_acc.resize(kQueryBlock * pb.n_groups);
     if (path == GemmPath::kBf16Packed) p_bf16.resize(kQueryBlock * ld);
     if (path == GemmPath::kWiden) {
       qw.resize(kQueryBlock * pb.D);
@@ -182,9 +192,17 @@ struct Tiles {
   }
 };
 
+// The key-group accumulators of rows [i0, i0 + rows) of head (b, h): the output's rows, or the
+// task's tile when summed over heads.
+float* group_accumulators(const Problem& pb, int64_t b, int64_t h, int64_t i0, Tiles& t) {
+  if (!pb.group_mass) return nullptr;
+  return pb.group_heads_summed ? t.group_acc.data() : pb.group_mass + ((b * pb.H + h) * pb.Nq + i0) * pb.n_groups;
+}
+
 // Writes out, lse and the statistics of rows [i0, i0 + rows) of head (b, h).
 template <typename T>
-void finish_rows(const Problem& pb, int64_t b, int64_t h, int64_t i0, int64_t rows, const Tiles& t) {
+void finish_rows(const Problem& pb, int64_t b, int64_t h, int64_t i0, int64_t rows, Tiles& t) {
+  float* group_acc = group_accumulators(pb, b, h, i0, t);
   const float hs = pb.head_scale ? pb.head_scale[b * pb.hs_stride[0] + h * pb.hs_stride[1]] : 1.f;
   T* out = static_cast<T*>(pb.out);
   for (int64_t r = 0; r < rows; ++r) {
@@ -195,8 +213,8 @@ void finish_rows(const Problem& pb, int64_t b, int64_t h, int64_t i0, int64_t ro
     if (pb.ent) pb.ent[stat_index] = rs.entropy;
     if (pb.dist) pb.dist[stat_index] = rs.distance;
     if (pb.lab) pb.lab[stat_index] = rs.label_mass;
-    if (pb.group_mass) {
-      float* acc = pb.group_mass + stat_index * pb.n_groups;
+    if (group_acc) {
+      float* acc = group_acc + r * pb.n_groups;
       const float f = group_mass_factor(t.group_ref[r], t.state[r], rs);
       for (int64_t g = 0; g < pb.n_groups; ++g) acc[g] *= f;
     }
@@ -211,6 +229,12 @@ void finish_rows(const Problem& pb, int64_t b, int64_t h, int64_t i0, int64_t ro
       for (int64_t c = 0; c < pb.Dv; ++c) dst[c] = static_cast<T>(o[c] * f);
     }
   }
+  if (pb.group_heads_summed) {
+    const int64_t block = b * ((pb.Nq + kQueryBlock - 1) / kQueryBlock) + i0 / kQueryBlock;
+    std::lock_guard<std::mutex> lock(pb.group_locks[block % kGroupLocks]);
+    float* dst = pb.group_mass + (b * pb.Nq + i0) * pb.n_groups;
+    for (int64_t e = 0; e < rows * pb.n_groups; ++e) dst[e] += group_acc[e];
+  }
 }
 
 // One task: rows [i0, i0 + rows) of head (b, h), streamed over every key block.
@@ -223,7 +247,7 @@ void run_task(const Problem& pb, GemmPath path, const T* q, const T* k, const T*
   if (path == GemmPath::kWiden) widen(qp, pb.q_stride[2], rows, pb.D, t.qw.data());
   std::fill(t.state.begin(), t.state.begin() + rows, row_state_init());
   std::fill(t.o.begin(), t.o.begin() + rows * pb.Dv, 0.f);
-  float* group_mass = pb.group_mass ? pb.group_mass + ((b * pb.H + h) * pb.Nq + i0) * pb.n_groups : nullptr;
+  float* group_mass = group_accumulators(pb, b, h, i0, t);
   if (group_mass) {
     std::fill(group_mass, group_mass + rows * pb.n_groups, 0.f);
     std::fill(t.group_ref.begin(), t.group_ref.begin() + rows, -std::numeric_limits<float>::infinity());
@@ -350,10 +374,11 @@ AttentionResult attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, co
                               const std::optional<at::Tensor>& head_replacement, at::IntArrayRef grid,
                               const std::optional<at::Tensor>& q_labels, const std::optional<at::Tensor>& k_labels,
                               bool want_entropy, bool want_distance, bool want_label_mass,
-                              const std::optional<at::Tensor>& key_groups, int64_t n_groups) {
+                              const std::optional<at::Tensor>& key_groups, int64_t n_groups, bool sum_group_heads) {
   check_attention_inputs(q_in, k_in, v_in, key_padding_mask, head_scale, head_replacement, grid, q_labels, k_labels,
                          want_distance, want_label_mass, key_groups, n_groups);
-  auto result = allocate_attention_outputs(q_in, v_in, want_entropy, want_distance, want_label_mass, n_groups);
+  auto result = allocate_attention_outputs(q_in, v_in, want_entropy, want_distance, want_label_mass, n_groups,
+                                           sum_group_heads);
   auto& [out, lse, ent, dist, lab, group_mass] = result;
   if (lse.numel() == 0) return result;  // B, H or Nq is 0
   const auto q = gemm_compatible(q_in), k = gemm_compatible(k_in), v = gemm_compatible(v_in);
@@ -376,6 +401,7 @@ AttentionResult attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, co
   at::Tensor key_bias, q_row, q_col, k_row, k_col, ql, kl, hs, rep;
   std::vector<GroupRun> runs;
   std::vector<int64_t> run_begin;
+  std::unique_ptr<std::mutex[]> group_locks;
   if (key_padding_mask) {
     key_bias = at::where(*key_padding_mask, 0.f, -std::numeric_limits<float>::infinity()).to(at::kFloat).contiguous();
     pb.key_bias = key_bias.data_ptr<float>();
@@ -402,6 +428,11 @@ AttentionResult attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, co
     pb.runs = runs.data();
     pb.run_begin = run_begin.data();
     pb.group_mass = group_mass.data_ptr<float>();
+    if (sum_group_heads) {
+      group_locks = std::make_unique<std::mutex[]>(kGroupLocks);
+      pb.group_heads_summed = true;
+      pb.group_locks = group_locks.get();
+    }
   }
   if (head_scale) {
     hs = *head_scale;

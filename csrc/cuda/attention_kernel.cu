@@ -76,12 +76,14 @@ AttentionResult attention_cuda(const at::Tensor& q, const at::Tensor& k, const a
                                const std::optional<at::Tensor>& head_replacement, at::IntArrayRef grid,
                                const std::optional<at::Tensor>& q_labels, const std::optional<at::Tensor>& k_labels,
                                bool want_entropy, bool want_distance, bool want_label_mass,
-                               const std::optional<at::Tensor>& key_groups, int64_t n_groups) {
+                               const std::optional<at::Tensor>& key_groups, int64_t n_groups,
+                               bool sum_group_heads) {
   check_attention_inputs(q, k, v, key_padding_mask, head_scale, head_replacement, grid, q_labels, k_labels,
                          want_distance, want_label_mass, key_groups, n_groups);
   TORCH_CHECK_VALUE(q.is_cuda(), "attention (CUDA): q must be a CUDA tensor, got ", q.device());
   const c10::cuda::CUDAGuard device_guard(q.device());
-  auto result = allocate_attention_outputs(q, v, want_entropy, want_distance, want_label_mass, n_groups);
+  auto result = allocate_attention_outputs(q, v, want_entropy, want_distance, want_label_mass, n_groups,
+                                           sum_group_heads);
   auto& [out, lse, ent, dist, lab, group_mass] = result;
   if (lse.numel() == 0) return result;  // B, H or Nq is 0
 
@@ -141,7 +143,9 @@ AttentionResult attention_cuda(const at::Tensor& q, const at::Tensor& k, const a
     p.key_groups_stride[0] = key_groups->stride(0);
     p.key_groups_stride[1] = key_groups->stride(1);
     p.n_groups = static_cast<int>(n_groups);  // <= kMaxKeyGroups (check_attention_inputs)
-    group_mass.zero_();                       // on the current stream, before the kernels add to it
+    p.group_heads_summed = sum_group_heads;
+    if (!sum_group_heads) group_mass.zero_();  // on the current stream, before the kernels add to it
+                                               // (allocated zeroed when summed)
     p.key_group_mass = group_mass.data_ptr<float>();
   }
   if (head_scale) {

@@ -503,8 +503,9 @@ __global__ void __launch_bounds__(TileConfig<T, DP>::kThreads, 1) attention_fwd_
 }
 
 // Second pass for key-group mass (see the top of this file): adds p = e^{scale s - lse} of every
-// grouped, unmasked key to key_group_mass[b, h, i, group], which the caller zeroed. Reads the lse the
-// forward kernel wrote (same stream, so it has finished). A fully masked row (lse = -inf) keeps 0; a
+// grouped, unmasked key to key_group_mass[b, h, i, group] (or [b, 0, i, group], summed over heads),
+// which the caller zeroed. Reads the lse the forward kernel wrote (same stream, so it has
+// finished). A fully masked row (lse = -inf) keeps 0; a
 // poisoned row (lse NaN) becomes NaN in every group, as on the CPU. Masked keys, keys past Nk and ids
 // outside [0, n_groups) are never touched, so neither their logits (garbage in padding) nor their ids
 // can reach the output.
@@ -544,7 +545,8 @@ __global__ void __launch_bounds__(GroupMassConfig<T, DP>::kThreads, 1) key_group
     const int i = row_base + 8 * ri;
     const bool valid = i < p.Nq;
     lse[ri] = valid ? p.lse[static_cast<int64_t>(bh) * p.Nq + i] : -INFINITY;
-    mass[ri] = p.key_group_mass + (static_cast<int64_t>(bh) * p.Nq + (valid ? i : 0)) * G;
+    const int64_t mass_row = static_cast<int64_t>(p.group_heads_summed ? b : bh) * p.Nq + (valid ? i : 0);
+    mass[ri] = p.key_group_mass + mass_row * G;
     live[ri] = valid && fabsf(lse[ri]) < INFINITY;   // false for -inf (fully masked) and NaN (poisoned)
     if (valid && lse[ri] != lse[ri])                  // the quad's four lanes share the row's writes
       for (int c = t; c < G; c += 4) mass[ri][c] = NAN;

@@ -37,6 +37,7 @@ struct AttentionParams {
   const int32_t* key_groups;  // (B, Nk) (key_group_mass only); an id outside [0, n_groups) is in no group
   int64_t key_groups_stride[2];
   int n_groups;
+  bool group_heads_summed;  // key_group_mass is (B, 1, Nq, n_groups): every head adds into its batch's rows
 
   const float* head_scale;  // (B, H) or nullptr (= 1)
   int64_t head_scale_stride[2];
@@ -50,7 +51,7 @@ struct AttentionParams {
   float* entropy;  // (B, H, Nq) contiguous, or nullptr
   float* distance;
   float* label_mass;
-  float* key_group_mass;  // (B, H, Nq, n_groups) contiguous, zeroed before the launch, or nullptr
+  float* key_group_mass;  // (B, H | 1, Nq, n_groups) contiguous, zeroed before the launch, or nullptr
 };
 
 // Head dims are padded up to one of these buckets (the max of D and Dv decides); each bucket is

@@ -37,6 +37,7 @@ class OpArgs:
     key_groups: Optional[torch.Tensor]  # int32 (B, Nk), any strides
     n_groups: int  # G, 0 without key_groups
     stats: frozenset
+    sum_group_heads: bool = False  # key_group_mass summed over heads: (B, 1, Nq, G)
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -108,8 +109,20 @@ def check_key_groups(key_groups, n_groups, stats: frozenset, B: int, Nk: int, de
     return key_groups, G
 
 
+KEY_GROUP_MASS_HEADS = ("each", "sum")
+
+
+def check_key_group_mass_heads(heads, stats: frozenset) -> bool:
+    """key_group_mass_heads "each" (B, H, Nq, G) or "sum" (B, 1, Nq, G) -> whether to sum over heads."""
+    if heads not in KEY_GROUP_MASS_HEADS:
+        raise ValueError(f"key_group_mass_heads must be one of {KEY_GROUP_MASS_HEADS}, got {heads!r}")
+    if heads == "sum" and "key_group_mass" not in stats:
+        raise ValueError("key_group_mass_heads='sum' given but stats does not ask for 'key_group_mass'")
+    return heads == "sum"
+
+
 def check_and_normalise(q, k, v, *, scale, key_padding_mask, head_scale, head_replacement, stats, grid, labels,
-                        key_groups=None, n_groups=None) -> OpArgs:
+                        key_groups=None, n_groups=None, key_group_mass_heads="each") -> OpArgs:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -200,7 +213,8 @@ def check_and_normalise(q, k, v, *, scale, key_padding_mask, head_scale, head_re
         raise ValueError("stats 'label_mass' needs labels=(q_labels (B, Nq), k_labels (B, Nk))")
 
     key_groups, n_groups = check_key_groups(key_groups, n_groups, stats, B, Nk, device)
+    sum_group_heads = check_key_group_mass_heads(key_group_mass_heads, stats)
 
     return OpArgs(_last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v), scale,
                   key_padding_mask, head_scale, head_replacement, grid_list, q_labels, k_labels, key_groups,
-                  n_groups, stats)
+                  n_groups, stats, sum_group_heads)

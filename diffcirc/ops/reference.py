@@ -61,13 +61,14 @@ def reference_attention(
     labels=None,
     key_groups=None,
     n_groups=None,
+    key_group_mass_heads: str = "each",
 ) -> AttentionOutput:
     """Float64 attention with statistics; differentiable through plain autograd.
 
     q: (B, H, Nq, D), k: (B, H, Nk, D), v: (B, H, Nk, Dv); key_groups (B, Nk) ids (outside
     [0, n_groups): in no group).
-    Returns float64 tensors: out (B, H, Nq, Dv), stats (B, H, Nq) and key_group_mass (B, H, Nq, G),
-    or None when not asked for. Arguments are assumed valid (the public wrapper checks them).
+    Returns float64 tensors: out (B, H, Nq, Dv), stats (B, H, Nq) and key_group_mass (B, H, Nq, G)
+    (B, 1, Nq, G) with key_group_mass_heads="sum"), or None when not asked for. Arguments are assumed valid (the public wrapper checks them).
     """
     stats = set(stats)
     d = q.shape[-1]
@@ -116,4 +117,6 @@ def reference_attention(
         label_mass = label_mass_from_groups(p, *labels)  # p is 0 on fully masked rows: so is the mass
     if "key_group_mass" in stats:
         key_group_mass = group_mass(p, key_groups, n_groups)
+        if key_group_mass_heads == "sum":
+            key_group_mass = key_group_mass.sum(dim=1, keepdim=True)
     return AttentionOutput(out, lse, entropy, distance, label_mass, key_group_mass)

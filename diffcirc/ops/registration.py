@@ -2,9 +2,11 @@
 
 Schema (defined in ``csrc/attention.cpp``):
     attention(q, k, v, scale, key_padding_mask?, head_scale?, head_replacement?, grid[],
-              q_labels?, k_labels?, entropy, distance, label_mass, key_groups?=None, n_groups=0)
+              q_labels?, k_labels?, entropy, distance, label_mass, key_groups?=None, n_groups=0,
+              sum_group_heads=False)
         -> (out (B, H, Nq, Dv), laid out as (B, Nq, H, Dv), lse (B, H, Nq), entropy, distance, label_mass,
-            key_group_mass (B, H, Nq, n_groups), computed when key_groups is given)
+            key_group_mass (B, H, Nq, n_groups), or (B, 1, Nq, n_groups) with sum_group_heads,
+            computed when key_groups is given)
 A statistic that was not asked for comes back as an empty (0,) float32 tensor.
 """
 
@@ -19,11 +21,12 @@ _OP = "diffcirc::attention"
 
 @torch.library.register_fake(_OP)
 def _attention_fake(q, k, v, scale, key_padding_mask, head_scale, head_replacement, grid, q_labels, k_labels,
-                    entropy, distance, label_mass, key_groups=None, n_groups=0):
+                    entropy, distance, label_mass, key_groups=None, n_groups=0, sum_group_heads=False):
     B, H, Nq, _ = q.shape
     out = q.new_empty((B, Nq, H, v.shape[3])).transpose(1, 2)  # the kernels' (B, Nq, H, Dv) layout
     stat = lambda on: q.new_empty((B, H, Nq) if on else (0,), dtype=torch.float32)  # noqa: E731
-    group_mass = q.new_empty((B, H, Nq, n_groups) if key_groups is not None else (0,), dtype=torch.float32)
+    heads = 1 if sum_group_heads else H
+    group_mass = q.new_empty((B, heads, Nq, n_groups) if key_groups is not None else (0,), dtype=torch.float32)
     return out, stat(True), stat(entropy), stat(distance), stat(label_mass), group_mass
 
 
@@ -42,7 +45,7 @@ def _backward(ctx, grad_out, *_grad_stats):
     needs = ctx.needs_input_grad[:3] + (ctx.needs_input_grad[5], ctx.needs_input_grad[6])
     dq, dk, dv, ds, dr = attention_backward(grad_out, q, k, v, ctx.scale, key_padding_mask, head_scale,
                                             head_replacement, lse, needs)
-    return dq, dk, dv, None, None, ds, dr, None, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, ds, dr, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)

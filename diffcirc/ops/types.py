@@ -15,7 +15,8 @@ ALL_STAT_NAMES = STAT_NAMES + GROUP_STAT_NAMES
 
 class AttentionOutput(NamedTuple):
     """out: (B, H, Nq, Dv) in q's dtype; lse, entropy, distance, label_mass: (B, H, Nq) float32;
-    key_group_mass: (B, H, Nq, G) float32. A statistic that was not asked for is None."""
+    key_group_mass: (B, H, Nq, G) float32, or (B, 1, Nq, G) summed over heads. A statistic that was
+    not asked for is None."""
 
     out: torch.Tensor
     lse: Optional[torch.Tensor] = None

@@ -60,7 +60,8 @@ class TokenHeatmaps:
 
     # ---- called by Session -----------------------------------------------------------------------
     def add(self, layer: str, grid: tuple, mass: torch.Tensor) -> None:
-        """Folds in one layer call. mass: (B, H, h * w, T) float32 probabilities on each text token."""
+        """Folds in one layer call. mass: (B, H, h * w, T) float32 probabilities on each text token,
+        or (B, 1, h * w, T) already summed over heads (as ``Session.heatmaps`` asks the kernel)."""
         batch, _, n_queries, n_tokens = mass.shape
         h, w = grid
         if h * w != n_queries:

@@ -67,6 +67,7 @@ class OpRequest:
     image_span: Optional[tuple] = None
     key_groups: Optional[torch.Tensor] = None  # (B, Nk) int32 in [-1, n_groups), for "key_group_mass"
     n_groups: Optional[int] = None
+    key_group_mass_heads: str = "each"  # "sum": (B, 1, Nq, G), summed over heads in the kernel
 
 
 class Controller(Protocol):
@@ -94,7 +95,8 @@ def run_attention(layer: Optional[str], controller: Optional[Controller], query:
     request = controller.before(call)
     if request is None:
         return attention(query, key, value, scale=scale, key_padding_mask=key_padding_mask).out
-    groups = {} if request.key_groups is None else {"key_groups": request.key_groups, "n_groups": request.n_groups}
+    groups = {} if request.key_groups is None else {"key_groups": request.key_groups, "n_groups": request.n_groups,
+                                                    "key_group_mass_heads": request.key_group_mass_heads}
     result = attention(query, key, value, scale=scale, key_padding_mask=key_padding_mask,
                        head_scale=request.head_scale, head_replacement=request.head_replacement,
                        stats=request.stats, grid=None if request.image_stats else request.grid,

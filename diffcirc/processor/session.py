@@ -340,9 +340,10 @@ class Session:
         if not (self._traces or self._interventions or self._captures or self._gates or maps):
             return None
         request = OpRequest()
-        if maps:
+        if maps:  # heatmaps sum over heads: so does the kernel, keeping one (B, 1, Nq, T) output
             request.stats = ("key_group_mass",)
             request.key_groups, request.n_groups = self._text_token_groups(call, span)
+            request.key_group_mass_heads = "sum"
         if self._traces:
             stats = {s for t in self._traces for s in self._stats_for(t, call)} | set(request.stats)
             request.stats = tuple(sorted(stats))

@@ -155,6 +155,7 @@ def test_opcheck_with_key_groups(device):
     kg = torch.randint(-1, 5, (2, 13), dtype=torch.int32, device=device)
     args = (q, k, v, 0.5, torch.rand(2, 13, device=device) > 0.3, None, None, [], None, None, True, False, False, kg, 5)
     torch.library.opcheck(torch.ops.diffcirc.attention.default, args)
+    torch.library.opcheck(torch.ops.diffcirc.attention.default, (*args, True))  # summed over heads: (B, 1, Nq, G)
     q.requires_grad_()
     torch.library.opcheck(torch.ops.diffcirc.attention.default, args)
 

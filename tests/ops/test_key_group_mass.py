@@ -256,6 +256,69 @@ def test_reference_and_fallback_match_the_oracle(monkeypatch):
     assert torch.allclose(fallback.label_mass.double(), want_label, atol=1e-6)
 
 
+# ---- summed over heads ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["tokens first", "random"])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_summed_over_heads_matches_the_oracle_summed(dtype, layout, kernel):
+    # Nq = 300: three CPU query blocks, whose tasks for the four heads add into the same output rows
+    B, H, Nq, Nk, D, G = 2, 4, 300, 700, 32, 77
+    q, k, v = (rand(B, H, n, D, dtype=dtype, device=kernel) for n in (Nq, Nk, Nk))
+    mask = torch.rand(B, Nk, device=kernel) > 0.2
+    mask[1, :] = False
+    mask[1, :5] = True  # element 1 sees five keys only
+    kg = key_groups_of(layout, B, Nk, G, kernel)
+    kw = dict(key_padding_mask=mask, stats=("key_group_mass",), key_groups=kg, n_groups=G)
+    summed = attention(q, k, v, **kw, key_group_mass_heads="sum").key_group_mass
+    assert summed.shape == (B, 1, Nq, G)
+    want = group_mass_oracle(softmax_probabilities(q, k, key_padding_mask=mask), kg, G).sum(1, keepdim=True)
+    assert summed.dtype == torch.float32 and torch.isfinite(summed).all()
+    assert torch.allclose(summed.double(), want, atol=H * MASS_ATOL[dtype], rtol=1e-4)
+    each = attention(q, k, v, **kw).key_group_mass
+    assert torch.allclose(summed, each.sum(1, keepdim=True), atol=1e-5, rtol=1e-5)
+
+
+def test_summed_over_heads_keeps_empty_and_poisoned_rows(kernel):
+    # a fully masked element sums to 0; a row poisoned in one head is NaN in its sum, no other row is
+    B, H, Nq, Nk, D, G = 2, 3, 140, 600, 16, 6
+    q, k, v = (rand(B, H, n, D, device=kernel) for n in (Nq, Nk, Nk))
+    kg = torch.randint(-1, G, (B, Nk), device=kernel)
+    mask = torch.ones(B, Nk, dtype=torch.bool, device=kernel)
+    mask[1] = False
+    q[0, 2, 130, 0] = float("nan")
+    m = attention(q, k, v, key_padding_mask=mask, stats=("key_group_mass",), key_groups=kg, n_groups=G,
+                  key_group_mass_heads="sum").key_group_mass
+    assert torch.all(m[1] == 0)
+    assert torch.isnan(m[0, 0, 130]).all()
+    rest = torch.ones(Nq, dtype=torch.bool)
+    rest[130] = False
+    assert torch.isfinite(m[0, 0, rest]).all()
+
+
+def test_summed_over_heads_in_the_reference_and_the_fallback(monkeypatch):
+    B, H, Nq, Nk, D, G = 2, 3, 12, 40, 8, 7
+    q, k, v = (rand(B, H, n, D) for n in (Nq, Nk, Nk))
+    kg = torch.randint(-1, G, (B, Nk))
+    want = group_mass_oracle(softmax_probabilities(q, k), kg, G).sum(1, keepdim=True)
+    kw = dict(stats=("key_group_mass",), key_groups=kg, n_groups=G, key_group_mass_heads="sum")
+    assert torch.allclose(reference_attention(q, k, v, **kw).key_group_mass, want, atol=1e-12)
+    monkeypatch.setattr(extension, "available", lambda: False)
+    assert torch.allclose(attention(q, k, v, **kw).key_group_mass.double(), want, atol=1e-6)
+
+
+def test_summed_over_heads_refusals(kernel):
+    q, k, v = (rand(1, 2, 8, 8, device=kernel) for _ in range(3))
+    kg = torch.zeros(1, 8, dtype=torch.int32, device=kernel)
+    with pytest.raises(ValueError, match=r"key_group_mass_heads must be one of \('each', 'sum'\), got 'mean'"):
+        attention(q, k, v, stats=("key_group_mass",), key_groups=kg, n_groups=1, key_group_mass_heads="mean")
+    with pytest.raises(ValueError, match="key_group_mass_heads='sum' given but stats does not ask for 'key_group_mass'"):
+        attention(q, k, v, stats=("entropy",), key_group_mass_heads="sum")
+    with pytest.raises(ValueError, match="sum_group_heads is for key_group_mass"):
+        torch.ops.diffcirc.attention(q, k, v, 0.25, None, None, None, [], None, None, False, False, False, None, 0,
+                                     True)
+
+
 # ---- property-based ----------------------------------------------------------------------------
 
 
@@ -268,7 +331,8 @@ def group_problems(draw):
                 layout=draw(st.sampled_from([*LAYOUTS, "none"])),
                 mask=draw(st.sampled_from(["none", "random", "with_empty_rows", "prompt_padding"])),
                 stats=tuple(sorted(draw(st.sets(st.sampled_from(STAT_NAMES))))),
-                head_scale=draw(st.booleans()), transpose=draw(st.booleans()), seed=draw(st.integers(0, 2**31 - 1)))
+                head_scale=draw(st.booleans()), transpose=draw(st.booleans()), seed=draw(st.integers(0, 2**31 - 1)),
+                heads=draw(st.sampled_from(["each", "sum"])))
 
 
 @settings(max_examples=60, deadline=None,
@@ -300,9 +364,13 @@ def test_fuzz_against_softmax_oracle(device, c):
     if c["head_scale"]:
         kw["head_scale"] = torch.rand(B, H, generator=g).to(device)
         kw["head_replacement"] = torch.randn(1, H, 1, D, generator=g).to(device)
-    r = attention(q, k, v, **kw)
+    r = attention(q, k, v, **kw, key_group_mass_heads=c["heads"])
     want = group_mass_oracle(softmax_probabilities(q, k, key_padding_mask=mask), kw["key_groups"], G)
-    assert_mass_close(r.key_group_mass, want, dtype)
+    if c["heads"] == "sum":
+        want = want.sum(1, keepdim=True)
+        assert torch.allclose(r.key_group_mass.double(), want, atol=H * MASS_ATOL[dtype], rtol=1e-4)
+    else:
+        assert_mass_close(r.key_group_mass, want, dtype)
     ref = reference_attention(q, k, v, **kw)  # the other statistics keep their own accuracy alongside
     for name in c["stats"]:
         a, b = getattr(r, name).double(), getattr(ref, name)
@@ -329,6 +397,11 @@ def test_cuda_agrees_with_cpu_kernel(cuda_device, dtype, D):
     on_gpu = attention(q.to(cuda_device), k.to(cuda_device), v.to(cuda_device),
                        **{n: x.to(cuda_device) if torch.is_tensor(x) else x for n, x in kw.items()}).key_group_mass
     assert torch.allclose(on_gpu.cpu(), on_cpu, atol=2e-5 if dtype == torch.float32 else 1e-4, rtol=1e-4)
+    summed = attention(q.to(cuda_device), k.to(cuda_device), v.to(cuda_device), key_group_mass_heads="sum",
+                       **{n: x.to(cuda_device) if torch.is_tensor(x) else x for n, x in kw.items()}).key_group_mass
+    assert summed.shape == (B, 1, Nq, Nt)
+    assert torch.allclose(summed.cpu(), on_cpu.sum(1, keepdim=True), atol=4e-5 if dtype == torch.float32 else 2e-4,
+                          rtol=1e-4)
 
 
 @pytest.mark.cuda

@@ -8,6 +8,7 @@
                          [--repeats 3] [--out DIR] [--compare OLD.json] [--quick]
     diffcirc bench joint [--device cpu|cuda] [--dtype bf16] [--heads 4] [--n-img 4096] [--n-txt 512] [--d 128]
                          [--impl ...] [--repeats 3] [--out DIR] [--compare OLD.json] [--quick]
+    diffcirc bench sass [--extension PATH] [--out DIR]
     diffcirc bench compare NEW.json OLD.json [--threshold 10]
 
 Every implementation is checked against the reference before it is timed; a wrong one is refused
@@ -147,6 +148,14 @@ def _joint_parser(sub):
     p.set_defaults(func=run_joint_command)
 
 
+def _sass_parser(sub):
+    p = sub.add_parser("sass", help="a static report of the CUDA kernels' machine code (registers, spills, CTAs per "
+                                    "SM, SASS instructions per HMMA), read with cuobjdump: no GPU needed")
+    p.add_argument("--extension", metavar="PATH", help="a built diffcirc._C (default: the one imported)")
+    p.add_argument("--out", default=os.path.join("runs", "bench", "sass"), help="directory for results.json, results.csv")
+    p.set_defaults(func=run_sass_command)
+
+
 def _compare_parser(sub):
     p = sub.add_parser("compare", help="compare two results.json files")
     p.add_argument("new")
@@ -158,8 +167,8 @@ def _compare_parser(sub):
 def register(subparsers):
     p = subparsers.add_parser("bench", help="benchmark the fused op or a UNet; JSON, CSV, plots, --compare",
                               description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="bench_command", metavar="{op,unet,sweep,joint,compare}")
-    for add in (_op_parser, _unet_parser, _sweep_parser, _joint_parser, _compare_parser):
+    sub = p.add_subparsers(dest="bench_command", metavar="{op,unet,sweep,joint,sass,compare}")
+    for add in (_op_parser, _unet_parser, _sweep_parser, _joint_parser, _sass_parser, _compare_parser):
         add(sub)
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
     return p
@@ -315,3 +324,26 @@ def run_joint_command(args) -> int:
     for line in joint.summary_lines(rows):
         print(line)
     return _finish(args, _meta(args, "joint", case=case), rows, None)
+
+
+def run_sass_command(args) -> int:
+    from diffcirc.bench import sass
+    from diffcirc.bench.machine import machine_info
+    from diffcirc.bench.results import write_results
+
+    try:
+        tool = sass.find_cuobjdump()
+        path = args.extension or sass.extension_path()
+        rows = sass.report(path, tool)
+    except sass.SassUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{path} (read with {tool})")
+    print(sass.HEADER)
+    print("-" * len(sass.HEADER))
+    for r in rows:
+        print(sass.format_row(r))
+    meta = {**machine_info(), "kind": "sass", "extension": path, "cuobjdump": tool,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    print("wrote " + " ".join(write_results(args.out, meta, rows)))
+    return 0

@@ -109,12 +109,13 @@ def extension_path() -> str:
     return spec.origin
 
 
-def _run(tool: str, flag: str, path: str) -> str:
-    done = subprocess.run([tool, flag, path], capture_output=True, text=True, check=False)
+def _run(tool: str, flags: list, path: str) -> str:
+    done = subprocess.run([tool, *flags, path], capture_output=True, text=True, check=False)
     if "does not contain device code" in done.stderr:
         raise SassUnavailable(f"{path} holds no CUDA machine code (built without CUDA?)")
     if done.returncode != 0:
-        raise SassUnavailable(f"{os.path.basename(tool)} {flag} {path} failed: {done.stderr.strip()[:300]}")
+        raise SassUnavailable(f"{os.path.basename(tool)} {' '.join(flags)} {path} failed: "
+                              f"{done.stderr.strip()[:300]}")
     return done.stdout
 
 
@@ -199,16 +200,26 @@ def describe_kernel(function: str) -> tuple:
     return m.group(1), _DTYPES.get(m.group(2), m.group(2)), int(m.group(3))
 
 
-def report(path: Optional[str] = None, tool: Optional[str] = None) -> list:
+def report(path: Optional[str] = None, tool: Optional[str] = None, kernels: Optional[str] = None) -> list:
     """One row per (arch, kernel, dtype, head dim) of the extension at ``path`` (default: the built
-    diffcirc._C), sorted; SassUnavailable when it holds no CUDA machine code."""
+    diffcirc._C), sorted; SassUnavailable when it holds no CUDA machine code.
+
+    kernels: a regular expression searched in "<kernel> <dtype> <head dim>" (e.g.
+    "attention_fwd_kernel bf16 64"); only the matching kernels are disassembled (all: ~1M lines)."""
     path = path or extension_path()
     tool = tool or find_cuobjdump()
-    code = parse_sass(_run(tool, "-sass", path))
-    if not code:
+    resources = parse_resources(_run(tool, ["-res-usage"], path))
+    if not resources:
         raise SassUnavailable(f"{path} holds no CUDA machine code (built without CUDA?)")
-    resources = parse_resources(_run(tool, "-res-usage", path))
-    threads = parse_max_threads(_run(tool, "-elf", path))
+    names = sorted({f for _, f in resources})
+    if kernels is not None:
+        names = [f for f in names if re.search(kernels, " ".join(map(str, describe_kernel(f))))]
+        if not names:
+            raise SassUnavailable(f"no kernel of {path} matches {kernels!r}")
+        code = parse_sass(_run(tool, ["-sass", "-fun", ",".join(names)], path))
+    else:
+        code = parse_sass(_run(tool, ["-sass"], path))
+    threads = parse_max_threads(_run(tool, ["-elf"], path))
     rows = []
     for (arch, function), instructions in code.items():
         kernel, dtype, head_dim = describe_kernel(function)

@@ -8,7 +8,7 @@
                          [--repeats 3] [--out DIR] [--compare OLD.json] [--quick]
     diffcirc bench joint [--device cpu|cuda] [--dtype bf16] [--heads 4] [--n-img 4096] [--n-txt 512] [--d 128]
                          [--impl ...] [--repeats 3] [--out DIR] [--compare OLD.json] [--quick]
-    diffcirc bench sass [--extension PATH] [--out DIR]
+    diffcirc bench sass [--extension PATH] [--kernels REGEX] [--out DIR]
     diffcirc bench compare NEW.json OLD.json [--threshold 10]
 
 Every implementation is checked against the reference before it is timed; a wrong one is refused
@@ -152,6 +152,8 @@ def _sass_parser(sub):
     p = sub.add_parser("sass", help="a static report of the CUDA kernels' machine code (registers, spills, CTAs per "
                                     "SM, SASS instructions per HMMA), read with cuobjdump: no GPU needed")
     p.add_argument("--extension", metavar="PATH", help="a built diffcirc._C (default: the one imported)")
+    p.add_argument("--kernels", metavar="REGEX", help='only the kernels whose "<kernel> <dtype> <head dim>" matches, '
+                                                      'e.g. "fwd.*bf16 (64|128)$" (default: all)')
     p.add_argument("--out", default=os.path.join("runs", "bench", "sass"), help="directory for results.json, results.csv")
     p.set_defaults(func=run_sass_command)
 
@@ -334,7 +336,7 @@ def run_sass_command(args) -> int:
     try:
         tool = sass.find_cuobjdump()
         path = args.extension or sass.extension_path()
-        rows = sass.report(path, tool)
+        rows = sass.report(path, tool, args.kernels)
     except sass.SassUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

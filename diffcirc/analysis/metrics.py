@@ -188,9 +188,24 @@ def entropy_divergence(histograms: pd.DataFrame, aggregates: Optional[pd.DataFra
 
 # --------------------------------------------------------------------------- complexity ratio
 
-def _image_means(per_image: pd.DataFrame, model: str, stat: str) -> pd.DataFrame:
+def _image_means(per_image: pd.DataFrame, model: str, stat: str, timestep=None) -> pd.DataFrame:
     p = _select(per_image, model=model, stat=stat)
+    if timestep is not None:
+        p = p[p["timestep"] == timestep]
     return p.groupby(["dataset", "image"], sort=True)["mean"].mean().reset_index()
+
+
+def _ratio_test(a: np.ndarray, b: np.ndarray, n_resamples: int, seed: int, confidence: float) -> dict:
+    """The ratio mean a / mean b over images with its bootstrap interval, permutation p (and the
+    floor it cannot go below), Cohen's d with its bootstrap interval."""
+    ci = significance.ratio_of_means_ci(a, b, n_resamples=n_resamples, confidence=confidence, seed=seed)
+    test = significance.permutation_test(a, b, statistic="mean_ratio", n_resamples=n_resamples, seed=seed)
+    d_lo, d_hi = significance.cohens_d_ci(a, b, n_resamples=n_resamples, confidence=confidence, seed=seed)
+    floor, n_permutations = significance.permutation_floor(a.size, b.size, n_resamples) if a.size and b.size \
+        else (None, None)
+    return {"value": ci.value, "ci_low": ci.ci_low, "ci_high": ci.ci_high, "p_value": test.p_value,
+            "p_floor": floor, "n_permutations": n_permutations, "cohens_d": significance.cohens_d(a, b),
+            "cohens_d_ci_low": d_lo, "cohens_d_ci_high": d_hi}
 
 
 def complexity_ratio(per_image: pd.DataFrame, model: str = "trained", n_resamples: int = 2000, seed: int = 0,
@@ -198,22 +213,29 @@ def complexity_ratio(per_image: pd.DataFrame, model: str = "trained", n_resample
                      control: Optional[str] = "random") -> dict:
     """Complexity ratio H(natural) / H(synthetic) over images (definition in the module docstring).
 
-    Returns {value, ci_low, ci_high, p_value, cohens_d ((mean numerator - mean denominator image
-    entropy) / pooled sd: positive when natural images have the higher entropy), n_synthetic,
-    n_natural, confidence, random_control} where
-    random_control is the same dict, without its own control, for the
-    model named ``control`` when per_image has rows for it, else None. ``datasets`` is
-    (denominator, numerator). Values are NaN when a dataset has no images.
+    Returns {value, ci_low, ci_high, p_value, p_floor (the smallest p the permutation test can give:
+    a p at the floor reads "p <= p_floor"), n_permutations, cohens_d ((mean numerator - mean
+    denominator image entropy) / pooled sd: positive when natural images have the higher entropy),
+    cohens_d_ci_low, cohens_d_ci_high, n_synthetic, n_natural, confidence, by_timestep,
+    random_control}: by_timestep is the same test on each timestep's image means alone (a list of
+    dicts with a timestep key, when per_image has one), random_control the same dict, without its
+    own control, for the model named ``control`` when per_image has rows for it, else None.
+    ``datasets`` is (denominator, numerator). Values are NaN when a dataset has no images.
     """
     den, num = datasets
-    images = _image_means(per_image, model, stat)
-    a = images.loc[images["dataset"] == num, "mean"].to_numpy(dtype=np.float64)
-    b = images.loc[images["dataset"] == den, "mean"].to_numpy(dtype=np.float64)
-    ci = significance.ratio_of_means_ci(a, b, n_resamples=n_resamples, confidence=confidence, seed=seed)
-    test = significance.permutation_test(a, b, statistic="mean_ratio", n_resamples=n_resamples, seed=seed)
-    out = {"value": ci.value, "ci_low": ci.ci_low, "ci_high": ci.ci_high, "p_value": test.p_value,
-           "cohens_d": significance.cohens_d(a, b), f"n_{den}": int(b.size), f"n_{num}": int(a.size),
-           "confidence": confidence}
+
+    def image_means(timestep=None):
+        images = _image_means(per_image, model, stat, timestep)
+        return (images.loc[images["dataset"] == num, "mean"].to_numpy(dtype=np.float64),
+                images.loc[images["dataset"] == den, "mean"].to_numpy(dtype=np.float64))
+
+    a, b = image_means()
+    out = {**_ratio_test(a, b, n_resamples, seed, confidence), f"n_{den}": int(b.size), f"n_{num}": int(a.size),
+           "confidence": confidence, "by_timestep": []}
+    if "timestep" in per_image.columns:
+        for t in sorted(_select(per_image, model=model, stat=stat)["timestep"].unique()):
+            a_t, b_t = image_means(t)
+            out["by_timestep"].append({"timestep": int(t), **_ratio_test(a_t, b_t, n_resamples, seed, confidence)})
     if control is not None and control != model:
         has = "model" in per_image.columns and bool((per_image["model"] == control).any())
         out["random_control"] = (complexity_ratio(per_image, control, n_resamples, seed, confidence, datasets, stat,

@@ -209,6 +209,37 @@ def ratio_of_means_ci(a, b, n_resamples: int = 9999, confidence: float = 0.95, s
                       seed=seed, method=method)
 
 
+def permutation_floor(n_a: int, n_b: int, n_resamples: int) -> tuple:
+    """(floor, n): the smallest two-sided p ``permutation_test(a, b)`` (independent samples) can
+    return, and the number n of permutations it compares against: 2 / (n + 1) for a randomised
+    test of n resamples (the observed arrangement counts as one), 2 / n for an exact test over all
+    n = C(n_a + n_b, n_a) arrangements. A p at the floor reads only "p <= floor"."""
+    arrangements = math.comb(n_a + n_b, n_a)
+    if arrangements <= n_resamples:
+        return min(1.0, 2.0 / arrangements), arrangements
+    return min(1.0, 2.0 / (n_resamples + 1)), n_resamples
+
+
+def cohens_d_ci(a, b, n_resamples: int = 9999, confidence: float = 0.95, seed: int = 0) -> tuple:
+    """Percentile bootstrap interval (lo, hi) of ``cohens_d(a, b)``, each sample resampled on its
+    own (images are the unit); (NaN, NaN) when d is undefined."""
+    a, b = _finite(a), _finite(b)
+    if a.size < 2 or b.size < 2:
+        return NAN, NAN
+    rng = np.random.default_rng(seed)
+    ra = a[rng.integers(0, a.size, (n_resamples, a.size))]
+    rb = b[rng.integers(0, b.size, (n_resamples, b.size))]
+    pooled = np.sqrt(((a.size - 1) * ra.var(axis=1, ddof=1) + (b.size - 1) * rb.var(axis=1, ddof=1))
+                     / (a.size + b.size - 2))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d = (ra.mean(axis=1) - rb.mean(axis=1)) / pooled
+    d = d[np.isfinite(d)]
+    if d.size == 0:
+        return NAN, NAN
+    tail = 100 * (1 - confidence) / 2
+    return float(np.percentile(d, tail)), float(np.percentile(d, 100 - tail))
+
+
 def cohens_d(a, b) -> float:
     """(mean a - mean b) / pooled sd, pooled sd = sqrt(((na-1) var_a + (nb-1) var_b) / (na+nb-2)).
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-__all__ = ["DASH", "fmt", "fmt_ci", "fmt_p", "fmt_p_eq", "fmt_range", "role_row", "mean_sd"]
+__all__ = ["DASH", "fmt", "fmt_ci", "fmt_p", "fmt_p_eq", "fmt_p_of", "fmt_range", "role_row", "mean_sd"]
 
 DASH = "\u2014"
 
@@ -40,10 +40,20 @@ def fmt_p(p) -> str:
     return "< 0.0001" if p < 1e-4 else f"{p:.4f}"
 
 
-def fmt_p_eq(p) -> str:
-    """A p-value for prose: "p = 0.0123", "p < 0.0001" or "p = \u2014"."""
+def fmt_p_eq(p, floor=None, n_permutations=None) -> str:
+    """A p-value for prose: "p = 0.0123", "p < 0.0001" or "p = \u2014"; at a permutation test's
+    floor (the smallest p it can return), "p \u2264 0.001, the floor of 2000 permutations"."""
+    if not _missing(p) and not _missing(floor) and p <= floor * (1 + 1e-9):
+        of = f" of {n_permutations} permutations" if n_permutations else " of the permutation test"
+        return f"p \u2264 {floor:.2g}, the floor{of}"
     text = fmt_p(p)
     return f"p {text}" if text.startswith("<") else f"p = {text}"
+
+
+def fmt_p_of(d: Optional[dict]) -> str:
+    """fmt_p_eq of a test's dict {p_value, p_floor, n_permutations} (any of them may be missing)."""
+    d = d or {}
+    return fmt_p_eq(d.get("p_value"), d.get("p_floor"), d.get("n_permutations"))
 
 
 def fmt_range(lo, hi, digits: int = 3, unit: str = "") -> str:

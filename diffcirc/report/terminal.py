@@ -6,7 +6,7 @@ import sys
 from typing import Optional, TextIO
 
 from . import paper
-from .formatting import DASH, fmt, fmt_ci, fmt_p, fmt_p_eq, fmt_range, mean_sd, role_row
+from .formatting import DASH, fmt, fmt_ci, fmt_p, fmt_p_of, fmt_range, mean_sd, role_row
 
 
 def _table(headers: list, rows: list) -> str:
@@ -30,7 +30,7 @@ def print_summary(summary: dict, file: Optional[TextIO] = None) -> None:
     att = s.get("attribution_spearman")
     rows = [
         ["complexity ratio nat/syn", f"{paper.COMPLEXITY_RATIO:.3f}",
-         f"{fmt_ci(cr)} {fmt_p_eq((cr or {}).get('p_value'))}", fmt_ci(rc.get("complexity_ratio"))],
+         f"{fmt_ci(cr)} {fmt_p_of(cr)}", fmt_ci(rc.get("complexity_ratio"))],
         ["entropy divergence (JS, nats)", f"{paper.ENTROPY_DIVERGENCE[0]} - {paper.ENTROPY_DIVERGENCE[1]}",
          fmt_range(div.get("min"), div.get("max")), fmt_range(rdiv.get("min"), rdiv.get("max"))],
         ["texture-analysis heads H (nats)", f"{paper.TEXTURE_ENTROPY[0]:.2f} +- {paper.TEXTURE_ENTROPY[1]:.2f}",

@@ -239,3 +239,25 @@ def test_complete_layers_fills_n_keys_from_histograms():
     out = metrics.complete_layers(layers, hist).set_index("layer")["n_keys"]
     assert out.to_dict() == {"a": 64.0, "b": 16.0, "c": 9.0}
     assert metrics.complete_layers(None, None) is None
+
+
+def test_complexity_ratio_by_timestep_finds_an_effect_confined_to_one_timestep():
+    # natural images 20% higher at t = 100 only: the pooled ratio dilutes it, the per-timestep rows
+    # show where it is (and that t = 900 has none)
+    rng = np.random.default_rng(5)
+    rows = []
+    for ds, n in (("synthetic", 30), ("natural", 30)):
+        for i in range(n):
+            base = rng.normal(2.0, 0.05)
+            for t in (100, 900):
+                value = base * (1.2 if ds == "natural" and t == 100 else 1.0)
+                rows.append({"model": "trained", "dataset": ds, "timestep": t, "image": i, "layer": "a", "head": 0,
+                             "stat": "entropy", "mean": value})
+    r = metrics.complexity_ratio(pd.DataFrame(rows), n_resamples=999, seed=0, control=None)
+    by = {row["timestep"]: row for row in r["by_timestep"]}
+    assert sorted(by) == [100, 900]
+    assert by[100]["value"] == pytest.approx(1.2, abs=0.02) and by[100]["ci_low"] > 1.1
+    assert by[100]["p_value"] == by[100]["p_floor"] == pytest.approx(2 / 1000)
+    assert by[100]["cohens_d_ci_low"] > 2
+    assert by[900]["ci_low"] < 1 < by[900]["ci_high"] and by[900]["p_value"] > 0.05
+    assert 1.05 < r["value"] < 1.15 and r["value"] < by[100]["value"]

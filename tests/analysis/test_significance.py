@@ -177,3 +177,32 @@ def test_adjusted_pvalues_monotone_bounded(adjust):
     order = np.argsort(p)
     assert np.all(np.diff(q[order]) >= -1e-15) and np.all(q >= p) and np.all(q <= 1.0)
     assert adjust([]).shape == (0,)
+
+
+# ---- the permutation test's floor and Cohen's d's interval -------------------------------------
+
+def test_permutation_floor_is_the_p_the_test_returns_when_nothing_is_as_extreme():
+    # every natural image above every synthetic one: no permutation is as extreme as the observed
+    # split, and scipy's randomised test returns exactly the floor
+    rng = np.random.default_rng(0)
+    a, b = rng.uniform(10, 11, 64), rng.uniform(0, 1, 20)
+    floor, n = significance.permutation_floor(64, 20, 2000)
+    assert (floor, n) == (2 / 2001, 2000)
+    assert significance.permutation_test(a, b, statistic="mean_ratio", n_resamples=2000).p_value == floor
+    # an exact test over C(6, 3) = 20 splits: the observed one and its mirror, 2 / 20
+    assert significance.permutation_floor(3, 3, 199) == (0.1, 20)
+    assert significance.permutation_test([4.0, 5, 6], [1.0, 2, 3], statistic="mean_diff", n_resamples=199).p_value \
+        == pytest.approx(0.1)
+
+
+def test_cohens_d_interval_matches_the_large_sample_normal_interval():
+    # d = 1 between two normal samples of 2000: var(d) ~ (na + nb) / (na nb) + d^2 / (2 (na + nb))
+    # (Hedges & Olkin), so the 95% interval is about d +- 1.96 * 0.0335
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(1.0, 1.0, 2000), rng.normal(0.0, 1.0, 2000)
+    d = significance.cohens_d(a, b)
+    lo, hi = significance.cohens_d_ci(a, b, n_resamples=2000, seed=3)
+    half = 1.96 * math.sqrt(4000 / 2000**2 + d**2 / 8000)
+    assert lo == pytest.approx(d - half, abs=0.015) and hi == pytest.approx(d + half, abs=0.015)
+    assert significance.cohens_d_ci(a, b, n_resamples=2000, seed=3) == (lo, hi)  # seeded
+    assert all(math.isnan(x) for x in significance.cohens_d_ci([1.0], [2.0, 3.0]))

@@ -22,8 +22,10 @@ Definitions (entropy in nats throughout):
   of dataset labels over images (two-sided, statistic: the ratio).
 - Degradation of an ablation: 100 x (mean L_ablated - mean L_clean) / mean L_clean over the
   images (paired: same images, noise and timestep). Interval: paired bootstrap over images of
-  that percent; p-value: Wilcoxon signed-rank on (L_ablated, L_clean); Holm and
-  Benjamini-Hochberg adjusted across heads within each (dataset, timestep, mode).
+  that percent; p-value: paired sign-flip permutation test of the mean difference
+  L_ablated - L_clean over images (zero exactly when the percent is zero: the test of the
+  reported estimand); Holm and Benjamini-Hochberg adjusted across heads within each
+  (dataset, timestep, mode), the family, whose size each row carries.
 - Attribution agreement: Spearman rho between the attribution score (absolute value by
   default) and the measured zero-ablation degradation of the same heads.
 """
@@ -264,16 +266,22 @@ def _percent(clean, ablated, axis=-1):
         return 100.0 * (np.mean(ablated, axis=axis) - c) / c
 
 
+PERMUTATIONS = 2000  # resamples of the ablation test when the bootstrap is skipped
+
+
 def degradation(ablations: pd.DataFrame, n_resamples: int = 2000, confidence: float = 0.95,
                 seed: int = 0) -> pd.DataFrame:
     """Per (dataset, timestep, layer, head, mode): n_images, loss_clean, loss_ablated (means over
-    images), percent, ci_low, ci_high (paired bootstrap over images of the percent), p_value
-    (Wilcoxon signed-rank, paired), p_holm and p_bh (adjusted across heads within each
-    (dataset, timestep, mode)). The bootstrap of the i-th group (in sorted key order) uses seed + i;
-    n_resamples=0 skips it (ci_low, ci_high NaN), e.g. for plots.
+    images), delta_loss (their difference), percent, ci_low, ci_high (paired bootstrap over images of
+    the percent), p_value (paired sign-flip permutation test of the mean difference, exact up to
+    2^n_images <= n_resamples), p_holm and p_bh (adjusted across heads within each family
+    (dataset, timestep, mode)), family_size. The bootstrap and the test of the i-th group (in sorted
+    key order) use seed + i; n_resamples=0 skips the bootstrap (ci_low, ci_high NaN), e.g. for
+    plots, and tests with PERMUTATIONS resamples.
     """
     keys = ["dataset", "timestep", "layer", "head", "mode"]
-    cols = keys + ["n_images", "loss_clean", "loss_ablated", "percent", "ci_low", "ci_high", "p_value", "p_holm", "p_bh"]
+    cols = keys + ["n_images", "loss_clean", "loss_ablated", "delta_loss", "percent", "ci_low", "ci_high", "p_value",
+                   "p_holm", "p_bh", "family_size"]
     if ablations is None or ablations.empty:
         return pd.DataFrame(columns=cols)
     rows = []
@@ -286,13 +294,15 @@ def degradation(ablations: pd.DataFrame, n_resamples: int = 2000, confidence: fl
                                            seed=seed + i)
         else:
             ci = significance.Interval(float(_percent(clean, abl)), math.nan, math.nan, confidence)
-        test = significance.wilcoxon_paired(abl, clean)
-        rows.append((*key, len(g), float(np.mean(clean)), float(np.mean(abl)), ci.value, ci.ci_low, ci.ci_high,
-                     test.p_value))
-    out = pd.DataFrame(rows, columns=cols[:-2])
+        test = significance.permutation_test(abl, clean, statistic="mean_diff", paired=True,
+                                             n_resamples=n_resamples or PERMUTATIONS, seed=seed + i)
+        rows.append((*key, len(g), float(np.mean(clean)), float(np.mean(abl)), float(np.mean(abl) - np.mean(clean)),
+                     ci.value, ci.ci_low, ci.ci_high, test.p_value))
+    out = pd.DataFrame(rows, columns=cols[:-3])
     family = out.groupby(["dataset", "timestep", "mode"], sort=False)["p_value"]
     out["p_holm"] = family.transform(lambda p: significance.holm(p.to_numpy()))
     out["p_bh"] = family.transform(lambda p: significance.benjamini_hochberg(p.to_numpy()))
+    out["family_size"] = family.transform("size").astype(int)
     return out
 
 

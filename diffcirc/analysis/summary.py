@@ -19,8 +19,8 @@ random-weights control):
 - role_summary: [{role, n_heads, entropy_mean, entropy_sd, normalised_mean}] (sd over heads)
 - role_validation: rows of ``roles.role_validation``
 - degradation: {mode, min, max, top [{dataset, layer, head, timestep, mode, percent, ci_low,
-  ci_high, p_value, p_holm, p_bh}], by_mode {mode: {min, max}}, n_tests, n_significant_holm,
-  n_significant_bh} -- range and top over the zero-ablation rows when there are any
+  ci_high, loss_clean, delta_loss, p_value, p_holm, p_bh, family_size}], by_mode {mode: {min, max}},
+  n_tests, n_significant_holm, n_significant_bh} -- range and top over the zero-ablation rows when there are any
 - circuit: ``circuit.summarise_circuits``
 - attribution_spearman: {rho, p_value, n, absolute, per_group [{dataset, timestep, rho, p_value, n}]}
 - random_control: {complexity_ratio, entropy, entropy_divergence, roles (role summary)}
@@ -174,8 +174,8 @@ def summarise(out_dir, n_resamples: int = 2000, seed: int = 0, rules: Optional[R
     deg = metrics.degradation(abl, n_resamples=n_resamples, seed=seed) if abl is not None and not abl.empty else None
     if deg is not None and len(deg):
         rng = metrics.degradation_range(deg, mode="zero", top=top)
-        keep = ["dataset", "layer", "head", "timestep", "mode", "percent", "ci_low", "ci_high", "p_value", "p_holm",
-                "p_bh"]
+        keep = ["dataset", "layer", "head", "timestep", "mode", "percent", "ci_low", "ci_high", "loss_clean",
+                "delta_loss", "p_value", "p_holm", "p_bh", "family_size"]
         rng["top"] = [{k: row[k] for k in keep} for row in rng["top"]]
         rng["by_mode"] = {m: {"min": float(g["percent"].min()), "max": float(g["percent"].max())}
                           for m, g in deg.groupby("mode", sort=True)}

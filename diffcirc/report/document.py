@@ -165,14 +165,19 @@ def _degradation_section(s: dict) -> Optional[Section]:
         items.append(Plot("degradation", fig, "Most-degrading single-head ablations (ours) with 95% paired "
                           "bootstrap intervals; the shaded band is the paper's reported 25.6%\u2013128.3%."))
     rows = [[r.get("dataset"), r.get("timestep"), r.get("layer"), r.get("head"), r.get("mode"), fmt(r.get("percent"), 1),
-             f"[{fmt(r.get('ci_low'), 1)}, {fmt(r.get('ci_high'), 1)}]", fmt_p(r.get("p_value")), fmt_p(r.get("p_holm")),
-             fmt_p(r.get("p_bh"))] for r in deg.get("top") or []]
+             f"[{fmt(r.get('ci_low'), 1)}, {fmt(r.get('ci_high'), 1)}]", fmt(r.get("loss_clean"), 4),
+             fmt(r.get("delta_loss"), 4), fmt_p(r.get("p_value")), fmt_p(r.get("p_holm")), fmt_p(r.get("p_bh")),
+             fmt(r.get("family_size"))] for r in deg.get("top") or []]
     items.append(Text(f"Range over heads ({deg.get('mode') or 'all modes'} ablation): "
                       f"{fmt_range(deg.get('min'), deg.get('max'), 1, '%')}; significant at 0.05 after Holm: "
                       f"{deg.get('n_significant_holm')} of {deg.get('n_tests')}, after Benjamini\u2013Hochberg: "
                       f"{deg.get('n_significant_bh')}."))
-    items.append(Table(["dataset", "timestep", "layer", "head", "mode", "degradation %", "95% CI", "p (Wilcoxon)",
-                        "p (Holm)", "p (BH)"], rows))
+    items.append(Table(["dataset", "timestep", "layer", "head", "mode", "degradation %", "95% CI", "L clean",
+                        "\u0394L", "p (sign-flip)", "p (Holm)", "p (BH)", "family"], rows))
+    items.append(Text("p: paired sign-flip permutation test of the mean loss difference over images, the "
+                      "test of the degradation itself; Holm and Benjamini\u2013Hochberg adjust within each "
+                      "family (dataset, timestep, mode) of that many heads. Percentages at different timesteps "
+                      "rest on clean losses that differ: read them with L clean and \u0394L."))
     return Section("Head ablations", items)
 
 

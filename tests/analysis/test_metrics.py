@@ -1,5 +1,6 @@
 """Metrics on constructed tables with known answers."""
 
+import itertools
 import math
 
 import numpy as np
@@ -261,3 +262,21 @@ def test_complexity_ratio_by_timestep_finds_an_effect_confined_to_one_timestep()
     assert by[100]["cohens_d_ci_low"] > 2
     assert by[900]["ci_low"] < 1 < by[900]["ci_high"] and by[900]["p_value"] > 0.05
     assert 1.05 < r["value"] < 1.15 and r["value"] < by[100]["value"]
+
+
+def test_degradation_p_tests_the_mean_difference_the_percent_reports():
+    # one image degrades a lot, five improve a little: the mean loss rises (percent > 0) while most
+    # signed ranks are negative. The p must be the sign-flip test of the mean difference, enumerated
+    # here over all 2^6 sign patterns, and the family size and delta loss must be reported.
+    diffs = np.array([1.2, -0.1, -0.15, -0.2, -0.05, -0.12])
+    rows = [("natural", 5, "a", 0, "zero", i, 1.0, 1.0 + d) for i, d in enumerate(diffs)]
+    rows += [("natural", 5, "a", 1, "zero", i, 1.0, 1.0) for i in range(6)]
+    table = pd.DataFrame(rows, columns=["dataset", "timestep", "layer", "head", "mode", "image", "loss_clean",
+                                        "loss_ablated"])
+    row = metrics.degradation(table, n_resamples=0).set_index("head").loc[0]
+    observed = abs(diffs.mean())
+    flips = np.array(list(itertools.product((1, -1), repeat=6)))
+    want = np.mean(np.abs((flips * diffs).mean(axis=1)) >= observed - 1e-12)
+    assert row["percent"] > 0 and row["delta_loss"] == pytest.approx(diffs.mean())
+    assert row["p_value"] == pytest.approx(want)
+    assert row["family_size"] == 2

@@ -14,9 +14,10 @@ DATASETS = ("synthetic", "natural")
 TIMESTEPS = (100, 900)
 
 
-def _top_row(dataset, timestep, head, percent, lo, hi, p, p_holm, p_bh):
+def _top_row(dataset, timestep, head, percent, lo, hi, p, p_holm, p_bh, clean, family_size):
     return {"dataset": dataset, "layer": LAYER, "head": head, "timestep": timestep, "mode": "zero", "percent": percent,
-            "ci_low": lo, "ci_high": hi, "p_value": p, "p_holm": p_holm, "p_bh": p_bh}
+            "ci_low": lo, "ci_high": hi, "loss_clean": clean, "delta_loss": clean * percent / 100, "p_value": p,
+            "p_holm": p_holm, "p_bh": p_bh, "family_size": family_size}
 
 
 def _role(role, n_heads, n_matching, mean, sd, normalised):
@@ -45,8 +46,8 @@ SUMMARY = {
                          "random_percent": 7.9, "ratio": 4.38, "p_value": 0.0312, "p_mannwhitney": 0.02,
                          "p_rank": 0.25, "p_holm": 0.0624}],
     "degradation": {"mode": "zero", "min": 12.3, "max": 87.7,
-                    "top": [_top_row("natural", 900, 1, 87.7, 70.1, 99.4, 0.0031, 0.0062, 0.0047),
-                            _top_row("synthetic", 100, 0, 12.3, 5.2, 19.8, 0.2, 0.4, 0.3)],
+                    "top": [_top_row("natural", 900, 1, 87.7, 70.1, 99.4, 0.0031, 0.0062, 0.0047, 0.02, 4),
+                            _top_row("synthetic", 100, 0, 12.3, 5.2, 19.8, 0.2, 0.4, 0.3, 0.4, 4)],
                     "by_mode": {"zero": {"min": 12.3, "max": 87.7}}, "n_tests": 8, "n_significant_holm": 3,
                     "n_significant_bh": 5},
     "circuit": {"synthetic_size": 3, "natural_size": 7, "ratio": 2.333, "n_heads": {"natural": 8, "synthetic": 8},

@@ -69,9 +69,10 @@ def test_section_tables_follow_the_summary(rendered):
     assert divergence["900"][1:] == ["0.2468", "-0.0246", "0.0059"]
     ablations = md_section(md, "Head ablations")
     assert md_rows(ablations)[1:] == [
-        ["natural", "900", "mid_block.attentions.0", "1", "zero", "87.7", "[70.1, 99.4]", "0.0031", "0.0062", "0.0047"],
-        ["synthetic", "100", "mid_block.attentions.0", "0", "zero", "12.3", "[5.2, 19.8]", "0.2000", "0.4000",
-         "0.3000"]]
+        ["natural", "900", "mid_block.attentions.0", "1", "zero", "87.7", "[70.1, 99.4]", "0.0200", "0.0175", "0.0031",
+         "0.0062", "0.0047", "4"],
+        ["synthetic", "100", "mid_block.attentions.0", "0", "zero", "12.3", "[5.2, 19.8]", "0.4000", "0.0492", "0.2000",
+         "0.4000", "0.3000", "4"]]
     assert "after Holm: 3 of 8, after Benjamini\u2013Hochberg: 5" in ablations
     roles = md_section(md, "Functional head roles")
     by_role = md_tables(roles)

@@ -22,7 +22,7 @@ import numpy as np
 from scipy import stats as _st
 
 __all__ = [
-    "TestResult", "Interval", "welch_t", "mann_whitney", "wilcoxon_paired", "permutation_test",
+    "TestResult", "Interval", "mann_whitney", "permutation_test",
     "bootstrap_ci", "paired_bootstrap_ci", "ratio_of_means_ci", "cohens_d", "holm", "benjamini_hochberg",
 ]
 
@@ -69,37 +69,12 @@ def _finite_pairs(x, y) -> tuple:
     return x[ok], y[ok]
 
 
-def welch_t(a, b) -> TestResult:
-    """Welch's two-sample t-test (unequal variances), two-sided; equals
-    ``scipy.stats.ttest_ind(a, b, equal_var=False)``."""
-    a, b = _finite(a), _finite(b)
-    if a.size < 2 or b.size < 2:
-        return TestResult(NAN, NAN)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        r = _st.ttest_ind(a, b, equal_var=False)
-    return TestResult(float(r.statistic), float(r.pvalue))
-
-
 def mann_whitney(a, b) -> TestResult:
     """Mann-Whitney U test of a vs b, two-sided; statistic is U of ``a``."""
     a, b = _finite(a), _finite(b)
     if a.size == 0 or b.size == 0:
         return TestResult(NAN, NAN)
     r = _st.mannwhitneyu(a, b, alternative="two-sided")
-    return TestResult(float(r.statistic), float(r.pvalue))
-
-
-def wilcoxon_paired(x, y) -> TestResult:
-    """Wilcoxon signed-rank test on the differences x - y, two-sided (zero differences dropped,
-    scipy's default). All differences zero (or no pairs): statistic 0, p = 1."""
-    x, y = _finite_pairs(x, y)
-    d = x - y
-    if not np.any(d != 0):
-        return TestResult(0.0, 1.0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # small-sample / ties notes from scipy
-        r = _st.wilcoxon(x, y)
     return TestResult(float(r.statistic), float(r.pvalue))
 
 

@@ -29,11 +29,17 @@ def test_mann_whitney_exact_small_case():
     assert got.statistic == 2.0 and got.p_value == pytest.approx(8 / 35)
 
 
-@pytest.mark.parametrize("diffs, w, p", [
-    ([0.1, 0.2, 0.3, 0.4, 0.5], 0.0, 2 / 32),    # no negative rank: 1 of 32 sign patterns per tail
-    ([-0.1, 0.2, 0.3, 0.4, 0.5], 1.0, 4 / 32),   # rank sums 0, 1: one subset each
-    ([0.1, 0.2, -0.3, 0.4, 0.5], 3.0, 10 / 32),  # rank sums 0..3: 1 + 1 + 1 + 2 subsets of {1..5}
+@pytest.mark.parametrize("diffs, p", [
+    ([0.1, 0.2, 0.3, 0.4, 0.5], 2 / 32),    # sum 1.5: only itself per tail, of 32 sign patterns
+    ([-0.1, 0.2, 0.3, 0.4, 0.5], 4 / 32),   # sum 1.3: flipping {} or {0.1} reaches it
+    ([0.1, 0.2, -0.3, 0.4, 0.5], 10 / 32),  # sum 0.9: flipped sets summing to <= 0.3: 5 of them
 ])
+def test_paired_permutation_test_is_exact_over_sign_patterns(diffs, p):
+    y = np.linspace(1.0, 2.0, 5)
+    got = significance.permutation_test(y + np.array(diffs), y, statistic="mean_diff", paired=True, n_resamples=999)
+    assert got.statistic == pytest.approx(np.mean(diffs)) and got.p_value == pytest.approx(p)
+
+
 def test_permutation_test_identical_vs_shifted(samples):
     a, _ = samples
     assert significance.permutation_test(a, a.copy(), n_resamples=999).p_value > 0.5

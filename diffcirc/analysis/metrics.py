@@ -26,8 +26,10 @@ Definitions (entropy in nats throughout):
   L_ablated - L_clean over images (zero exactly when the percent is zero: the test of the
   reported estimand); Holm and Benjamini-Hochberg adjusted across heads within each
   (dataset, timestep, mode), the family, whose size each row carries.
-- Attribution agreement: Spearman rho between the attribution score (absolute value by
-  default) and the measured zero-ablation degradation of the same heads.
+- Attribution agreement: Spearman rho between the attribution's first-order estimate of a zero
+  ablation's effect (-score: removing a head moves the loss by about -dL/dgate) and the measured
+  degradation of the same heads ("signed"), and between their magnitudes ("magnitude"), per
+  (dataset, timestep) and pooled.
 """
 
 from __future__ import annotations
@@ -337,24 +339,33 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> tuple:
     return float(r.statistic), float(r.pvalue), int(x.size)
 
 
-def attribution_agreement(attribution: pd.DataFrame, degradation_table: pd.DataFrame, absolute: bool = True,
+AGREEMENTS = ("signed", "magnitude")
+
+
+def attribution_agreement(attribution: pd.DataFrame, degradation_table: pd.DataFrame, agreement: str = "signed",
                           mode: str = "zero") -> dict:
-    """Spearman rho between attribution scores (|score| if ``absolute``) and measured degradation
-    percent of the same heads (ablation ``mode``), per (dataset, timestep) and pooled over all.
+    """Spearman rho between the attribution's estimate of each head's ablation effect and the
+    measured degradation percent of the same heads (ablation ``mode``), per (dataset, timestep)
+    and pooled over all. agreement "signed": -score against percent (the first-order estimate
+    against the effect, signs kept); "magnitude": |score| against |percent|.
 
     ``degradation_table`` is a ``degradation`` output (or any frame with dataset, timestep,
-    layer, head, percent and optionally mode). Returns {rho, p_value, n, absolute,
+    layer, head, percent and optionally mode). Returns {rho, p_value, n, agreement,
     per_group: DataFrame (dataset, timestep, rho, p_value, n), pairs: the joined frame}.
     """
+    if agreement not in AGREEMENTS:
+        raise ValueError(f"agreement must be one of {AGREEMENTS}, got {agreement!r}")
     d = degradation_table
     if "mode" in d.columns:
         d = d[d["mode"] == mode]
     keys = ["dataset", "timestep", "layer", "head"]
     a = attribution.groupby(keys, sort=True)["score"].mean().reset_index()
     pairs = a.merge(d[keys + ["percent"]], on=keys, how="inner")
-    pairs["x"] = pairs["score"].abs() if absolute else pairs["score"]
-    rho, p, n = _spearman(pairs["x"].to_numpy(dtype=np.float64), pairs["percent"].to_numpy(dtype=np.float64))
-    groups = [(ds, t, *_spearman(g["x"].to_numpy(dtype=np.float64), g["percent"].to_numpy(dtype=np.float64)))
+    signed = agreement == "signed"
+    pairs["x"] = -pairs["score"] if signed else pairs["score"].abs()
+    pairs["y"] = pairs["percent"] if signed else pairs["percent"].abs()
+    rho, p, n = _spearman(pairs["x"].to_numpy(dtype=np.float64), pairs["y"].to_numpy(dtype=np.float64))
+    groups = [(ds, t, *_spearman(g["x"].to_numpy(dtype=np.float64), g["y"].to_numpy(dtype=np.float64)))
               for (ds, t), g in pairs.groupby(["dataset", "timestep"], sort=True)]
     per_group = pd.DataFrame(groups, columns=["dataset", "timestep", "rho", "p_value", "n"])
-    return {"rho": rho, "p_value": p, "n": n, "absolute": absolute, "per_group": per_group, "pairs": pairs}
+    return {"rho": rho, "p_value": p, "n": n, "agreement": agreement, "per_group": per_group, "pairs": pairs}

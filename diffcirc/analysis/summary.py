@@ -22,7 +22,9 @@ random-weights control):
   ci_high, loss_clean, delta_loss, p_value, p_holm, p_bh, family_size}], by_mode {mode: {min, max}},
   n_tests, n_significant_holm, n_significant_bh} -- range and top over the zero-ablation rows when there are any
 - circuit: ``circuit.summarise_circuits``
-- attribution_spearman: {rho, p_value, n, absolute, per_group [{dataset, timestep, rho, p_value, n}]}
+- attribution_spearman: {rho, p_value, n (signed agreement: -score against the degradation percent),
+  magnitude {rho, p_value, n} (|score| against |percent|), per_group [{dataset, timestep, rho,
+  p_value, n, rho_magnitude, p_magnitude}]} (``metrics.attribution_agreement``)
 - random_control: {complexity_ratio, entropy, entropy_divergence, roles (role summary)}
 - meta (meta.json as written by the driver), tables (the tables found), settings
 """
@@ -191,9 +193,14 @@ def summarise(out_dir, n_resamples: int = 2000, seed: int = 0, rules: Optional[R
 
     att = t["attribution"]
     if att is not None and not att.empty and deg is not None and len(deg):
-        a = metrics.attribution_agreement(att, deg)
+        a = metrics.attribution_agreement(att, deg, "signed")
+        m = metrics.attribution_agreement(att, deg, "magnitude")
+        per_group = a["per_group"].merge(
+            m["per_group"][["dataset", "timestep", "rho", "p_value"]].rename(
+                columns={"rho": "rho_magnitude", "p_value": "p_magnitude"}), on=["dataset", "timestep"], how="left")
         summary["attribution_spearman"] = {"rho": a["rho"], "p_value": a["p_value"], "n": a["n"],
-                                           "absolute": a["absolute"], "per_group": a["per_group"]}
+                                           "magnitude": {"rho": m["rho"], "p_value": m["p_value"], "n": m["n"]},
+                                           "per_group": per_group}
     else:
         summary["attribution_spearman"] = None
 

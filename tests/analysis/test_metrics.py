@@ -222,14 +222,34 @@ def test_degradation_interval_is_scipys_paired_percentile_bootstrap():
 
 
 def test_attribution_agreement_spearman():
+    # -score is the first-order estimate of a zero ablation's effect: at t = 1 it ranks the heads as
+    # their degradation does, at t = 2 in reverse
     deg = pd.DataFrame({"dataset": "natural", "timestep": [1] * 5 + [2] * 5, "layer": "a", "head": list(range(5)) * 2,
                         "mode": "zero", "percent": [10, 20, 30, 40, 50, 50, 40, 30, 20, 10]})
     att = deg[["dataset", "timestep", "layer", "head"]].assign(score=-np.array([1, 2, 3, 4, 5, 1, 2, 3, 4, 5.0]))
     r = metrics.attribution_agreement(att, deg)
     per = r["per_group"].set_index("timestep")
     assert per.loc[1, "rho"] == pytest.approx(1.0) and per.loc[2, "rho"] == pytest.approx(-1.0)
-    assert r["n"] == 10 and abs(r["rho"]) < 0.5
-    assert metrics.attribution_agreement(att, deg, absolute=False)["per_group"]["rho"].iloc[0] == pytest.approx(-1.0)
+    assert r["n"] == 10 and abs(r["rho"]) < 0.5 and r["agreement"] == "signed"
+    with pytest.raises(ValueError, match="agreement must be one of"):
+        metrics.attribution_agreement(att, deg, "absolute")
+
+
+def test_attribution_agreement_signed_and_magnitude_differ_where_signs_do():
+    # heads that lower the loss when removed (negative percent) with a large predicted effect: signs
+    # agree (signed rho = 1) and so do magnitudes; a prediction of the wrong sign
+    # breaks the signed agreement only
+    deg = pd.DataFrame({"dataset": "natural", "timestep": 1, "layer": "a", "head": range(4), "mode": "zero",
+                        "percent": [-40.0, -10.0, 5.0, 20.0]})
+    att = deg[["dataset", "timestep", "layer", "head"]].assign(score=[4.0, 1.0, -0.5, -2.0])
+    signed = metrics.attribution_agreement(att, deg, "signed")
+    magnitude = metrics.attribution_agreement(att, deg, "magnitude")
+    assert signed["rho"] == pytest.approx(1.0)
+    want = st.spearmanr([4.0, 1.0, 0.5, 2.0], [40.0, 10.0, 5.0, 20.0]).statistic
+    assert magnitude["rho"] == pytest.approx(want) and want == pytest.approx(1.0)
+    flipped = att.assign(score=[-4.0, 1.0, -0.5, -2.0])
+    assert metrics.attribution_agreement(flipped, deg, "signed")["rho"] < 0.5
+    assert metrics.attribution_agreement(flipped, deg, "magnitude")["rho"] == pytest.approx(1.0)
 
 
 def test_complete_layers_fills_n_keys_from_histograms():

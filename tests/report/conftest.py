@@ -52,9 +52,10 @@ SUMMARY = {
                     "n_significant_bh": 5},
     "circuit": {"synthetic_size": 3, "natural_size": 7, "ratio": 2.333, "n_heads": {"natural": 8, "synthetic": 8},
                 "final_degradation": {"natural": 4.4, "synthetic": 9.9}},
-    "attribution_spearman": {"rho": 0.877, "p_value": 0.0042, "n": 16, "absolute": True,
+    "attribution_spearman": {"rho": 0.877, "p_value": 0.0042, "n": 16,
+                             "magnitude": {"rho": 0.612, "p_value": 0.0118, "n": 16},
                              "per_group": [{"dataset": "natural", "timestep": 900, "rho": 0.654, "p_value": 0.0321,
-                                            "n": 8}]},
+                                            "n": 8, "rho_magnitude": 0.521, "p_magnitude": 0.1850}]},
     "random_control": {
         "complexity_ratio": {"value": 1.012, "ci_low": 0.988, "ci_high": 1.035, "p_value": 0.61, "source": "per_image"},
         "entropy": {"entropy_mean": 4.051, "normalised_mean": 0.972},

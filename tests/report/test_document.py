@@ -88,8 +88,8 @@ def test_section_tables_follow_the_summary(rendered):
     assert md_rows(circuit)[1:] == [["synthetic", "3", "8", "9.9"], ["natural", "7", "8", "4.4"]]
     assert "Size ratio natural / synthetic: 2.333." in circuit
     attribution = md_section(md, "Attribution patching vs ablation")
-    assert "pooled: 0.877 (p = 0.0042, n = 16)" in attribution
-    assert md_rows(attribution)[1:] == [["natural", "900", "0.654", "0.0321", "8"]]
+    assert "pooled: 0.877 (p = 0.0042, n = 16); between their magnitudes: 0.612 (p = 0.0118)" in attribution
+    assert md_rows(attribution)[1:] == [["natural", "900", "0.654", "0.0321", "0.521", "0.1850", "8"]]
 
 
 def test_changed_summary_changes_the_numbers(tmp_path, hand_summary):

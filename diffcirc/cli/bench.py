@@ -116,8 +116,10 @@ def _unet_parser(sub):
 
 def _sweep_parser(sub):
     defaults, quick = configs.SweepConfig, configs.SWEEP_QUICK
-    p = sub.add_parser("sweep", help="the single-head ablation sweep of a tiny UNet: batched vs one condition "
-                                     "at a time")
+    from diffcirc.bench import sweep
+
+    p = sub.add_parser("sweep", help="the single-head ablation sweep of a UNet: one condition at a time vs batched "
+                                     "vs batched with reuse of the clean pass")
     _common(p, "sweep", f"default {defaults.repeats}, --quick {quick['repeats']}")
     p.add_argument("--images", type=positive(int),
                    help=f"images per condition (default {defaults.images}, --quick {quick['images']})")
@@ -126,6 +128,10 @@ def _sweep_parser(sub):
                         f"(default: all 25, --quick {' '.join(map(str, quick['conditions']))})")
     p.add_argument("--max-batch", type=positive(int), nargs="+",
                    help="batch elements per batched pass (default: images x 1, 5 and all conditions)")
+    p.add_argument("--model", nargs="+", choices=list(sweep.MODELS), default=list(sweep.DEFAULT_MODELS),
+                   help="the UNets to sweep (default: %(default)s; sd15: SD 1.5's architecture at a 32x32 latent)")
+    p.add_argument("--heads-per-layer", type=positive(int),
+                   help="ablate only the first K heads of each layer (default: every head)")
     _model_options(p, defaults)
     p.set_defaults(func=run_sweep_command)
 
@@ -302,7 +308,7 @@ def run_sweep_command(args) -> int:
                        warmup=args.warmup, repeats=args.repeats, tolerance=args.tolerance)
     _start(args, sweep.HEADER)
     try:
-        rows = sweep.run_sweep(cfg, args.device)
+        rows = sweep.run_sweep(cfg, args.device, models=tuple(args.model), heads_per_layer=args.heads_per_layer)
     except IncorrectImplementation as e:
         return _refused(e)
     except ValueError as e:

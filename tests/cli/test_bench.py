@@ -144,10 +144,12 @@ def test_unet_options_reach_the_config(tmp_path, monkeypatch):
 
 def test_sweep_options_reach_the_config(tmp_path, monkeypatch):
     seen = []
-    monkeypatch.setattr(sweep, "run_sweep", lambda cfg, device, **k: seen.append(cfg) or [])
+    monkeypatch.setattr(sweep, "run_sweep", lambda cfg, device, **k: seen.append((cfg, k)) or [])
     assert cli_main(["bench", "sweep", "--images", "2", "--repeats", "4", "--warmup", "2", "--conditions", "3", "5",
-                     "--max-batch", "4", "--no-plots", "--out", str(tmp_path)]) == 0
-    assert seen == [configs.SweepConfig(images=2, conditions=(3, 5), max_batch=(4,), warmup=2, repeats=4)]
+                     "--max-batch", "4", "--model", "sd15", "bundled", "--heads-per-layer", "1", "--no-plots",
+                     "--out", str(tmp_path)]) == 0
+    assert seen == [(configs.SweepConfig(images=2, conditions=(3, 5), max_batch=(4,), warmup=2, repeats=4),
+                     {"models": ("sd15", "bundled"), "heads_per_layer": 1})]
 
 
 @pytest.mark.parametrize("command, config", [("unet", configs.UnetConfig), ("sweep", configs.SweepConfig)])
@@ -181,7 +183,8 @@ def test_sweep_writes_json_csv_and_plots(sweep_run):
         assert key in data["meta"], key
     rows = data["results"]
     assert [(r["implementation"], r["max_batch"], r["passes"]) for r in rows] == [
-        ("one at a time", None, 2), ("batched", 1, 2), ("batched", 2, 1)]
+        ("one at a time", None, 2), ("batched", 1, 2), ("batched", 2, 1), ("batched + reuse", 1, 3),
+        ("batched + reuse", 2, 3)]  # with reuse: the clean pass first, then each condition from its stage
     for r in rows:
         assert r["conditions"] == 2 and r["images"] == 1
         assert r["ms_min"] <= r["ms"] <= r["ms_max"]
@@ -190,7 +193,7 @@ def test_sweep_writes_json_csv_and_plots(sweep_run):
         assert r["speedup_vs_one_at_a_time"] == pytest.approx(rows[0]["ms"] / r["ms"])
     with open(out / "results.csv") as f:
         lines = list(csv.DictReader(f))
-    assert [line["max_batch"] for line in lines] == ["", "1", "2"]
+    assert [line["max_batch"] for line in lines] == ["", "1", "2", "1", "2"]
     assert float(lines[2]["ms"]) == pytest.approx(rows[2]["ms"])
     for name in ("sweep_throughput.png", "sweep_speedup.png"):
         assert (out / name).stat().st_size > 1000, name

@@ -17,6 +17,7 @@ import torch
 
 from ..errors import InputError
 
+DTYPES = ("float32", "bfloat16", "float16")
 DATASETS = ("synthetic", "natural")  # in this order: a dataset's index seeds its noise
 CONTROL_SEED_OFFSET = 1_000_003      # the random-weights control's seed is seed + this, never a model's own seed
 # fields that say where and how to run, not what is computed: a folder resumes whatever their values
@@ -67,6 +68,7 @@ class AnalysisConfig:
     seed: int = 0
     bootstrap: int = 2000
     device: str = "cpu"
+    dtype: str = "float32"                # of the denoiser and text encoders (one of DTYPES); the VAE stays float32
     wait: bool = False                    # out held by another run: wait for it (True) or refuse at once
 
     def __post_init__(self):
@@ -117,4 +119,4 @@ def noise_for(seed: int, dataset: int, images, t: int, shape) -> torch.Tensor:
     return torch.stack(out)
 
 
-__all__ = ["AnalysisConfig", "DATASETS", "TimestepError", "check_timesteps", "default_timesteps", "noise_for", "synthetic_spec_for"]
+__all__ = ["AnalysisConfig", "DATASETS", "DTYPES", "TimestepError", "check_timesteps", "default_timesteps", "noise_for", "synthetic_spec_for"]

@@ -97,7 +97,8 @@ class Experiment:
         self.ranks = ranks or Ranks()
         self.c = config
         self.device = self.ranks.device(config.device)
-        self.pipe = load_pipeline(config.model, device=self.device, text=not config.prompt_embeds)
+        self.pipe = load_pipeline(config.model, device=self.device, dtype=getattr(torch, config.dtype),
+                                  text=not config.prompt_embeds)
         self.unet, self.noising = self.pipe.model, self.pipe.noising
         self.denoiser = self.pipe.denoiser(self.pipe.read_embeds(config.prompt_embeds) if config.prompt_embeds
                                            else self.pipe.encode(config.prompt, config.max_sequence_length))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..analysis.config import AnalysisConfig
+from ..analysis.config import DTYPES, AnalysisConfig
 from ._checks import (byte_size, dataset_spec, device, model_name, non_negative, positive, reports_input_errors,
                       timesteps, writable_folder)
 from .report import write_report
@@ -64,6 +64,8 @@ def register(subparsers):
     option("seed", type=non_negative(int), help="default %(default)s")
     p.add_argument("--threads", type=positive(int), default=None, help="torch CPU threads (default: torch's)")
     option("device", type=device, help="default %(default)s")
+    option("dtype", choices=DTYPES, help="of the denoiser and text encoders (default %(default)s; the VAE stays "
+                                         "float32, every loss is computed in float32)")
     p.add_argument("--out", type=writable_folder, required=True, help="output folder (checked to be writable first)")
     option("wait", action="store_true",
            help="when another run holds --out, wait for it to end, then resume from its finished units "

@@ -287,3 +287,24 @@ def test_options_that_do_not_fit_the_model_are_refused(setup, tmp_path, capsys, 
         (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "num_train_timesteps": 500}))
     err = _refused(_argv(folder, tmp_path / "out", *extra), capsys)
     assert message in err, err
+
+
+def test_dtype_sets_the_denoiser_and_text_encoders_while_losses_stay_float32(setup, tmp_path):
+    from diffcirc.analysis.phases import Experiment
+
+    def experiment(dtype):
+        argv = _argv(setup["root"] / "flux", tmp_path / dtype, "--prompt", tp.PROMPT, "--max-sequence-length",
+                     str(tp.T5_LENGTH), "--dtype", dtype)
+        return Experiment(config_from_args(build_parser().parse_args(argv)))
+
+    half, full = experiment("bfloat16"), experiment("float32")
+    assert half.unet.dtype == torch.bfloat16 and full.unet.dtype == torch.float32
+    assert {e.dtype for e in half.pipe.text_encoders.values()} == {torch.bfloat16}
+    assert half.pipe.vae.dtype == torch.float32  # it only encodes, and half precision overflows in some VAEs
+    d = half.data["natural"]
+    x_t, target = half.noisy(d, d.ids, d.x0, T_ABLATE)
+    with torch.no_grad():
+        got, expected = half.forward(half.unet, x_t, T_ABLATE), full.forward(full.unet, x_t, T_ABLATE)
+    assert got.dtype == torch.float32 and x_t.dtype == target.dtype == torch.float32
+    assert not torch.equal(got, expected)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0.1 * float(expected.abs().max()))

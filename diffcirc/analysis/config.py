@@ -119,4 +119,5 @@ def noise_for(seed: int, dataset: int, images, t: int, shape) -> torch.Tensor:
     return torch.stack(out)
 
 
-__all__ = ["AnalysisConfig", "DATASETS", "DTYPES", "TimestepError", "check_timesteps", "default_timesteps", "noise_for", "synthetic_spec_for"]
+__all__ = ["AnalysisConfig", "DATASETS", "DTYPES", "TimestepError", "check_timesteps", "default_timesteps", "noise_for",
+           "synthetic_spec_for"]

@@ -253,8 +253,8 @@ class Experiment:
         to t (target: what the model is trained to predict, see ``noisy``)."""
         d = self.data[name]
         ids, x0, labels = next(d.batches(self.c.ablation_images, self.c.ablation_images))
-        x_t, eps = self.noisy(d, ids, x0, t)
-        return ids, x0, labels, x_t, eps
+        x_t, target = self.noisy(d, ids, x0, t)
+        return ids, x0, labels, x_t, target
 
     def run_share(self, conditions, x_t, t):
         """This rank's share of a batched step: (indices into conditions, eps predictions

@@ -90,8 +90,8 @@ class Pipeline:
         step = self.size_step()
         if size % step:
             raise ModelLoadError(f"--size {size} does not fit this {self.family} model: it must be a multiple of "
-                                 f"{step} ({self.vae_scale_factor} pixels per latent times {step // self.vae_scale_factor}, "
-                                 "the denoiser's down-sampling or patching)")
+                                 f"{step} ({self.vae_scale_factor} pixels per latent times "
+                                 f"{step // self.vae_scale_factor}, the denoiser's down-sampling or patching)")
         return size
 
     def latent_channels(self) -> int:

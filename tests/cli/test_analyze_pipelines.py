@@ -209,8 +209,8 @@ def test_prompt_embeds_give_the_results_of_the_prompt(setup, sd_run, embeds_setu
     out = setup["root"] / "out-embeds"
     _tables_of(_argv(embeds_setup["folder"], out, "--prompt-embeds", str(embeds_setup["file"])))
     for name in ("aggregates", "ablations", "attribution"):
-        pd.testing.assert_frame_equal(pd.read_parquet(out / f"{name}.parquet"), pd.read_parquet(sd_run / f"{name}.parquet"),
-                                      rtol=1e-5, obj=name)
+        pd.testing.assert_frame_equal(pd.read_parquet(out / f"{name}.parquet"),
+                                      pd.read_parquet(sd_run / f"{name}.parquet"), rtol=1e-5, obj=name)
 
 
 def _tables(folder) -> dict:
@@ -255,8 +255,8 @@ def test_killed_run_resumes_to_identical_results(setup, sd_run, tmp_path, monkey
     assert {name: (out / name).stat().st_mtime_ns for name in kept} == kept  # not computed twice
     assert encoded and all(cache.encoded == 0 for cache in encoded)  # every latent read back, none encoded again
     for name in ("aggregates", "per_image", "ablations", "attribution", "role_ablations", "circuit"):
-        pd.testing.assert_frame_equal(pd.read_parquet(out / f"{name}.parquet"), pd.read_parquet(sd_run / f"{name}.parquet"),
-                                      rtol=1e-6, obj=name)
+        pd.testing.assert_frame_equal(pd.read_parquet(out / f"{name}.parquet"),
+                                      pd.read_parquet(sd_run / f"{name}.parquet"), rtol=1e-6, obj=name)
 
 
 def _refused(argv, capsys) -> str:

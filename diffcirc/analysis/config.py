@@ -15,10 +15,14 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 import numpy as np
 import torch
 
+from ..errors import InputError
+
+DTYPES = ("float32", "bfloat16", "float16")
 DATASETS = ("synthetic", "natural")  # in this order: a dataset's index seeds its noise
 CONTROL_SEED_OFFSET = 1_000_003      # the random-weights control's seed is seed + this, never a model's own seed
 # fields that say where and how to run, not what is computed: a folder resumes whatever their values
-NOT_FINGERPRINTED = ("out", "wait")
+# (the VAE's batches among them: latents are cached per image whatever batch encoded them)
+NOT_FINGERPRINTED = ("out", "wait", "vae_batch_size")
 
 
 def default_timesteps(n: int = 10, T: int = 1000) -> list[int]:
@@ -38,7 +42,11 @@ class AnalysisConfig:
     ``diffcirc analyze`` options read their defaults from these fields."""
 
     out: str = "runs/analysis"
-    model: str = "bundled"
+    model: str = "bundled"                # bundled | a pixel UNet folder | a diffusers pipeline folder | a hub id
+    prompt: str = ""                      # encoded once by the pipeline's text encoders ("": unconditional)
+    prompt_embeds: str | None = None      # a safetensors file of prompt_embeds (and pooled_prompt_embeds) instead
+    max_sequence_length: int | None = None  # T5 tokens of SD3 / Flux prompts; None: the pipelines' 256 / 512
+    size: int | None = None               # image resolution in pixels; None: the model's own
     synthetic: int = 64                   # held-out synthetic faces
     synthetic_spec: str | None = None     # None: synthetic_spec_for(natural)
     natural: str = "lfw"                  # lfw | photos | celeba:PATH | folder:PATH
@@ -53,12 +61,14 @@ class AnalysisConfig:
     sample_maps: int = 4                  # images per dataset whose per-query maps are kept
     random_control: bool = True
     batch_size: int = 64
+    vae_batch_size: int = 8               # images per VAE encoder pass (latent models; at full resolution)
     max_batch: int = 64                   # batch elements per forward pass of batched conditions (on a CPU larger passes gain nothing)
     max_memory: int | None = None         # bytes one batched pass may use; None: half of what is free
     bins: int = 64
     seed: int = 0
     bootstrap: int = 2000
     device: str = "cpu"
+    dtype: str = "float32"                # of the denoiser and text encoders (one of DTYPES); the VAE stays float32
     wait: bool = False                    # out held by another run: wait for it (True) or refuse at once
 
     def __post_init__(self):
@@ -82,6 +92,23 @@ class AnalysisConfig:
         return int(self.circuit_timestep) if self.circuit_timestep is not None else steps[len(steps) // 2]
 
 
+class TimestepError(InputError):
+    """A timestep of the configuration that the model's scheduler does not have."""
+
+
+def check_timesteps(config: AnalysisConfig, check) -> None:
+    """Raise ``TimestepError`` unless every trace, ablation and circuit timestep of ``config``
+    passes ``check`` (the noising's: it raises ValueError for a timestep outside its scheduler)."""
+    named = [("--timesteps", config.timesteps), ("--ablation-timesteps", config.resolved_ablation_timesteps()),
+             ("circuit_timestep", [config.resolved_circuit_timestep()])]  # an ablation timestep unless set
+    for option, values in named:
+        for t in values:
+            try:
+                check(t)
+            except ValueError as e:
+                raise TimestepError(f"{option}: {e}") from None
+
+
 def noise_for(seed: int, dataset: int, images, t: int, shape) -> torch.Tensor:
     """Gaussian noise (B, *shape) with image i's noise fixed by (seed, dataset, image id, t)."""
     out = []
@@ -92,4 +119,5 @@ def noise_for(seed: int, dataset: int, images, t: int, shape) -> torch.Tensor:
     return torch.stack(out)
 
 
-__all__ = ["AnalysisConfig", "DATASETS", "default_timesteps", "noise_for", "synthetic_spec_for"]
+__all__ = ["AnalysisConfig", "DATASETS", "DTYPES", "TimestepError", "check_timesteps", "default_timesteps", "noise_for",
+           "synthetic_spec_for"]

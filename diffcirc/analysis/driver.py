@@ -13,6 +13,7 @@ on its share and ends it with the full tables; rank 0 alone holds the lock, read
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import platform
 import time
 from pathlib import Path
@@ -68,15 +69,17 @@ def run_analysis(config: AnalysisConfig, ranks: Ranks | None = None) -> Path | N
 def _run(config: AnalysisConfig, ranks: Ranks) -> Path | None:
     start = time.time()
     torch.manual_seed(config.seed)
+    out = Path(config.out)
+    # a folder of another configuration stops every rank with rank 0's error, before any work
+    # (the Experiment encodes latents into the folder)
+    units = ranks.on_main(lambda: WorkUnits(out, {"config": config.settings(), **input_digests(config),
+                                                  "diffcirc": __version__}))
     exp, error = None, None
     try:
         exp = Experiment(config, ranks)
     except Exception as e:  # e.g. a model or dataset one machine cannot read: every rank stops
         error = e
     ranks.check(error)
-    out = Path(config.out)
-    # a folder of another configuration stops every rank with rank 0's error
-    units = ranks.on_main(lambda: WorkUnits(out, {"config": config.settings(), "diffcirc": __version__}))
     for phase in PHASES:
         if ranks.broadcast(ranks.on_main(lambda: units.done(phase.unit))):
             if ranks.is_main:
@@ -100,6 +103,18 @@ def _run(config: AnalysisConfig, ranks: Ranks) -> Path | None:
     return out
 
 
+def input_digests(config: AnalysisConfig) -> dict:
+    """Digests of the input files whose contents the results depend on beyond their path: the
+    --prompt-embeds file (new embeddings under the same name are a new prompt, not a resumed run)."""
+    if not config.prompt_embeds:
+        return {}
+    try:
+        digest = hashlib.sha256(Path(config.prompt_embeds).read_bytes()).hexdigest()
+    except OSError as e:
+        raise FileNotFoundError(f"--prompt-embeds {config.prompt_embeds}: {e.strerror or e}") from None
+    return {"prompt_embeds_sha256": digest}
+
+
 def save_samples(exp: Experiment, folder: Path) -> None:
     """The images whose per-query maps are kept, as PNGs for the report: folder/<dataset>_<id>.png."""
     from PIL import Image
@@ -115,6 +130,9 @@ def meta(config: AnalysisConfig, exp: Experiment, processes: int, wall_time_s: f
     return {
         "config": {"out": config.out, **config.settings()},
         "model": config.model,
+        "family": exp.pipe.family,
+        "image_size": exp.size,
+        "noise": [{"timestep": int(t), **exp.noising.describe(t)} for t in config.timesteps],
         "data": {name: {"spec": config.synthetic_spec if name == "synthetic" else config.natural,
                         "n": len(d.ids), "image_size": exp.size} for name, d in exp.data.items()},
         "layers": len(exp.session.layers),
@@ -128,4 +146,4 @@ def meta(config: AnalysisConfig, exp: Experiment, processes: int, wall_time_s: f
     }
 
 
-__all__ = ["PHASES", "Phase", "meta", "run_analysis", "save_samples"]
+__all__ = ["PHASES", "Phase", "input_digests", "meta", "run_analysis", "save_samples"]

@@ -18,6 +18,7 @@ Under torchrun each phase shards its images, conditions or steps over the ranks
 from __future__ import annotations
 
 from contextlib import nullcontext
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -25,13 +26,15 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import load_dataset
-from ..models import load, random_like
+from ..models import ModelLoadError, random_like
+from ..models.latents import LatentCache
+from ..models.pipeline import load_pipeline
 from ..processor import Mean, Recorder, Session, Zero, head_attribution, mean_head_outputs, run_conditions
 from ..processor.grid import labels_to_grid
 from ..processor.stage_reuse import StageReuse, stage_units
 from . import image_maps
 from .circuit import greedy_minimal_circuit
-from .config import CONTROL_SEED_OFFSET, DATASETS, AnalysisConfig, noise_for
+from .config import CONTROL_SEED_OFFSET, DATASETS, AnalysisConfig, check_timesteps, noise_for
 from .distributed import Ranks
 from .roles import assign_roles, head_features
 
@@ -61,7 +64,8 @@ def uniform_label_shares(labels: torch.Tensor, grid: tuple[int, int]) -> torch.T
 
 
 class _Data:
-    """One dataset's images (N, 3, S, S), label maps (N, S, S) and ids, in memory."""
+    """One dataset's images (N, 3, S, S), label maps (N, S, S) and ids, in memory; x0: what the
+    denoiser noises, the images themselves or their VAE latents (N, C, S/f, S/f)."""
 
     def __init__(self, name, index, dataset):
         items = [dataset[i] for i in range(len(dataset))]
@@ -72,32 +76,50 @@ class _Data:
         self.labels = torch.stack([torch.as_tensor(it["labels"]) for it in items]).long()
         self.ids = list(range(len(items)))
         self.sources = [it.get("source", "") for it in items]
+        self.x0 = self.images
 
     def batches(self, batch_size, n=None, ids=None):
-        """(ids, images, labels) batches of the first n images, or of these ids."""
+        """(ids, x0, labels) batches of the first n images, or of these ids."""
         if ids is None:
             ids = self.ids[: len(self.ids) if n is None else min(n, len(self.ids))]
         for i in range(0, len(ids), batch_size):
             chunk = list(ids[i:i + batch_size])
-            yield chunk, self.images[chunk], self.labels[chunk]
+            yield chunk, self.x0[chunk], self.labels[chunk]
 
 
 class Experiment:
-    """The model, its scheduler and both datasets of one configuration; each phase method fills
-    ``self.tables`` with the tables it makes."""
+    """The model (``load_pipeline``: the denoiser, its scheduler's noising, the VAE and the prompt's
+    conditioning) and both datasets of one configuration; each phase method fills ``self.tables``
+    with the tables it makes.
+
+    Latent models see the datasets as VAE latents, encoded once into ``out/latents`` (a rerun reads
+    them back); the study's loss everywhere is the model's own training loss, the MSE of its
+    prediction against its scheduler's target (epsilon, v, x0, or the flow's velocity)."""
 
     def __init__(self, config: AnalysisConfig, ranks: Ranks | None = None):
         self.ranks = ranks or Ranks()
         self.c = config
         self.device = self.ranks.device(config.device)
-        self.unet, self.scheduler = load(config.model, device=self.device)
-        self.size = int(self.unet.config.sample_size)
-        self.alphas = self.scheduler.alphas_cumprod.to(torch.float32)
+        self.pipe = load_pipeline(config.model, device=self.device, dtype=getattr(torch, config.dtype),
+                                  text=not config.prompt_embeds)
+        self.unet, self.noising = self.pipe.model, self.pipe.noising
+        self.denoiser = self.pipe.denoiser(self.pipe.read_embeds(config.prompt_embeds) if config.prompt_embeds
+                                           else self.pipe.encode(config.prompt, config.max_sequence_length))
+        self.size = self.pipe.check_size(config.size or self.pipe.image_size)
+        check_timesteps(config, self.noising.check)
+        if self.pipe.is_latent and self.pipe.vae is None:
+            raise ModelLoadError(f"{config.model!r} has no vae/ folder: the images cannot be encoded to the latents "
+                                 "its denoiser takes")
+        cache = LatentCache(Path(config.out) / "latents", self.pipe.vae, config.vae_batch_size) \
+            if self.pipe.is_latent else None
         specs = {"synthetic": (config.synthetic_spec, config.synthetic), "natural": (config.natural, config.natural_n)}
         self.data = {}
         for index, name in enumerate(DATASETS):
             spec, n = specs[name]
-            self.data[name] = _Data(name, index, load_dataset(spec, size=self.size, n=n, seed=config.seed, split="heldout"))
+            self.data[name] = d = _Data(name, index, load_dataset(spec, size=self.size, n=n, seed=config.seed,
+                                                                  split="heldout"))
+            if cache is not None:
+                d.x0 = cache.latents(d.images, d.sources)
         self.session = Session(self.unet)
         self.heads = self.session.heads()
         self.tables: dict = {}
@@ -108,17 +130,20 @@ class Experiment:
 
     # -- helpers ---------------------------------------------------------------------------
     def noisy(self, d: _Data, ids, x0, t):
+        """(x_t, target): x0 noised to t by the scheduler's noising with each image's own noise, and
+        what the model is trained to predict there (its prediction type's target)."""
         eps = noise_for(self.c.seed, d.index, ids, t, x0.shape[1:])
-        a = self.alphas[t]
-        return a.sqrt() * x0 + (1 - a).sqrt() * eps, eps
+        return self.noising.add_noise(x0, eps, t), self.noising.target(x0, eps, t)
 
     def forward(self, unet, x, t):
-        tt = torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
-        return unet(x.to(self.device), tt).sample.float().cpu()
+        """The prediction (B, C, H, W) float32 on the CPU of unet (the model or its random-weights
+        control) for x at timestep t, with the run's conditioning."""
+        denoiser = self.denoiser if unet is self.unet else self.denoiser.with_model(unet)
+        return denoiser.predict(x, t).cpu()
 
-    def x0_from_eps(self, x_t, eps_hat, t):
-        a = self.alphas[t]
-        return (x_t - (1 - a).sqrt() * eps_hat) / a.sqrt()
+    def x0_from_prediction(self, x_t, prediction, t):
+        """The clean x0 the model's prediction at t implies."""
+        return self.noising.x0_from_prediction(x_t, prediction, t)
 
     # -- 1. trace ----------------------------------------------------------------------------
     def trace(self):
@@ -160,10 +185,19 @@ class Experiment:
         })
 
     def layer_table(self) -> pd.DataFrame:
+        """One row per attention layer; n_keys: the keys each query attends over (self: the image
+        tokens; cross: the prompt's tokens; joint: image and text tokens), None where unknown."""
         rows = []
+        conditioning = self.denoiser.conditioning
         for layer in self.session.layers:
             h, w = layer.grid if layer.grid else (None, None)
-            n_keys = h * w if layer.kind == "self" and h else None
+            n_keys = None
+            if layer.kind == "self" and h:
+                n_keys = h * w
+            elif layer.kind == "cross" and conditioning is not None:
+                n_keys = conditioning.n_tokens
+            elif layer.kind == "joint" and h and layer.text_tokens is not None:
+                n_keys = h * w + layer.text_tokens
             rows.append({"layer": layer.name, "kind": layer.kind, "heads": layer.heads, "head_dim": layer.head_dim,
                          "n_keys": n_keys, "grid_h": h, "grid_w": w})
         return pd.DataFrame(rows)
@@ -175,7 +209,7 @@ class Experiment:
         rows = []
         for name, d in self.data.items():
             for layer in layers.itertuples():
-                if layer.kind != "self" or not layer.grid_h:
+                if layer.kind not in ("self", "joint") or not layer.grid_h:
                     continue
                 shares = uniform_label_shares(d.labels, (int(layer.grid_h), int(layer.grid_w)))
                 for model in ("trained", "random") if self.c.random_control else ("trained",):
@@ -218,11 +252,12 @@ class Experiment:
         return [(name, t) for name in DATASETS for t in self.c.resolved_ablation_timesteps()]
 
     def ablation_batch(self, name: str, t: int):
-        """(ids, x0, labels, x_t, eps) of the first ablation_images images of dataset name, noised to t."""
+        """(ids, x0, labels, x_t, target) of the first ablation_images images of dataset name, noised
+        to t (target: what the model is trained to predict, see ``noisy``)."""
         d = self.data[name]
         ids, x0, labels = next(d.batches(self.c.ablation_images, self.c.ablation_images))
-        x_t, eps = self.noisy(d, ids, x0, t)
-        return ids, x0, labels, x_t, eps
+        x_t, target = self.noisy(d, ids, x0, t)
+        return ids, x0, labels, x_t, target
 
     def run_share(self, conditions, x_t, t):
         """This rank's share of a batched step: (indices into conditions, eps predictions
@@ -308,8 +343,9 @@ class Experiment:
                     tags.append((role, "random", rep))
             # every rank draws every random set above (same rng stream), then runs its share
             mine, eps_hat = self.run_share(conditions, x_t, t)
-            x0_hat = self.x0_from_eps(x_t[None], eps_hat, t)
-            errors = [self.errors(eps_hat[i], eps, x0_hat[i], x0, labels) for i in range(len(mine))]
+            x0_hat = self.x0_from_prediction(x_t[None], eps_hat, t)
+            errors = [self.errors(eps_hat[i], eps, x0_hat[i], x0, labels, latent=self.pipe.is_latent)
+                      for i in range(len(mine))]
             for i, c in enumerate(mine[1:], start=1):
                 role, control, rep = tags[c]
                 for e, err_name in enumerate(errors[0]):
@@ -321,9 +357,24 @@ class Experiment:
         self.tables["role_ablations"] = pd.DataFrame(self.gathered(rows))
 
     @staticmethod
-    def errors(eps_hat, eps, x0_hat, x0, labels) -> dict:
-        out = {"eps_mse": (eps_hat - eps).square().flatten(1).mean(1)}
-        out.update(image_maps.role_errors(x0_hat.clamp(-1, 1), x0, labels))
+    def errors(prediction, target, x0_hat, x0, labels, latent: bool = False) -> dict:
+        """Per-image (B,) errors of one condition: "eps_mse", the training loss (the MSE against the
+        model's own target, epsilon or not), and ``image_maps.role_errors`` of the predicted x0.
+
+        Pixel models: x0 (B, 3, S, S) images, x0_hat clamped to their range [-1, 1]. Latent models
+        (latent=True): x0 (B, C, h, w) latents, compared without decoding (a VAE decode per
+        condition would cost more than the denoiser), each latent channel as a grey image (the
+        latents are aligned with the image, f pixels per latent) with the labels taken at the
+        latent grid, and the errors averaged over channels."""
+        out = {"eps_mse": (prediction - target).square().flatten(1).mean(1)}
+        if not latent:
+            out.update(image_maps.role_errors(x0_hat.clamp(-1, 1), x0, labels))
+            return out
+        b, c, h, w = x0.shape
+        grey = lambda z: z.reshape(b * c, 1, h, w).expand(-1, 3, -1, -1)  # noqa: E731  luminance of grey = itself
+        at_grid = labels_to_grid(labels, (h, w)).reshape(b, h, w).repeat_interleave(c, dim=0)
+        out.update({name: e.reshape(b, c).mean(1) for name, e in
+                    image_maps.role_errors(grey(x0_hat), grey(x0), at_grid).items()})
         return out
 
     # -- 6. minimal circuit ----------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..analysis.config import AnalysisConfig
+from ..analysis.config import DTYPES, AnalysisConfig
 from ._checks import (byte_size, dataset_spec, device, model_name, non_negative, positive, reports_input_errors,
                       timesteps, writable_folder)
 from .report import write_report
@@ -28,7 +28,18 @@ def register(subparsers):
         """--name for the AnalysisConfig field of that name, with the field's default."""
         p.add_argument("--" + name.replace("_", "-"), dest=name, default=d[name], **kwargs)
 
-    option("model", type=model_name, help="bundled | a local diffusers folder | a hub id (default %(default)s)")
+    option("model", type=model_name, help="bundled | a pixel UNet folder | a diffusers pipeline folder "
+                                           "(model_index.json) | a hub id in the local cache (default %(default)s)")
+    text = p.add_mutually_exclusive_group()
+    text.add_argument("--prompt", dest="prompt", default=d["prompt"],
+                      help="the conditioning of a text-conditioned pipeline, encoded once by its own text encoders "
+                           "(default: empty, the unconditional prompt)")
+    text.add_argument("--prompt-embeds", dest="prompt_embeds", default=d["prompt_embeds"],
+                      help="instead of --prompt: a safetensors file with prompt_embeds (1, L, C) and, where the model "
+                           "takes it, pooled_prompt_embeds (1, P)")
+    option("max_sequence_length", type=positive(int), help="T5 tokens of SD3 (default 256) and Flux (default 512) "
+                                                            "prompts")
+    option("size", type=positive(int), help="image resolution in pixels (default: the model's)")
     option("synthetic", type=positive(int), help="held-out synthetic faces (default %(default)s)")
     option("synthetic_spec", choices=["synthetic", "synthetic-gray"],
            help="synthetic (colour) or synthetic-gray; default: synthetic with celeba, else synthetic-gray "
@@ -46,11 +57,15 @@ def register(subparsers):
     p.add_argument("--no-random-control", dest="random_control", action="store_false", default=d["random_control"],
                    help="skip the random-weights control model")
     option("batch_size", type=positive(int), help="images per traced forward pass (default %(default)s)")
+    option("vae_batch_size", type=positive(int), help="images per VAE encoder pass of a latent model "
+                                                       "(default %(default)s)")
     option("max_batch", type=positive(int), help="batch elements per batched-conditions pass (default %(default)s)")
     option("max_memory", type=byte_size, help="memory one batched pass may use, e.g. 2GiB (default: half of what is free)")
     option("seed", type=non_negative(int), help="default %(default)s")
     p.add_argument("--threads", type=positive(int), default=None, help="torch CPU threads (default: torch's)")
     option("device", type=device, help="default %(default)s")
+    option("dtype", choices=DTYPES, help="of the denoiser and text encoders (default %(default)s; the VAE stays "
+                                         "float32, every loss is computed in float32)")
     p.add_argument("--out", type=writable_folder, required=True, help="output folder (checked to be writable first)")
     option("wait", action="store_true",
            help="when another run holds --out, wait for it to end, then resume from its finished units "

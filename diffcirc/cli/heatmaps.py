@@ -32,7 +32,7 @@ NOT_FINGERPRINTED = ("out", "wait", "batch_size", "vae_batch_size", "threads", "
 
 
 class HeatmapInputError(InputError):
-    """Options that do not fit the model (a pixel model, a size it cannot take, a timestep outside its range)."""
+    """Options that do not fit the model (a pixel model, a timestep outside its range, tokens it does not have)."""
 
 
 def _timesteps(text):
@@ -110,23 +110,6 @@ def _conditioning(pipe, args):
     return pipe.encode(args.prompt, args.max_sequence_length)
 
 
-def _check_size(pipe, size: int) -> int:
-    """size, if the VAE and the denoiser's down-sampling or patching take it; else HeatmapInputError."""
-    config = pipe.model.config
-    if pipe.family == "sd3":
-        per_latent = int(config.patch_size)
-    elif pipe.family == "flux":
-        per_latent = 2  # 2x2 packing
-    else:
-        per_latent = 2 ** (len(config.block_out_channels) - 1)
-    step = pipe.vae_scale_factor * per_latent
-    if size % step:
-        raise HeatmapInputError(f"--size {size} does not fit this {pipe.family} model: it must be a multiple of {step} "
-                                f"(VAE scale {pipe.vae_scale_factor} times {per_latent}, the denoiser's "
-                                "down-sampling or patching)")
-    return size
-
-
 def _shown_tokens(conditioning, args) -> list:
     n = conditioning.n_tokens
     if args.tokens is None:
@@ -177,7 +160,7 @@ def _run(args) -> int:
     conditioning = _conditioning(pipe, args)
     if pipe.vae is None:
         raise HeatmapInputError(f"{args.model!r} has no vae/ folder: images cannot be encoded to latents")
-    size = _check_size(pipe, args.size or pipe.image_size)
+    size = pipe.check_size(args.size or pipe.image_size)
     latent_tokens = (size // pipe.vae_scale_factor // 2) ** 2  # packed tokens: the flow schedulers' dynamic shift
     try:
         timesteps = [int(pipe.noising.check(t)) for t in args.timesteps] if args.timesteps else \

@@ -72,6 +72,28 @@ class Pipeline:
         sample = sample[0] if isinstance(sample, (list, tuple)) else sample
         return int(sample) * self.vae_scale_factor
 
+    def size_step(self) -> int:
+        """The multiple of which every image size (pixels) must be: pixels per latent times the
+        denoiser's down-sampling (UNets: 2 per level after the first) or patching (SD3's patch
+        size, Flux's 2x2 packing)."""
+        config = self.model.config
+        if self.family == "sd3":
+            per_latent = int(config.patch_size)
+        elif self.family == "flux":
+            per_latent = 2
+        else:
+            per_latent = 2 ** (len(config.block_out_channels) - 1)
+        return self.vae_scale_factor * per_latent
+
+    def check_size(self, size: int) -> int:
+        """size, if the VAE and the denoiser take images of that size; else ``ModelLoadError``."""
+        step = self.size_step()
+        if size % step:
+            raise ModelLoadError(f"--size {size} does not fit this {self.family} model: it must be a multiple of "
+                                 f"{step} ({self.vae_scale_factor} pixels per latent times "
+                                 f"{step // self.vae_scale_factor}, the denoiser's down-sampling or patching)")
+        return size
+
     def latent_channels(self) -> int:
         """Channels of the denoiser's (unpacked) input."""
         c = self.model.config

@@ -158,7 +158,7 @@ def degradation_bars(top: list) -> Optional[Figure]:
     ax.barh(y, pct, xerr=np.clip(err, 0, None), color=colours, capsize=3)
     ax.set_yticks(y, [f"{r.get('dataset')} t={r.get('timestep')} {head_label(r['layer'], r['head'])}" for r in rows],
                   fontsize=7)
-    ax.set_xlabel("degradation of \u03b5-MSE (%), 95% paired bootstrap CI")
+    ax.set_xlabel("degradation of the training loss (%), 95% paired bootstrap CI")  # ε, v or flow-target MSE
     ax.set_title("Ours: most-degrading single-head ablations", fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
     return fig

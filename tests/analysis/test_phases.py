@@ -27,17 +27,29 @@ def test_uniform_label_shares_of_region_maps():
     assert uniform_label_shares(torch.full((1, 8, 8), 2), (2, 2)).tolist() == [1.0]
 
 
-def test_x0_from_eps_inverts_the_noising_with_hand_computed_coefficients():
-    # alpha_bar = 0.36 at t = 1: x_t = 0.6 x0 + 0.8 eps, so x0 = (x_t - 0.8 eps) / 0.6
-    schedule = SimpleNamespace(alphas=torch.tensor([0.9, 0.36]))
+def test_x0_from_prediction_inverts_the_noising_with_hand_computed_coefficients():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from diffcirc.models.noising import DDPMNoising, FlowMatching
+
     x0 = torch.tensor([[0.5, -1.0], [0.25, 0.0]])
     eps = torch.tensor([[1.0, 2.0], [-0.5, 1.5]])
+    # alpha_bar = 0.36 at t = 1: x_t = 0.6 x0 + 0.8 eps, so x0 = (x_t - 0.8 eps) / 0.6
+    epsilon = SimpleNamespace(noising=DDPMNoising(torch.tensor([0.9, 0.36])))
     x_t = 0.6 * x0 + 0.8 * eps
-    got = Experiment.x0_from_eps(schedule, x_t, eps, 1)
+    got = Experiment.x0_from_prediction(epsilon, x_t, eps, 1)
     assert got.flatten().tolist() == pytest.approx(x0.flatten().tolist(), abs=1e-6)
     # a wrong eps_hat moves x0_hat by -(0.8 / 0.6) times the error
-    moved = Experiment.x0_from_eps(schedule, x_t, eps + 0.3, 1)
+    moved = Experiment.x0_from_prediction(epsilon, x_t, eps + 0.3, 1)
     assert (moved - x0).flatten().tolist() == pytest.approx([-0.4] * 4, abs=1e-6)
+    # v = 0.6 eps - 0.8 x0, and x0 = 0.6 x_t - 0.8 v
+    v = SimpleNamespace(noising=DDPMNoising(torch.tensor([0.9, 0.36]), "v_prediction"))
+    got = Experiment.x0_from_prediction(v, x_t, 0.6 * eps - 0.8 * x0, 1)
+    assert got.flatten().tolist() == pytest.approx(x0.flatten().tolist(), abs=1e-6)
+    # flow matching at t = 250 of 1000: x_t = 0.75 x0 + 0.25 eps, velocity eps - x0, x0 = x_t - 0.25 velocity
+    flow = SimpleNamespace(noising=FlowMatching(FlowMatchEulerDiscreteScheduler()))
+    got = Experiment.x0_from_prediction(flow, 0.75 * x0 + 0.25 * eps, eps - x0, 250)
+    assert got.flatten().tolist() == pytest.approx(x0.flatten().tolist(), abs=1e-6)
 
 
 def test_errors_clamp_the_predicted_image_to_the_data_range():
@@ -54,6 +66,27 @@ def test_errors_clamp_the_predicted_image_to_the_data_range():
     assert err["eps_mse"].tolist() == pytest.approx([1.0, 4.0, 0.0], abs=1e-12)
     assert err["part"].tolist() == pytest.approx([0.25, 1.0, 0.25], abs=1e-6)
     assert err["edge"].tolist() == pytest.approx([0.0, 0.0, 0.0], abs=1e-6)
+
+
+def test_errors_of_latents_are_per_channel_unclamped_with_labels_at_the_latent_grid():
+    # latents (1, 2, 4, 4) of an 8x8 image labelled left half 0, right half 1: at the latent grid the
+    # labels split columns 0-1 from 2-3. Channel 0 of x0_hat is 2 on the left, 0 on the right (not
+    # clamped to 1); region averages keep that step, so its part error is 4 on half the latents = 2,
+    # channel 1 is exact (0): the mean over channels is 1 (labels lost at the grid would give 0.5)
+    x0 = torch.zeros(1, 2, 4, 4)
+    x0_hat = torch.zeros(1, 2, 4, 4)
+    x0_hat[0, 0, :, :2] = 2.0
+    labels = torch.zeros(1, 8, 8, dtype=torch.long)
+    labels[0, :, 4:] = 1
+    err = Experiment.errors(torch.ones(1, 2, 4, 4), torch.zeros(1, 2, 4, 4), x0_hat, x0, labels, latent=True)
+    assert set(err) == {"eps_mse", "edge", "high_freq", "part"}
+    assert err["part"].tolist() == pytest.approx([1.0], abs=1e-6)
+    assert err["eps_mse"].tolist() == pytest.approx([1.0], abs=1e-12)
+    # a constant offset of one channel has no edges and no high frequencies
+    flat = Experiment.errors(x0, x0, torch.full((1, 2, 4, 4), 3.0), x0, labels, latent=True)
+    assert flat["edge"].tolist() == pytest.approx([0.0], abs=1e-6)
+    assert flat["high_freq"].tolist() == pytest.approx([0.0], abs=1e-6)
+    assert flat["part"].tolist() == pytest.approx([9.0], abs=1e-5)
 
 
 @pytest.fixture(scope="module")

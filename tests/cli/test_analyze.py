@@ -31,6 +31,23 @@ def test_options_set_their_fields(tmp_path):
         batch_size=4, max_batch=8, max_memory=1024, seed=7, wait=True)
 
 
+def test_pipeline_options_set_their_fields(tmp_path):
+    config = config_of("--out", str(tmp_path), "--prompt", "a photo of a face", "--max-sequence-length", "77",
+                       "--size", "512", "--vae-batch-size", "2", "--dtype", "bfloat16")
+    assert config == AnalysisConfig(out=str(tmp_path), prompt="a photo of a face", max_sequence_length=77, size=512,
+                                    vae_batch_size=2, dtype="bfloat16")
+    assert config_of("--out", str(tmp_path), "--prompt-embeds", "e.safetensors").prompt_embeds == "e.safetensors"
+    # the VAE's batches change no result (latents are cached per image): a folder resumes whatever they were
+    assert config.settings() == AnalysisConfig(**{**vars(config), "vae_batch_size": 8}).settings()
+    assert config.settings() != AnalysisConfig(**{**vars(config), "prompt": ""}).settings()
+
+
+def test_prompt_and_prompt_embeds_exclude_each_other(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        config_of("--out", str(tmp_path), "--prompt", "a face", "--prompt-embeds", "e.safetensors")
+    assert exit_.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("natural, given, spec", [("lfw", None, "synthetic-gray"), ("celeba", None, "synthetic"),
                                                   ("celeba", "synthetic-gray", "synthetic-gray"),
                                                   ("lfw", "synthetic", "synthetic")])

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from diffcirc.bench.measure import status_bytes
+
 LAYER = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"  # self-attention over the 64x64 latent grid
 IMAGES = 4          # per dataset: 4 synthetic + 4 natural = 8 images, traced at both timesteps
 TIMESTEPS = [250, 750]
@@ -43,14 +45,6 @@ def build(folder: Path) -> None:
                             safety_checker=None, feature_extractor=None,
                             requires_safety_checker=False).save_pretrained(folder)
     save_file({"prompt_embeds": torch.randn(1, 77, 768)}, str(folder / "prompt_embeds.safetensors"))
-
-
-def status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
 
 
 def materialising_bytes(session, batch: int, text_tokens: int) -> dict:

@@ -84,6 +84,29 @@ def peak_extra_memory(fn, *args) -> int:
     return max(0, peak - base)
 
 
+def high_water_growth(fn):
+    """Resident-set growth to its high-water mark during fn() (bytes), or None (without fn run)
+    where /proc/self/clear_refs cannot reset the mark (not Linux, or not allowed)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # the high-water mark VmHWM := the current resident set
+    except OSError:
+        return None
+    _trim_heap()  # freed heap pages go back to the OS: the growth below is fn's own
+    before = status_bytes("VmRSS")
+    fn()
+    return max(status_bytes("VmHWM") - before, 0)
+
+
+def status_bytes(field: str) -> int:
+    """A /proc/self/status memory field (VmRSS, VmHWM, ...) in bytes (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
 def cuda_peak_extra_memory(fn, *args) -> int:
     """Peak bytes allocated on the GPU during one call of fn(*args) beyond what was allocated before it."""
     torch.cuda.synchronize()

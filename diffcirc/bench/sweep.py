@@ -197,29 +197,7 @@ def _run_once(fn, device) -> tuple:
             torch.cuda.synchronize()
         kept["s"], kept["cpu_s"] = time.perf_counter() - start, time.process_time() - cpu
 
-    peak = _high_water_growth(timed) if not cuda else None
+    peak = measure.high_water_growth(timed) if not cuda else None
     if peak is None:
         peak = measure.measurers(device)[1](timed)
     return kept["out"], {**measure.summarize([kept["s"]]), "cpu_ms": kept["cpu_s"] * 1e3, "peak_extra_bytes": peak}
-
-
-def _high_water_growth(fn):
-    """Resident-set growth to its high-water mark during fn() (bytes), or None (without fn run)
-    where /proc/self/clear_refs cannot reset the mark (not Linux, or not allowed)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # the high-water mark VmHWM := the current resident set
-    except OSError:
-        return None
-    measure._trim_heap()  # freed heap pages go back to the OS: the growth below is fn's own
-    before = _status_bytes("VmRSS")
-    fn()
-    return max(_status_bytes("VmHWM") - before, 0)
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)

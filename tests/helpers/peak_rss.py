@@ -19,14 +19,7 @@ import torch
 
 from diffcirc.analysis.config import AnalysisConfig
 from diffcirc.analysis.phases import Experiment
-
-
-def status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
+from diffcirc.bench.measure import status_bytes
 
 
 def ablation_peak(model: str, images: int, max_memory: int, out: str) -> dict:

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from helpers import tiny_models as tm
+from helpers.hooks import removed_after
 from diffcirc.processor import (Mean, Patch, Scale, Session, Uniform, Zero, cache_head_outputs, mean_head_outputs,
                                 run_conditions)
 from diffcirc.processor.stage_reuse import ReuseFallback
@@ -23,12 +24,9 @@ def _with_edits(model, edits: dict, run):
     modules = tm.attention_modules(model)
     handles = [modules[layer].to_out[0].register_forward_pre_hook(lambda mod, args, f=f: (f(args[0].clone()),))
                for layer, f in edits.items()]
-    try:
+    with removed_after(handles):
         with torch.no_grad():
             return run()
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _captured_inputs(model, layers, run) -> dict:
@@ -37,12 +35,9 @@ def _captured_inputs(model, layers, run) -> dict:
     modules = tm.attention_modules(model)
     handles = [modules[layer].to_out[0].register_forward_pre_hook(
         lambda mod, args, layer=layer: seen.__setitem__(layer, args[0].clone())) for layer in layers]
-    try:
+    with removed_after(handles):
         with torch.no_grad():
             run()
-    finally:
-        for h in handles:
-            h.remove()
     return seen
 
 

@@ -12,6 +12,7 @@ from diffusers import UNet2DConditionModel
 
 from helpers import tiny_models as tm
 from helpers import tiny_transformers as tt
+from helpers.hooks import removed_after
 from diffcirc.models import load
 from diffcirc.processor import (Mean, Patch, Scale, Session, Uniform, Zero, cache_head_outputs, mean_head_outputs,
                                 run_conditions)
@@ -54,12 +55,9 @@ def _call_order(model, run) -> list:
     order = []
     handles = [m.register_forward_pre_hook(lambda mod, args, name=name: order.append(name) if name not in order else None)
                for name, m in tt.attention_modules(model).items()]
-    try:
+    with removed_after(handles):
         with torch.no_grad():
             run()
-    finally:
-        for h in handles:
-            h.remove()
     return order
 
 
@@ -238,11 +236,8 @@ def _down_outputs(model, x, t, enc) -> list:
     outs = []
     hooked = [b.attentions[-1] if getattr(b, "has_cross_attention", False) else b for b in model.down_blocks]
     handles = [m.register_forward_hook(lambda m, a, o: outs.append(o[0])) for m in hooked]
-    try:
+    with removed_after(handles):
         model(x, t, encoder_hidden_states=enc)
-    finally:
-        for h in handles:
-            h.remove()
     return outs
 
 
@@ -355,12 +350,9 @@ def _unit_output_bytes(model, units, run) -> int:
                     seen[t.data_ptr()] = t.numel() * t.element_size()
 
     handles = [m.register_forward_hook(keep) for _, m in units]
-    try:
+    with removed_after(handles):
         with torch.no_grad():
             run()
-    finally:
-        for h in handles:
-            h.remove()
     return sum(seen.values())
 
 

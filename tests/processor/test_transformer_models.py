@@ -19,6 +19,7 @@ import torch
 
 from helpers import tiny_models as tm
 from helpers import tiny_transformers as tt
+from helpers.hooks import removed_after
 from diffcirc.processor import (Mean, Patch, Recorder, Scale, Session, Uniform, Zero, cache_head_outputs,
                                 head_attribution, mean_head_outputs)
 
@@ -216,11 +217,8 @@ def _head_outputs_edited(built: tt.Built, layers, edit):
             else:
                 handles.append(target.register_forward_hook(
                     lambda mod, args, out, apply=apply, part=part: apply(out, part=part)))
-    try:
+    with removed_after(handles):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _manual(built: tt.Built, layers, edit, seed=None) -> torch.Tensor:

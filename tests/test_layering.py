@@ -11,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # layer -> the layers it may import (its own included). "root" is the package itself (its version,
-# and ``import diffcirc`` giving the op); "base" the shared writer and error types.
+# and ``import diffcirc`` giving the op); "base" the shared writer, error types and memory measure.
 ALLOWED = {
     "base": {"base"},
     "root": {"base", "root", "ops"},
@@ -24,7 +24,7 @@ ALLOWED = {
     "bench": {"base", "root", "ops", "processor", "data", "models", "analysis", "bench"},
     "cli": {"base", "root", "ops", "processor", "data", "models", "analysis", "report", "bench", "cli"},
 }
-TOP_LEVEL = {"errors": "base", "files": "base", "_C": "ops", "info": "cli", "__main__": "cli"}
+TOP_LEVEL = {"errors": "base", "files": "base", "memory": "base", "_C": "ops", "info": "cli", "__main__": "cli"}
 
 
 def module_name(path: Path) -> str:

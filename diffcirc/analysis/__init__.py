@@ -22,7 +22,7 @@ summary      summary.json from saved tables
 
 # Loaded on first use, so that reading saved tables (metrics, summary: what the report imports)
 # does not import the model stack the driver needs.
-_LAZY = {"AnalysisConfig": "config", "default_timesteps": "config", "noise_for": "config",
+_LAZY = {"AnalysisConfig": "config", "noise_for": "config",
          "run_analysis": "driver", "summarise": "summary"}
 
 

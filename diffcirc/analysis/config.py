@@ -1,8 +1,9 @@
-"""What an analysis run depends on: ``AnalysisConfig`` (every default of the study, written once),
-the default timestep grid, and the seeds derived from ``config.seed``.
+"""What an analysis run depends on: ``AnalysisConfig`` (every default of the study, written once)
+and the seeds derived from ``config.seed``.
 
     config = AnalysisConfig(natural="celeba:data/celeba", out="runs/celeba")
     config.synthetic_spec            # "synthetic": colour faces beside colour CelebA
+    config = config.with_timesteps(pipe.default_timesteps)   # None: the model's own grid
 
 Noise is seeded per (seed, dataset, image, timestep), so any table row can be recomputed alone,
 on any process and in any batch.
@@ -10,7 +11,8 @@ on any process and in any batch.
 
 from __future__ import annotations
 
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, fields, replace
+from typing import Callable
 
 import numpy as np
 import torch
@@ -23,11 +25,7 @@ CONTROL_SEED_OFFSET = 1_000_003      # the random-weights control's seed is seed
 # fields that say where and how to run, not what is computed: a folder resumes whatever their values
 # (the VAE's batches among them: latents are cached per image whatever batch encoded them)
 NOT_FINGERPRINTED = ("out", "wait", "vae_batch_size")
-
-
-def default_timesteps(n: int = 10, T: int = 1000) -> list[int]:
-    """n evenly spaced timesteps, the centres of n equal bins of [0, T): 50, 150, ..., 950 for n = 10."""
-    return [int((i + 0.5) * T / n) for i in range(n)]
+DEFAULT_TIMESTEP_COUNT = 10  # trace timesteps when none are given: quantiles of the model's training grid
 
 
 def synthetic_spec_for(natural: str) -> str:
@@ -51,7 +49,7 @@ class AnalysisConfig:
     synthetic_spec: str | None = None     # None: synthetic_spec_for(natural)
     natural: str = "lfw"                  # lfw | photos | celeba:PATH | folder:PATH
     natural_n: int | None = None          # default: every held-out image (LFW: 20)
-    timesteps: list = field(default_factory=default_timesteps)
+    timesteps: list | None = None         # None: DEFAULT_TIMESTEP_COUNT quantiles of the model's training timesteps
     ablation_timesteps: list | None = None  # default: every third trace timestep
     ablation_modes: tuple = ("zero", "mean")
     ablation_images: int = 32             # per dataset, the first ones
@@ -63,7 +61,7 @@ class AnalysisConfig:
     batch_size: int = 64
     vae_batch_size: int = 8               # images per VAE encoder pass (latent models; at full resolution)
     max_batch: int = 64                   # batch elements per forward pass of batched conditions (on a CPU larger passes gain nothing)
-    max_memory: int | None = None         # bytes one batched pass may use; None: half of what is free
+    max_memory: int | None = None         # bytes one forward pass (trace, conditions, VAE) may use; None: half of what is free
     bins: int = 64
     seed: int = 0
     bootstrap: int = 2000
@@ -77,14 +75,25 @@ class AnalysisConfig:
 
     @staticmethod
     def defaults() -> dict:
-        """{field: its default} before any resolution (synthetic_spec None, timesteps the default grid)."""
+        """{field: its default} before any resolution (synthetic_spec and timesteps None)."""
         return {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(AnalysisConfig)}
 
     def settings(self) -> dict:
         """The fields the results depend on: the fingerprint a folder is resumed under."""
         return {k: v for k, v in asdict(self).items() if k not in NOT_FINGERPRINTED}
 
+    def with_timesteps(self, default_grid: Callable[[int], list]) -> "AnalysisConfig":
+        """This configuration with its trace timesteps set: as given, else
+        ``default_grid(DEFAULT_TIMESTEP_COUNT)``, the model's own (``Pipeline.default_timesteps`` at
+        the run's image size: 50, 150, ..., 950 on a DDPM schedule, the shifted σ grid's quantiles
+        on a flow-matching one)."""
+        if self.timesteps is not None:
+            return self
+        return replace(self, timesteps=[int(t) for t in default_grid(DEFAULT_TIMESTEP_COUNT)])
+
     def resolved_ablation_timesteps(self) -> list[int]:
+        if self.timesteps is None:
+            raise ValueError("the trace timesteps are not resolved yet: call with_timesteps first")
         return list(self.ablation_timesteps) if self.ablation_timesteps else list(self.timesteps[1::3]) or list(self.timesteps)
 
     def resolved_circuit_timestep(self) -> int:
@@ -119,5 +128,5 @@ def noise_for(seed: int, dataset: int, images, t: int, shape) -> torch.Tensor:
     return torch.stack(out)
 
 
-__all__ = ["AnalysisConfig", "DATASETS", "DTYPES", "TimestepError", "check_timesteps", "default_timesteps", "noise_for",
-           "synthetic_spec_for"]
+__all__ = ["AnalysisConfig", "DATASETS", "DEFAULT_TIMESTEP_COUNT", "DTYPES", "TimestepError", "check_timesteps",
+           "noise_for", "synthetic_spec_for"]

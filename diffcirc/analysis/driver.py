@@ -76,10 +76,11 @@ def _run(config: AnalysisConfig, ranks: Ranks) -> Path | None:
                                                   "diffcirc": __version__}))
     exp, error = None, None
     try:
-        exp = Experiment(config, ranks)
+        exp = Experiment(config, ranks, encode=False)
     except Exception as e:  # e.g. a model or dataset one machine cannot read: every rank stops
         error = e
     ranks.check(error)
+    exp.encode_latents()  # each rank its share of the images, then all of them on every rank
     for phase in PHASES:
         if ranks.broadcast(ranks.on_main(lambda: units.done(phase.unit))):
             if ranks.is_main:
@@ -126,19 +127,22 @@ def save_samples(exp: Experiment, folder: Path) -> None:
 
 
 def meta(config: AnalysisConfig, exp: Experiment, processes: int, wall_time_s: float) -> dict:
-    """meta.json: how the folder was made (configuration, data, model size, versions, wall time)."""
+    """meta.json: how the folder was made (configuration as given, data, model size, the timesteps it
+    resolved to, versions, wall time)."""
+    resolved = exp.c
     return {
         "config": {"out": config.out, **config.settings()},
         "model": config.model,
         "family": exp.pipe.family,
         "image_size": exp.size,
-        "noise": [{"timestep": int(t), **exp.noising.describe(t)} for t in config.timesteps],
+        "noise": [{"timestep": int(t), **exp.noising.describe(t)} for t in resolved.timesteps],
         "data": {name: {"spec": config.synthetic_spec if name == "synthetic" else config.natural,
                         "n": len(d.ids), "image_size": exp.size} for name, d in exp.data.items()},
         "layers": len(exp.session.layers),
         "heads": len(exp.heads),
-        "timesteps": list(config.timesteps),
-        "ablation_timesteps": config.resolved_ablation_timesteps(),
+        "timesteps": list(resolved.timesteps),
+        "ablation_timesteps": resolved.resolved_ablation_timesteps(),
+        "circuit_timestep": resolved.resolved_circuit_timestep(),
         "seed": config.seed,
         "processes": processes,
         "versions": {"diffcirc": __version__, "torch": torch.__version__, "python": platform.python_version()},

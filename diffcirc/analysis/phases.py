@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import load_dataset
+from ..memory import items_that_fit, pass_bytes
 from ..models import ModelLoadError, random_like
 from ..models.latents import LatentCache
 from ..models.pipeline import load_pipeline
@@ -96,7 +97,10 @@ class Experiment:
     them back); the study's loss everywhere is the model's own training loss, the MSE of its
     prediction against its scheduler's target (epsilon, v, x0, or the flow's velocity)."""
 
-    def __init__(self, config: AnalysisConfig, ranks: Ranks | None = None):
+    def __init__(self, config: AnalysisConfig, ranks: Ranks | None = None, encode: bool = True):
+        """encode False leaves latent models' x0 to ``encode_latents``, which every rank must then
+        call (the driver does, once every rank has constructed: a collective after a rank failed
+        here would wait for it forever)."""
         self.ranks = ranks or Ranks()
         self.c = config
         self.device = self.ranks.device(config.device)
@@ -106,23 +110,45 @@ class Experiment:
         self.denoiser = self.pipe.denoiser(self.pipe.read_embeds(config.prompt_embeds) if config.prompt_embeds
                                            else self.pipe.encode(config.prompt, config.max_sequence_length))
         self.size = self.pipe.check_size(config.size or self.pipe.image_size)
+        self.c = config = config.with_timesteps(lambda n: self.pipe.default_timesteps(n, self.size))
         check_timesteps(config, self.noising.check)
         if self.pipe.is_latent and self.pipe.vae is None:
             raise ModelLoadError(f"{config.model!r} has no vae/ folder: the images cannot be encoded to the latents "
                                  "its denoiser takes")
-        cache = LatentCache(Path(config.out) / "latents", self.pipe.vae, config.vae_batch_size) \
-            if self.pipe.is_latent else None
+        self.cache = LatentCache(Path(config.out) / "latents", self.pipe.vae, config.vae_batch_size,
+                                 max_bytes=self.memory_budget) if self.pipe.is_latent else None
         specs = {"synthetic": (config.synthetic_spec, config.synthetic), "natural": (config.natural, config.natural_n)}
         self.data = {}
         for index, name in enumerate(DATASETS):
             spec, n = specs[name]
             self.data[name] = d = _Data(name, index, load_dataset(spec, size=self.size, n=n, seed=config.seed,
                                                                   split="heldout"))
-            if cache is not None:
-                d.x0 = cache.latents(d.images, d.sources)
         self.session = Session(self.unet)
         self.heads = self.session.heads()
         self.tables: dict = {}
+        if encode:
+            self.encode_latents()
+
+    def encode_latents(self) -> None:
+        """Latent models: every dataset's x0 becomes its VAE latents (N, C, S/f, S/f). Each rank
+        encodes its share of the images (or reads them back from ``out/latents``), then every
+        rank receives all of them; a rank's failure stops every rank. Pixel models: nothing."""
+        if self.cache is None:
+            return
+        shares, error = {}, None
+        try:
+            for name, d in self.data.items():
+                mine = self.ranks.shard(d.ids)
+                shares[name] = (mine, self.cache.latents(d.images[mine], [d.sources[i] for i in mine]) if mine else None)
+        except Exception as e:  # e.g. a full disk on one machine: no rank may wait in the gather below
+            error = e
+        self.ranks.check(error)
+        for name, d in self.data.items():
+            pieces = [(ids, z) for ids, z in self.ranks.all_gather(shares[name]) if ids]
+            x0 = torch.empty(len(d.ids), *pieces[0][1].shape[1:])
+            for ids, z in pieces:
+                x0[ids] = z
+            d.x0 = x0
 
     def progress(self, **kwargs):
         """A progress bar on rank 0 only."""
@@ -158,11 +184,12 @@ class Experiment:
         bar = self.progress(total=total, desc="trace", unit="img")
         for model_name, unet in models:
             session = self.session if unet is self.unet else Session(unet)
+            per_pass = self.trace_batch(session, unet)
             for name, d in self.data.items():
                 rec = Recorder(stats=("entropy", "distance", "label_mass"), bins=self.c.bins, per_image=True,
                                maps={"images": samples[name], "stats": ["entropy"]})
                 for t in self.c.timesteps:
-                    for ids, x0, labels in d.batches(self.c.batch_size, ids=shards[name]):
+                    for ids, x0, labels in d.batches(per_pass, ids=shards[name]):
                         x_t, _ = self.noisy(d, ids, x0, t)
                         rec.set_tags(model=model_name, dataset=name, timestep=int(t), image_ids=ids)
                         with torch.no_grad(), session.trace(rec, labels=labels.to(self.device)):
@@ -183,6 +210,22 @@ class Experiment:
             "per_image": pd.concat(per_image, ignore_index=True),
             "maps": pd.concat(maps, ignore_index=True).rename(columns={"value": "entropy"}).drop(columns=["stat"]),
         })
+
+    def trace_batch(self, session: Session, unet) -> int:
+        """Images per trace pass: batch_size, fewer where one traced image's pass (measured once,
+        on the first image at the first timestep, ``memory.pass_bytes``) times that many would
+        exceed the memory budget."""
+        d = self.data[DATASETS[0]]
+        ids, x0, labels = next(d.batches(1, 1))
+        x_t, _ = self.noisy(d, ids, x0, self.c.timesteps[0])
+        rec = Recorder(stats=("entropy", "distance", "label_mass"), bins=self.c.bins)
+
+        def one_image():
+            with torch.no_grad(), session.trace(rec, labels=labels.to(self.device)):
+                self.forward(unet, x_t, self.c.timesteps[0])
+
+        _, cost = pass_bytes(one_image, self.device)
+        return items_that_fit(cost, self.memory_budget, cap=self.c.batch_size)
 
     def layer_table(self) -> pd.DataFrame:
         """One row per attention layer; n_keys: the keys each query attends over (self: the image

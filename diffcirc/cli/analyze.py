@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..analysis.config import DTYPES, AnalysisConfig
+from ..analysis.config import DEFAULT_TIMESTEP_COUNT, DTYPES, AnalysisConfig
 from ._checks import (byte_size, dataset_spec, device, model_name, non_negative, positive, reports_input_errors,
                       timesteps, writable_folder)
 from .report import write_report
@@ -47,7 +47,10 @@ def register(subparsers):
     option("natural", type=dataset_spec, help="lfw | photos | celeba:PATH | folder:PATH (held-out split; "
                                                "default %(default)s)")
     option("natural_n", type=positive(int), help="natural images (default: all held-out)")
-    option("timesteps", type=timesteps, help=f"e.g. '50,150,...' (default {','.join(map(str, d['timesteps']))})")
+    option("timesteps", type=timesteps, help=f"in the scheduler's units, e.g. '50,150,...' (default: "
+                                             f"{DEFAULT_TIMESTEP_COUNT} quantiles of the model's training timesteps "
+                                             f"at --size: 50,150,...,950 on DDPM schedules, the shifted sigma grid's "
+                                             f"on flow-matching ones)")
     option("ablation_timesteps", type=timesteps, help="default: every third trace timestep")
     option("ablation_images", type=positive(int), help="images per dataset (default %(default)s)")
     option("ablation_modes", type=_modes, help=f"comma-separated subset of zero,mean "
@@ -56,11 +59,12 @@ def register(subparsers):
     option("role_control_reps", type=positive(int), help="random head sets per role (default %(default)s)")
     p.add_argument("--no-random-control", dest="random_control", action="store_false", default=d["random_control"],
                    help="skip the random-weights control model")
-    option("batch_size", type=positive(int), help="images per traced forward pass (default %(default)s)")
-    option("vae_batch_size", type=positive(int), help="images per VAE encoder pass of a latent model "
+    option("batch_size", type=positive(int), help="images per traced forward pass at most (default %(default)s)")
+    option("vae_batch_size", type=positive(int), help="images per VAE encoder pass of a latent model at most "
                                                        "(default %(default)s)")
     option("max_batch", type=positive(int), help="batch elements per batched-conditions pass (default %(default)s)")
-    option("max_memory", type=byte_size, help="memory one batched pass may use, e.g. 2GiB (default: half of what is free)")
+    option("max_memory", type=byte_size, help="memory one forward pass (traced, batched conditions, VAE) may use, "
+                                               "e.g. 2GiB (default: half of what is free)")
     option("seed", type=non_negative(int), help="default %(default)s")
     p.add_argument("--threads", type=positive(int), default=None, help="torch CPU threads (default: torch's)")
     option("device", type=device, help="default %(default)s")

@@ -161,10 +161,9 @@ def _run(args) -> int:
     if pipe.vae is None:
         raise HeatmapInputError(f"{args.model!r} has no vae/ folder: images cannot be encoded to latents")
     size = pipe.check_size(args.size or pipe.image_size)
-    latent_tokens = (size // pipe.vae_scale_factor // 2) ** 2  # packed tokens: the flow schedulers' dynamic shift
     try:
         timesteps = [int(pipe.noising.check(t)) for t in args.timesteps] if args.timesteps else \
-            pipe.noising.default_timesteps(DEFAULT_TIMESTEPS, image_tokens=latent_tokens)
+            pipe.default_timesteps(DEFAULT_TIMESTEPS, size)
     except ValueError as e:
         raise HeatmapInputError(f"--timesteps: {e}") from None
     shown = _shown_tokens(conditioning, args)

@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..files import atomic_path
+from ..memory import items_that_fit, pass_bytes
 
 LATENTS = "latents"  # the tensor name in a cache file
 
@@ -72,15 +73,18 @@ class LatentCache:
     """Latents of image batches under ``root``, keyed as the module docstring says.
 
     vae: the loaded VAE (its config and weights are the model's part of the key); batch_size:
-    images per VAE pass.
+    images per VAE pass at most; max_bytes: the memory one pass may use (None: no bound): the
+    first image is encoded alone and measured (``memory.pass_bytes``), the rest in batches that fit.
     """
 
-    def __init__(self, root, vae: torch.nn.Module, batch_size: int = 8):
+    def __init__(self, root, vae: torch.nn.Module, batch_size: int = 8, max_bytes: Optional[int] = None):
         self.root = Path(root)
         self.vae = vae
         self.batch_size = int(batch_size)
+        self.max_bytes = max_bytes
         self.model_key = _digest(_vae_config(vae), weights_digest(vae))
         self.encoded = 0  # images run through the VAE by this object (the rest came from the cache)
+        self.passes: list = []  # images per VAE pass, in order
 
     def path(self, image: torch.Tensor, source: str) -> Path:
         """The cache file of one image (3, S, S) with this source."""
@@ -102,7 +106,8 @@ class LatentCache:
 
     def latents(self, images: torch.Tensor, sources: Sequence[str]) -> torch.Tensor:
         """(N, C, h, w) float32 latents of images (N, 3, S, S) in [-1, 1]: each image's from its
-        cache file, the others encoded in batches of ``batch_size`` and written to theirs."""
+        cache file, the others encoded in batches of at most ``batch_size`` (fewer where ``max_bytes``
+        holds fewer) and written to theirs."""
         from safetensors.torch import save_file
 
         if len(sources) != images.shape[0]:
@@ -110,10 +115,19 @@ class LatentCache:
         paths = [self.path(image, source) for image, source in zip(images, sources)]
         found = [self._read(p) for p in paths]
         todo = [i for i, z in enumerate(found) if z is None]
-        for start in range(0, len(todo), self.batch_size):
-            batch = todo[start:start + self.batch_size]
-            encoded = encode_images(self.vae, images[batch])
+        per_pass = self.batch_size if self.max_bytes is None else 1  # the first pass measures one image
+        start = 0
+        while start < len(todo):
+            batch = todo[start:start + per_pass]
+            if start == 0 and self.max_bytes is not None:
+                device = next(self.vae.parameters()).device
+                encoded, cost = pass_bytes(lambda: encode_images(self.vae, images[batch]), device)
+                per_pass = items_that_fit(cost, self.max_bytes, cap=self.batch_size)
+            else:
+                encoded = encode_images(self.vae, images[batch])
+            start += len(batch)
             self.encoded += len(batch)
+            self.passes.append(len(batch))
             for i, latent in zip(batch, encoded):
                 # its own storage, not a view of the batch (safetensors saves contiguous tensors only)
                 found[i] = latent.clone(memory_format=torch.contiguous_format)

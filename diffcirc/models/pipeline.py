@@ -94,6 +94,21 @@ class Pipeline:
                                  f"{step // self.vae_scale_factor}, the denoiser's down-sampling or patching)")
         return size
 
+    def image_tokens(self, size: int) -> Optional[int]:
+        """Tokens of one size x size image in a transformer's sequence (SD3: patches of its patch
+        size; Flux: latents packed 2x2), as the flow pipelines count them for their dynamic shift;
+        None for UNets, whose schedulers do not shift by it."""
+        if self.family == "sd3":
+            return (size // self.vae_scale_factor // int(self.model.config.patch_size)) ** 2
+        if self.family == "flux":
+            return (size // self.vae_scale_factor // 2) ** 2
+        return None
+
+    def default_timesteps(self, n: int, size: int) -> list[int]:
+        """n timesteps at evenly spaced quantiles of the ones the model was trained on at this image
+        size (``noising.default_timesteps``): 50, 150, ..., 950 for n = 10 on a DDPM schedule."""
+        return self.noising.default_timesteps(n, image_tokens=self.image_tokens(size))
+
     def latent_channels(self) -> int:
         """Channels of the denoiser's (unpacked) input."""
         c = self.model.config

@@ -41,6 +41,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..memory import items_that_fit, pass_bytes
 from .interventions import Intervention
 from .stage_reuse import ReuseFallback, StageReuse, map_tensors, model_stages, tensor_leaves, unreplayed_contexts
 
@@ -64,30 +65,6 @@ def _placed(cond: list, slot: int, batch: int) -> list:
                 raise IndexError(f"intervention on {iv.layer!r}: elements {list(iv.elements)} out of range [0, {batch})")
         placed.append(dataclasses.replace(iv, elements=list(elements)))
     return placed
-
-
-def _estimate_bytes(session, run: Callable, device: torch.device):
-    """(output, bytes per condition) of one pass of a single condition."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        out = run()
-        torch.cuda.synchronize(device)
-        return out, max(torch.cuda.max_memory_allocated(device) - base, 1)
-    # Elsewhere there is no allocator peak to read: count every module output as if all stayed
-    # alive at once, an upper bound of the peak of the pass.
-    total = [0]
-
-    def count(module, args, output):
-        total[0] += sum(t.numel() * t.element_size() for t in tensor_leaves(output))
-
-    handle = torch.nn.modules.module.register_module_forward_hook(count)
-    try:
-        out = run()
-    finally:
-        handle.remove()
-    return out, max(total[0], 1)
 
 
 def reuse_blocker(session) -> Optional[str]:
@@ -127,9 +104,9 @@ class _Passes:
         """Every condition in full passes, in the order of conditions."""
         start = 0
         if max_bytes is not None:
-            _, cost = _estimate_bytes(self.session, lambda: self.run([0]), self.device)
+            _, cost = pass_bytes(lambda: self.run([0]), self.device)
             start = 1
-            per_pass = min(per_pass, max(1, int(max_bytes // cost)))
+            per_pass = items_that_fit(cost, max_bytes, cap=per_pass)
         while start < len(self.conditions):
             chunk = list(range(start, min(start + per_pass, len(self.conditions))))
             self.run(chunk)
@@ -145,7 +122,7 @@ class _Passes:
             if max_bytes is None:
                 self.forward_fn(self.inputs)
             else:
-                _, cost = _estimate_bytes(self.session, lambda: self.forward_fn(self.inputs), self.device)
+                _, cost = pass_bytes(lambda: self.forward_fn(self.inputs), self.device)
         if max_bytes is not None:
             room = max_bytes - resume.nbytes
             if room < cost:
@@ -155,7 +132,7 @@ class _Passes:
                     raise ValueError(f"run_conditions(reuse=True): {reason}")
                 warnings.warn(f"run_conditions: {reason}; running full passes", ReuseFallback, stacklevel=3)
                 return False
-            per_pass = min(per_pass, int(room // cost))
+            per_pass = items_that_fit(cost, room, cap=per_pass)
         groups: dict = {}  # stage calls skipped -> condition indices, in the order of conditions
         for c, cond in enumerate(self.conditions):
             groups.setdefault(resume.resume_index(iv.layer for iv in cond), []).append(c)

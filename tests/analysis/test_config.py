@@ -4,12 +4,25 @@ settings a folder is resumed under, and noise seeded per image."""
 import pytest
 import torch
 
-from diffcirc.analysis.config import AnalysisConfig, default_timesteps, noise_for
+from diffcirc.analysis.config import DEFAULT_TIMESTEP_COUNT, AnalysisConfig, noise_for
+
+GRID = [50, 150, 250, 350, 450, 550, 650, 750, 850, 950]
 
 
-def test_default_timesteps_are_the_centres_of_equal_bins():
-    assert default_timesteps() == [50, 150, 250, 350, 450, 550, 650, 750, 850, 950]
-    assert default_timesteps(4, 100) == [12, 37, 62, 87]  # 12.5, 37.5, ... rounded down
+def test_timesteps_left_none_take_the_models_grid_and_given_ones_stay():
+    asked = []
+
+    def grid(n):
+        asked.append(n)
+        return [float(t) for t in GRID]  # a flow model's grid: floats, stored as the int timesteps
+    assert AnalysisConfig().with_timesteps(grid).timesteps == GRID and asked == [DEFAULT_TIMESTEP_COUNT]
+    given = AnalysisConfig(timesteps=[600])
+    assert given.with_timesteps(grid) is given and asked == [DEFAULT_TIMESTEP_COUNT]
+
+
+def test_ablation_timesteps_need_the_trace_grid_resolved():
+    with pytest.raises(ValueError, match="with_timesteps"):
+        AnalysisConfig().resolved_ablation_timesteps()
 
 
 @pytest.mark.parametrize("natural, spec", [("lfw", "synthetic-gray"), ("photos", "synthetic-gray"),
@@ -25,18 +38,18 @@ def test_synthetic_spec_given_is_kept():
 
 def test_defaults_are_the_fields_before_resolution():
     defaults = AnalysisConfig.defaults()
-    assert defaults["synthetic_spec"] is None and defaults["timesteps"] == default_timesteps()
+    assert defaults["synthetic_spec"] is None and defaults["timesteps"] is None
     assert defaults["synthetic"] == 64 and defaults["ablation_images"] == 32 and defaults["wait"] is False
     assert AnalysisConfig(**defaults) == AnalysisConfig()
 
 
 def test_ablation_and_circuit_timesteps_resolve_from_the_grid():
-    config = AnalysisConfig()
+    config = AnalysisConfig(timesteps=GRID)
     assert config.resolved_ablation_timesteps() == [150, 450, 750]  # every third, from the second
     assert config.resolved_circuit_timestep() == 450                # the middle one
     assert AnalysisConfig(timesteps=[600]).resolved_ablation_timesteps() == [600]
-    assert AnalysisConfig(ablation_timesteps=[100, 300, 500, 700]).resolved_circuit_timestep() == 500
-    assert AnalysisConfig(circuit_timestep=300).resolved_circuit_timestep() == 300
+    assert AnalysisConfig(timesteps=GRID, ablation_timesteps=[100, 300, 500, 700]).resolved_circuit_timestep() == 500
+    assert AnalysisConfig(timesteps=GRID, circuit_timestep=300).resolved_circuit_timestep() == 300
 
 
 def test_settings_leave_out_where_and_whether_to_wait():

@@ -3,10 +3,12 @@
 import dataclasses
 from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 import torch
 
 from diffcirc.analysis.config import AnalysisConfig
+from diffcirc.analysis.distributed import Ranks
 from diffcirc.analysis.phases import Experiment, uniform_label_shares
 from helpers.analysis_models import save_analysis_unet
 
@@ -106,3 +108,67 @@ def test_ablations_run_each_requested_mode_once_per_head_dataset_and_image(tiny_
     abl = exp.tables["ablations"]
     per_mode = len(exp.heads) * 2 * 2  # heads x datasets x images
     assert abl.groupby("mode").size().to_dict() == {mode: per_mode for mode in modes}
+
+
+def test_max_memory_bounds_the_trace_batches_without_changing_the_tables(tiny_experiment):
+    exp = tiny_experiment
+    given = exp.c
+
+    def trace(max_memory):
+        exp.c = dataclasses.replace(given, max_memory=max_memory)
+        passes = []
+        handle = exp.unet.register_forward_pre_hook(lambda module, args: passes.append(args[0].shape[0]))
+        try:
+            exp.trace()
+        finally:
+            handle.remove()
+            exp.c = given
+        return {name: exp.tables[name] for name in ("aggregates", "histograms", "per_image", "maps")}, passes
+
+    tight, tight_passes = trace(1)  # below one image's pass: one image per pass
+    loose, loose_passes = trace(1 << 40)
+    # the measuring pass of one image, then each dataset's 2 images at the one timestep
+    assert tight_passes == [1, 1, 1, 1, 1] and loose_passes == [1, 2, 2]
+    for name in tight:  # rows in pass order: compared by their keys
+        ordered = [t.sort_values(list(t.columns)).reset_index(drop=True) for t in (tight[name], loose[name])]
+        pd.testing.assert_frame_equal(*ordered, rtol=1e-5, obj=name)
+
+
+class _ThreadRanks(Ranks):
+    """Ranks of processes simulated by threads of this one: all_gather meets at a barrier."""
+
+    def __init__(self, rank, world, board):
+        super().__init__(rank, world)
+        self.board = board
+
+    def all_gather(self, obj):
+        self.board["barrier"].wait()
+        self.board[self.rank] = obj
+        self.board["barrier"].wait()
+        out = [self.board[r] for r in range(self.world)]
+        self.board["barrier"].wait()
+        return out
+
+
+def test_each_rank_encodes_its_share_of_the_latents_and_receives_all(tmp_path, single_thread):
+    import threading
+
+    from helpers import tiny_pipelines as tp
+
+    tp.sd_pipeline(tmp_path / "sd")
+    config = AnalysisConfig(model=str(tmp_path / "sd"), synthetic=3, natural_n=2, timesteps=[600],
+                            size=tp.IMAGE_SIZE, out=str(tmp_path / "out"))
+    alone = Experiment(dataclasses.replace(config, out=str(tmp_path / "alone")))
+    board, ranks = {"barrier": threading.Barrier(2)}, {}
+    for r in range(2):
+        ranks[r] = Experiment(config, _ThreadRanks(r, 2, board), encode=False)
+    threads = [threading.Thread(target=ranks[r].encode_latents) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    # images[rank::2] of each dataset: 2 + 1 synthetic, 1 + 1 natural
+    assert [ranks[r].cache.encoded for r in range(2)] == [3, 2] and alone.cache.encoded == 5
+    for r in range(2):
+        for name, d in alone.data.items():
+            torch.testing.assert_close(ranks[r].data[name].x0, d.x0, rtol=1e-5, atol=1e-6)

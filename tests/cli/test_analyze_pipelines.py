@@ -4,8 +4,9 @@ The clean losses of each run are recomputed from diffusers' own parts, sharing n
 command's code: the pipeline object's ``encode_prompt``, its VAE's posterior mean, its scheduler's
 ``add_noise`` / ``get_velocity`` (flow matching: x_t = (1 - sigma) x0 + sigma eps in float64) and the
 denoiser called as its pipeline calls it. Also: the tables' schema and sanity on an SD-like UNet
-(self and cross attention), a Flux-like transformer (joint attention, packed latents) and a pixel
-DDPM with v-prediction; --prompt-embeds equals --prompt; a changed prompt or embeddings file is a
+(self and cross attention), a Flux-like transformer (joint attention, packed latents), an SDXL-like
+UNet (two CLIPs, pooled embeddings and time ids, v-prediction), an SD3-like transformer (CLIP + T5,
+flow matching with shift 3, the default timestep grid) and a pixel DDPM with v-prediction; --prompt-embeds equals --prompt; a changed prompt or embeddings file is a
 new configuration; resumption after a kill, with the latents read back, not encoded again;
 refusals with exit 1. Runs that test only tables call the driver (no summary, no report).
 """
@@ -17,7 +18,7 @@ import shutil
 import pandas as pd
 import pytest
 import torch
-from diffusers import FluxPipeline
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline
 from safetensors.torch import save_file
 
 from diffcirc.analysis.config import noise_for
@@ -41,9 +42,10 @@ TABLES = ("layers", "aggregates", "histograms", "per_image", "maps", "features_m
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, single_thread):
-    """The tiny SD, Flux and v-prediction pixel pipelines (objects and folders)."""
+    """The tiny SD, Flux, SDXL, SD3 and v-prediction pixel pipelines (objects and folders)."""
     root = tmp_path_factory.mktemp("analyze-pipelines")
     pipes = {"sd": tp.sd_pipeline(root / "sd"), "flux": tp.flux_pipeline(root / "flux"),
+             "sdxl": tp.sdxl_pipeline(root / "sdxl"), "sd3": tp.sd3_pipeline(root / "sd3"),
              "pixel": tp.pixel_pipeline(root / "pixel", prediction_type="v_prediction")}
     return {"root": root, "pipes": pipes}
 
@@ -185,6 +187,74 @@ def test_pixel_pipeline_with_v_prediction(setup):
         v_hat = pipe.unet(pipe.scheduler.add_noise(x0, eps, t), T_ABLATE).sample
         v = pipe.scheduler.get_velocity(x0, eps, t)
     torch.testing.assert_close(_clean_losses(run), _per_image_mse(v_hat, v), rtol=1e-4, atol=0)
+
+
+def _check_every_head_ablated(run, model, kinds) -> dict:
+    """The driver's tables of a run with zero ablations only: layer kinds, every head of every kind
+    ablated on each image of both datasets; returns meta.json."""
+    layers = pd.read_parquet(run / "layers.parquet")
+    assert sorted(set(layers.kind)) == sorted(kinds)
+    heads = Session(model).heads()
+    abl = pd.read_parquet(run / "ablations.parquet")
+    assert set(zip(abl.layer, abl["head"])) == set(heads) and len(abl) == 2 * len(heads) * N
+    return json.loads((run / "meta.json").read_text())
+
+
+def test_sdxl_pipeline_with_pooled_embeddings_and_time_ids(setup):
+    pipe = setup["pipes"]["sdxl"]
+    run = setup["root"] / "out-sdxl"
+    _tables_of(_argv(setup["root"] / "sdxl", run, "--prompt", tp.PROMPT, "--ablation-modes", "zero",
+                     "--no-random-control"))
+    assert _check_every_head_ablated(run, pipe.unet, ["cross", "self"])["family"] == "sdxl"
+    # oracle: SDXL's own encode_prompt and time ids; diffusers' DDPM noising and velocity on the
+    # Euler scheduler's training schedule (its sampler rescales the same x_t)
+    ddpm = DDPMScheduler.from_config(pipe.scheduler.config)
+    with torch.no_grad():
+        x0 = pipe.vae.encode(_natural_images()).latent_dist.mean * pipe.vae.config.scaling_factor
+        embeds, _, pooled, _ = pipe.encode_prompt(tp.PROMPT, device="cpu", num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False)
+        size = (tp.IMAGE_SIZE, tp.IMAGE_SIZE)
+        time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=embeds.dtype,
+                                          text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+        eps, t = _noise(x0, T_ABLATE), torch.tensor([T_ABLATE])
+        v_hat = pipe.unet(ddpm.add_noise(x0, eps, t), T_ABLATE, encoder_hidden_states=embeds.expand(N, -1, -1),
+                          added_cond_kwargs={"text_embeds": pooled.expand(N, -1),
+                                             "time_ids": time_ids.expand(N, -1)}).sample
+    torch.testing.assert_close(_clean_losses(run), _per_image_mse(v_hat, ddpm.get_velocity(x0, eps, t)),
+                               rtol=1e-4, atol=0)
+
+
+def test_sd3_pipeline_flow_matching_on_its_default_grid(setup):
+    """No --timesteps: the trace runs at 10 quantiles of the shifted sigma grid SD3 trains on."""
+    pipe = setup["pipes"]["sd3"]
+    run = setup["root"] / "out-sd3"
+    argv = _argv(setup["root"] / "sd3", run, "--prompt", tp.PROMPT, "--max-sequence-length", str(tp.T5_LENGTH),
+                 "--ablation-modes", "zero", "--no-random-control")
+    at = argv.index("--timesteps")
+    _tables_of(argv[:at] + argv[at + 2:])
+    meta = _check_every_head_ablated(run, pipe.transformer, ["joint"])
+    # the scheduler as saved: its 1000 training timesteps sigma * 1000, shift 3 applied, taken at the
+    # centres of 10 equal bins of their ranks from low noise to high
+    grid = sorted(FlowMatchEulerDiscreteScheduler.from_pretrained(setup["root"] / "sd3" / "scheduler")
+                  .timesteps.tolist())
+    expected = [round(grid[int((i + 0.5) * len(grid) / 10)]) for i in range(10)]
+    assert meta["timesteps"] == expected and sum(t > 500 for t in expected) >= 7  # shift 3: mostly noisy
+    assert meta["ablation_timesteps"] == [T_ABLATE]
+    agg = pd.read_parquet(run / "aggregates.parquet")
+    assert set(agg[agg.stat == "entropy"].timestep) == set(expected)
+    # oracle: SD3's own encode_prompt, the VAE's shift and scale, the transformer called with sigma * 1000
+    sigma = T_ABLATE / 1000
+    with torch.no_grad():
+        config = pipe.vae.config
+        x0 = (pipe.vae.encode(_natural_images()).latent_dist.mean - config.shift_factor) * config.scaling_factor
+        embeds, _, pooled, _ = pipe.encode_prompt(tp.PROMPT, None, None, device="cpu", num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False, max_sequence_length=tp.T5_LENGTH)
+        eps = _noise(x0, T_ABLATE)
+        x_t = ((1 - sigma) * x0.double() + sigma * eps.double()).float()
+        velocity = pipe.transformer(hidden_states=x_t, timestep=torch.full((N,), float(T_ABLATE)),
+                                    encoder_hidden_states=embeds.expand(N, -1, -1),
+                                    pooled_projections=pooled.expand(N, -1)).sample
+    torch.testing.assert_close(_clean_losses(run), _per_image_mse(velocity, eps - x0), rtol=1e-4, atol=0)
 
 
 @pytest.fixture(scope="module")

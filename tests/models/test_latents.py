@@ -81,3 +81,37 @@ def test_a_damaged_cache_file_is_encoded_again_and_replaced(tmp_path):
     torch.testing.assert_close(repaired.latents(images, sources), good, rtol=0, atol=0)
     assert repaired.encoded == 1 and LatentCache(tmp_path, vae).latents(images, sources).shape == good.shape
     assert not list(tmp_path.rglob("*.tmp"))  # atomic writes leave no temporary files
+
+
+def _one_image_bytes(vae, image) -> int:
+    """Bytes of every module output while the VAE encodes one image, counted by a hook of the test."""
+    total = [0]
+
+    def count(module, args, output):
+        leaves = [output] if torch.is_tensor(output) else \
+            [v for v in (output.values() if isinstance(output, dict) else output) if torch.is_tensor(v)] \
+            if isinstance(output, (dict, tuple, list)) else []
+        total[0] += sum(t.numel() * t.element_size() for t in leaves)
+
+    handles = [m.register_forward_hook(count) for m in vae.modules()]
+    try:
+        with torch.no_grad():
+            vae.encode(image[None])
+    finally:
+        for h in handles:
+            h.remove()
+    return total[0]
+
+
+def test_max_bytes_bounds_the_vae_batches_without_changing_the_latents(tmp_path):
+    vae = tp.vae(shift_factor=0.06, scaling_factor=1.5)
+    images, sources = _images(5), [f"img{i}" for i in range(5)]
+    one = _one_image_bytes(vae, images[0])
+    expected = encode_images(vae, images)
+    # the first image alone (measured), then as many as the budget holds, at most batch_size
+    for images_per_budget, passes in [(2, [1, 2, 2]), (2.5, [1, 2, 2]), (100, [1, 4]), (None, [4, 1])]:
+        budget = None if images_per_budget is None else int(images_per_budget * one)
+        cache = LatentCache(tmp_path / str(images_per_budget), vae, batch_size=4, max_bytes=budget)
+        got = cache.latents(images, sources)
+        assert cache.passes == passes and cache.encoded == 5, images_per_budget
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)

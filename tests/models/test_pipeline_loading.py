@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from diffusers import FluxPipeline
 from safetensors.torch import load_file, save_file
 
 from diffcirc.models import BUNDLED, CorruptWeightsError, ModelLoadError, WeightsMismatchError
@@ -50,6 +51,28 @@ def test_each_layout_loads_its_components(folders, family, denoiser, noising, en
                                                                                   for e in encoders]
     assert (pipe.vae is not None) == (family != "pixel")
     assert pipe.image_size == (tp.IMAGE_SIZE if family != "flux" else 128 * 2)  # Flux: the pipeline's 128 latents
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_image_tokens_are_the_transformers_own_sequence_and_set_the_default_grid(folders, family):
+    """The token count the flow schedulers' dynamic shift reads is the image's length in the
+    denoiser's sequence: SD3's patch embedding, Flux's packing (their own code counts it)."""
+    pipe = load_pipeline(str(folders[family]))
+    size = 2 * tp.IMAGE_SIZE  # not the default size: the count must follow --size
+    latent = torch.zeros(1, tp.LATENT_CHANNELS, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
+    with torch.no_grad():
+        theirs = pipe.model.pos_embed(latent).shape[1] if family == "sd3" else \
+            FluxPipeline._pack_latents(latent, 1, tp.LATENT_CHANNELS, latent.shape[2], latent.shape[3]).shape[1]
+    assert pipe.image_tokens(size) == theirs
+    assert pipe.default_timesteps(10, size) == pipe.noising.default_timesteps(10, image_tokens=theirs)
+
+
+def test_unet_default_grid_is_the_centres_of_equal_bins_of_the_training_timesteps(folders):
+    grid = [50, 150, 250, 350, 450, 550, 650, 750, 850, 950]
+    for family in ("sd", "sdxl", "pixel"):
+        pipe = load_pipeline(str(folders[family]))
+        assert pipe.image_tokens(tp.IMAGE_SIZE) is None and pipe.default_timesteps(10, tp.IMAGE_SIZE) == grid
+    assert load_pipeline(BUNDLED).default_timesteps(4, 32) == [125, 375, 625, 875]
 
 
 def test_scheduler_keeps_its_own_class_and_prediction_type(folders):

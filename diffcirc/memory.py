@@ -1,5 +1,6 @@
-"""What one forward pass costs in memory, and how many items fit a budget: the one measure that
-``--max-memory`` bounds the condition passes, the trace's batches and the VAE's batches by.
+"""What one forward pass costs in memory, how much is free, and how many items fit a budget: the
+one measure that ``--max-memory`` bounds the condition passes, the trace's batches and the VAE's
+batches by.
 
     out, cost = pass_bytes(lambda: model(x[:1]), x.device)     # bytes of a one-item pass
     per_pass = items_that_fit(cost, max_bytes, cap=64)          # 1 <= per_pass <= 64
@@ -52,6 +53,18 @@ def pass_bytes(run: Callable, device) -> tuple:
     return out, max(total[0], 1)
 
 
+def free_memory_bytes(device: str) -> int:
+    """Memory free for this process now: the CUDA device's free memory, else the host's MemAvailable."""
+    if str(device).startswith("cuda"):
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 1 << 62  # unknown: no bound beyond max_batch
+
+
 def items_that_fit(cost: int, max_bytes: Optional[int], cap: int) -> int:
     """How many items of ``cost`` bytes each one pass may hold under ``max_bytes`` (None: no bound),
     at most ``cap`` and at least 1 (a single item over the budget still runs, alone)."""
@@ -62,4 +75,4 @@ def items_that_fit(cost: int, max_bytes: Optional[int], cap: int) -> int:
     return max(1, min(int(cap), int(max_bytes) // max(int(cost), 1)))
 
 
-__all__ = ["items_that_fit", "pass_bytes"]
+__all__ = ["free_memory_bytes", "items_that_fit", "pass_bytes"]

@@ -51,3 +51,12 @@ def test_items_that_fit(cost, budget, cap, fits):
 def test_items_that_fit_needs_a_cap_of_one_or_more():
     with pytest.raises(ValueError, match="cap"):
         items_that_fit(10, 100, 0)
+
+
+def test_free_memory_on_the_cpu_lies_between_nothing_and_the_machines_total():
+    import os
+
+    from diffcirc.memory import free_memory_bytes
+
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert 0 < free_memory_bytes("cpu") <= total

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import load_dataset
-from ..memory import items_that_fit, pass_bytes
+from ..memory import free_memory_bytes, items_that_fit, pass_bytes
 from ..models import ModelLoadError, random_like
 from ..models.latents import LatentCache
 from ..models.pipeline import load_pipeline
@@ -38,18 +38,6 @@ from .circuit import greedy_minimal_circuit
 from .config import CONTROL_SEED_OFFSET, DATASETS, AnalysisConfig, check_timesteps, noise_for
 from .distributed import Ranks
 from .roles import assign_roles, head_features
-
-
-def free_memory_bytes(device: str) -> int:
-    """Memory free for this process now: the CUDA device's free memory, else the host's MemAvailable."""
-    if str(device).startswith("cuda"):
-        return int(torch.cuda.mem_get_info(torch.device(device))[0])
-    try:
-        with open("/proc/meminfo") as f:
-            fields = dict(line.split(":", 1) for line in f)
-        return int(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return 1 << 62  # unknown: no bound beyond max_batch
 
 
 def uniform_label_shares(labels: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -448,4 +436,4 @@ class Experiment:
         self.tables["circuit"] = pd.concat(self.gathered(frames), ignore_index=True)
 
 
-__all__ = ["Experiment", "free_memory_bytes", "uniform_label_shares"]
+__all__ = ["Experiment", "uniform_label_shares"]

@@ -5,6 +5,7 @@ self-attention tokens), trace + single-head zero-ablations of one layer under a 
     python benchmarks/scale_run.py run FOLDER OUT   # prints and writes OUT/scale_run.json
     python benchmarks/scale_run.py run FOLDER OUT --ablation-images 4 --ablation-timesteps 250,750 --no-trace
                                               # the ablations alone, on all 8 images at both timesteps
+    python benchmarks/scale_run.py run FOLDER OUT --no-ablations   # load, encode and trace alone
 
 SD 1.5's text encoder needs CLIP's vocabulary, which is not on an offline machine: the prompt is a
 random (1, 77, 768) prompt_embeds file instead (the path of --prompt-embeds).
@@ -58,8 +59,13 @@ def materialising_bytes(session, batch: int, text_tokens: int) -> dict:
     return {"largest_layer": max(sizes), "all_layers": sum(sizes)}
 
 
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the high-water mark (VmHWM) to the resident memory now
+
+
 def run(folder: Path, out: Path, ablation_images: int = ABLATION_IMAGES, ablation_timesteps=ABLATION_TIMESTEPS,
-        trace: bool = True) -> dict:
+        trace: bool = True, ablations: bool = True) -> dict:
     from diffcirc.analysis.config import AnalysisConfig
     from diffcirc.analysis.phases import Experiment
 
@@ -69,13 +75,14 @@ def run(folder: Path, out: Path, ablation_images: int = ABLATION_IMAGES, ablatio
                             ablation_modes=("zero",), random_control=False, batch_size=IMAGES, max_memory=MAX_MEMORY)
     result = {"threads": torch.get_num_threads(), "images": 2 * IMAGES, "timesteps": TIMESTEPS, "layer": LAYER,
               "ablation_images": 2 * ablation_images, "ablation_timesteps": ablation_timesteps, "trace": trace,
-              "max_memory": MAX_MEMORY}
+              "ablations": ablations, "max_memory": MAX_MEMORY}
     start = time.time()
     exp = Experiment(config)  # loads the pipeline, encodes the 8 images to latents (cached in OUT/latents)
     result["load_and_encode_s"] = time.time() - start
     result["size"], result["latent"] = exp.size, list(exp.data["natural"].x0.shape[1:])
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the high-water mark: the peak below is the study's, not loading's
+    result["vae_passes"] = list(exp.cache.passes)  # images per VAE pass (none when read back from OUT/latents)
+    result["load_peak_rss_gib"] = status_bytes("VmHWM") / 2 ** 30
+    _reset_peak()  # the peaks below are the study's phases', not loading's
     result["rss_before_gib"] = status_bytes("VmRSS") / 2 ** 30
     passes, clock = [], []
     def started(module, args):  # returns None: the hook leaves the arguments as they are
@@ -89,22 +96,28 @@ def run(folder: Path, out: Path, ablation_images: int = ABLATION_IMAGES, ablatio
         exp.trace()
     result["trace_s"] = time.time() - start
     result["trace_passes"], result["trace_pass_s"] = list(passes), list(clock)
+    result["trace_peak_rss_gib"] = status_bytes("VmHWM") / 2 ** 30
     passes[:], clock[:] = [], []
+    result["weights_gib"] = sum(p.numel() * p.element_size() for p in exp.unet.parameters()) / 2 ** 30
+    result["materialising_gib_per_pass"] = {k: v / 2 ** 30 for k, v in
+                                            materialising_bytes(exp.session, IMAGES, 77).items()}
+    name = "scale_run_trace.json" if not ablations else "scale_run.json" if trace else "scale_run_ablations.json"
+    if not ablations:
+        (out / name).write_text(json.dumps(result, indent=1))
+        return result
+    _reset_peak()
     exp.heads = [(LAYER, h) for h in range(exp.session.layer(LAYER).heads)]  # single-head ablations of one layer
     start = time.time()
     exp.ablations()
     result["ablations_s"] = time.time() - start
     result["ablation_passes"], result["ablation_pass_s"] = list(passes), list(clock)
-    result["peak_rss_gib"] = status_bytes("VmHWM") / 2 ** 30
-    result["weights_gib"] = sum(p.numel() * p.element_size() for p in exp.unet.parameters()) / 2 ** 30
+    result["ablations_peak_rss_gib"] = status_bytes("VmHWM") / 2 ** 30
     layer = exp.session.layer(LAYER)
     result["tokens"] = layer.grid[0] * layer.grid[1]
-    result["materialising_gib_per_pass"] = {k: v / 2 ** 30 for k, v in
-                                            materialising_bytes(exp.session, IMAGES, 77).items()}
     abl = exp.tables["ablations"]
     result["degradation_pct"] = (100 * (abl.loss_ablated - abl.loss_clean) / abl.loss_clean).describe().to_dict()
     result["rss_end_gib"] = status_bytes("VmRSS") / 2 ** 30
-    (out / ("scale_run.json" if trace else "scale_run_ablations.json")).write_text(json.dumps(result, indent=1))
+    (out / name).write_text(json.dumps(result, indent=1))
     return result
 
 
@@ -118,9 +131,11 @@ if __name__ == "__main__":
     parser.add_argument("--ablation-images", type=int, default=ABLATION_IMAGES, help="per dataset")
     parser.add_argument("--ablation-timesteps", default=",".join(map(str, ABLATION_TIMESTEPS)))
     parser.add_argument("--no-trace", dest="trace", action="store_false")
+    parser.add_argument("--no-ablations", dest="ablations", action="store_false")
     args = parser.parse_args()
     if args.what == "build":
         build(args.folder)
     else:
         print(json.dumps(run(args.folder, args.out, args.ablation_images,
-                             [int(t) for t in args.ablation_timesteps.split(",")], args.trace), indent=1))
+                             [int(t) for t in args.ablation_timesteps.split(",")], args.trace, args.ablations),
+                         indent=1))

@@ -4,7 +4,8 @@
   the samples) and a fixed-bin histogram per head, of one (tags, layer, statistic).
 - ``stat_range``: the histogram range of each statistic: entropy over [0, ln Nk], distance over
   [0, sqrt 2], label_mass over [0, 1]; values outside land in the end bins.
-- ``add_map``: the one running sum of per-query maps, used by recording, merge and all_reduce.
+- ``add_map``: the one running sum of per-query maps, used by recording, merge and all_reduce;
+  ``add_counts`` the same for per-image histograms (``element_histograms``: heads together).
 - ``RecorderData``: the aggregates with their ranges, grids, tag names, per-image means and
   maps; ``merge`` unites two of them as if one had seen both sets of samples.
 """
@@ -41,6 +42,23 @@ def histogram(x: torch.Tensor, lo: float, hi: float, bins: int) -> torch.Tensor:
     counts = torch.zeros(heads * bins, dtype=torch.int64, device=x.device)
     counts.index_add_(0, idx.reshape(-1), torch.ones(idx.numel(), dtype=torch.int64, device=x.device))
     return counts.view(heads, bins)
+
+
+def element_histograms(x: torch.Tensor, lo: float, hi: float, bins: int) -> torch.Tensor:
+    """(B, bins) int64 counts of x (B, H, Nq) per batch element, its heads' queries together, in
+    the bins of ``histogram``."""
+    batch = x.shape[0]
+    idx = ((x - lo) * (bins / (hi - lo))).floor().clamp_(0, bins - 1).long()
+    idx += torch.arange(batch, device=x.device)[:, None, None] * bins
+    counts = torch.zeros(batch * bins, dtype=torch.int64, device=x.device)
+    counts.index_add_(0, idx.reshape(-1), torch.ones(idx.numel(), dtype=torch.int64, device=x.device))
+    return counts.view(batch, bins)
+
+
+def add_counts(hists: dict, key, counts: torch.Tensor) -> None:
+    """hists[key] += counts (bins,) int64: the one running sum of per-image histograms."""
+    slot = hists.get(key)
+    hists[key] = counts if slot is None else slot + counts.to(slot.device)
 
 
 class Aggregate:
@@ -100,6 +118,8 @@ class RecorderData:
     ranges: {(layer, stat): (lo, hi)} of the histograms, fixed when first seen;
     grids: {layer: (h, w)} of the queries; tag_names: in order of first use;
     image_rows: [(tag key per element, image id per element, layer, stat, means (b, H) float64)];
+    image_hists: {(tag key, image, layer, stat): counts (bins,) int64 of the image's queries over
+    every head of the layer, in the layer's histogram range};
     maps: {(tag key, image, layer, stat): (sum (H, Nq) float64, passes)}.
     """
 
@@ -109,6 +129,7 @@ class RecorderData:
     grids: dict = field(default_factory=dict)
     tag_names: list = field(default_factory=list)
     image_rows: list = field(default_factory=list)
+    image_hists: dict = field(default_factory=dict)
     maps: dict = field(default_factory=dict)
 
     def range_of(self, layer: str, stat: str, n_keys: int) -> tuple:
@@ -135,6 +156,8 @@ class RecorderData:
         for key, agg in other.aggregates.items():
             self.aggregate(key, agg.heads, agg.mean.device).add(agg)
         self.image_rows.extend(other.image_rows)
+        for key, counts in other.image_hists.items():
+            add_counts(self.image_hists, key, counts)
         for key, (total, count) in other.maps.items():
             add_map(self.maps, key, total, count)
 
@@ -142,5 +165,6 @@ class RecorderData:
         """Bytes held in tensors (aggregates, per-image means, maps)."""
         total = sum(a.nbytes() for a in self.aggregates.values())
         total += sum(row[4].numel() * row[4].element_size() for row in self.image_rows)
+        total += sum(c.numel() * c.element_size() for c in self.image_hists.values())
         total += sum(s.numel() * s.element_size() for s, _ in self.maps.values())
         return total

@@ -6,8 +6,10 @@ mass in [0, 1]; see DESIGN.md). The recorder folds them into aggregates keyed by
 tags (``set_tags``), the layer and the statistic: count, mean, M2 and a fixed-bin histogram per
 head (``aggregates``). One sample is one query of one image, so ``mean`` is the mean per-query
 value. Memory is O(tag combinations x layers x heads x bins) whatever the number of images;
-only the two explicitly requested extras grow with images: ``per_image`` (one mean per image,
-layer, head, stat) and ``maps`` (full per-query maps for chosen layers and images).
+only the explicitly requested extras grow with images: ``per_image`` (one mean per image,
+layer, head, stat), ``image_histograms`` (one histogram per image, layer and chosen stat, the
+layer's heads together: what a permutation test over images needs) and ``maps`` (full per-query
+maps for chosen layers and images).
 
 Tags are set before a forward pass and stay until the next ``set_tags``. A tag value is a
 scalar (same for the whole batch) or a sequence with one value per batch element (e.g. the
@@ -28,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from . import recorder_frames
-from .aggregates import RECORDABLE, RecorderData, add_map
+from .aggregates import RECORDABLE, RecorderData, add_counts, add_map, element_histograms
 from .recorder_distributed import all_reduce
 
 _RESERVED = {"layer", "head", "stat", "image", "bin", "lo", "hi", "count", "mean", "std", "m2", "query", "row", "col",
@@ -64,15 +66,22 @@ class Recorder:
             attention layers record entropy alone.
         bins: histogram bins per (layer, head, stat).
         per_image: also keep one mean per (tags, image, layer, head, stat); needs image_ids.
+        image_histograms: stats (a subset of stats) whose histogram per (tags, image, layer) is
+            also kept, over the layer's heads together; needs image_ids.
         maps: None, or {"layers": [names] | None (all), "images": [ids] | None (all),
             "stats": [names] | None (all recorded)}: keep per-query maps; needs image_ids.
     """
 
-    def __init__(self, stats=RECORDABLE, bins: int = 64, per_image: bool = False, maps: Optional[dict] = None):
+    def __init__(self, stats=RECORDABLE, bins: int = 64, per_image: bool = False, maps: Optional[dict] = None,
+                 image_histograms=()):
         stats = (stats,) if isinstance(stats, str) else tuple(stats)
         unknown = set(stats) - set(RECORDABLE)
         if unknown or not stats:
             raise ValueError(f"Recorder stats must be a non-empty subset of {RECORDABLE}, got {stats}")
+        image_histograms = (image_histograms,) if isinstance(image_histograms, str) else tuple(image_histograms)
+        if set(image_histograms) - set(stats):
+            raise ValueError(f"image_histograms must be a subset of the recorded stats {stats}, got {image_histograms}")
+        self.image_histograms = image_histograms
         if bins < 1:
             raise ValueError(f"bins must be >= 1, got {bins}")
         self.stats = stats
@@ -120,10 +129,10 @@ class Recorder:
         if grid is not None:
             self._data.grids[layer] = grid
         ids = None
-        if self.per_image or self.maps is not None:
+        if self._keeps_images:
             if self._image_ids is None:
-                raise ValueError("Recorder(per_image=True or maps=...) needs recorder.set_tags(image_ids=...) "
-                                 "before each forward pass")
+                raise ValueError("Recorder(per_image=True, image_histograms=... or maps=...) needs "
+                                 "recorder.set_tags(image_ids=...) before each forward pass")
             ids = _per_element(self._image_ids, batch, "image_ids")
         for stat, x in values.items():
             lo, hi = self._data.range_of(layer, stat, n_keys)
@@ -132,11 +141,23 @@ class Recorder:
                 self._data.aggregate((key, layer, stat), heads, x.device).add_samples(xs, lo, hi)
             if self.per_image:
                 self._data.image_rows.append((keys, ids, layer, stat, x.detach().double().mean(dim=-1)))
+            if stat in self.image_histograms:
+                counts = element_histograms(x.detach().double(), lo, hi, self.bins)
+                for e, image in enumerate(ids):
+                    add_counts(self._data.image_hists, (keys[e], image, layer, stat), counts[e])
             if self._keeps_maps_of(layer, stat):
                 wanted = self.maps["images"]
                 for e, image in enumerate(ids):
                     if wanted is None or image in wanted:
                         add_map(self._data.maps, (keys[e], image, layer, stat), x[e].detach().double(), 1)
+
+    @property
+    def _keeps_images(self) -> bool:
+        return self.per_image or bool(self.image_histograms) or self.maps is not None
+
+    def _config(self) -> tuple:
+        """What two recorders must agree on to be merged."""
+        return self.stats, self.bins, self.per_image, self.image_histograms, self.maps is not None
 
     def _element_keys(self, batch: int) -> list:
         """The tag key (tuple of (name, value)) of each of the batch elements."""
@@ -156,8 +177,8 @@ class Recorder:
     # ---- combining -----------------------------------------------------------------------
     def merge(self, other: "Recorder") -> "Recorder":
         """Adds other's samples into self (as if one recorder had seen both); returns self."""
-        if (other.stats, other.bins, other.per_image) != (self.stats, self.bins, self.per_image):
-            raise ValueError("Recorder.merge: recorders differ in stats, bins or per_image")
+        if other._config()[:4] != self._config()[:4]:
+            raise ValueError("Recorder.merge: recorders differ in stats, bins, per_image or image_histograms")
         self._data.merge(other._data)
         return self
 
@@ -174,8 +195,7 @@ class Recorder:
             raise RuntimeError("Recorder.all_reduce was already called: a second call would count the other "
                                "processes' samples twice")
         self._reduced = True
-        keeps_images = self.per_image or self.maps is not None
-        all_reduce(self._data, (self.stats, self.bins, self.per_image, self.maps is not None), keeps_images, group)
+        all_reduce(self._data, self._config(), self._keeps_images, group)
         return self
 
     def nbytes(self) -> int:
@@ -197,6 +217,14 @@ class Recorder:
         if not self.per_image:
             raise ValueError("per_image_frame needs Recorder(per_image=True)")
         return recorder_frames.per_image_frame(self._data)
+
+    def image_histogram_frame(self) -> pd.DataFrame:
+        """Columns [*tag_names, image, layer, stat, bin, count]: each image's histogram over the
+        layer's heads (passes with equal tags summed), its nonzero bins only; bins as in
+        ``histograms`` (same layer, same stat: same edges)."""
+        if not self.image_histograms:
+            raise ValueError("image_histogram_frame needs Recorder(image_histograms=[stats])")
+        return recorder_frames.image_histogram_frame(self._data)
 
     def map_tensors(self) -> dict:
         """{(tags, image, layer, stat): float32 tensor (H, h, w)} (or (H, Nq) when the grid is unknown)."""

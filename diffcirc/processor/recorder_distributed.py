@@ -2,7 +2,7 @@
 
 Histograms are summed (all_reduce); counts, means and M2 are all-gathered as one float64 tensor
 and merged with Chan's formula in rank order, which stays exact where summing raw power sums
-would cancel. Per-image means and maps (usually of disjoint images) travel as objects.
+would cancel. Per-image means, histograms and maps (usually of disjoint images) travel as objects.
 """
 
 from __future__ import annotations
@@ -10,14 +10,15 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .aggregates import Aggregate, RecorderData, add_map
+from .aggregates import Aggregate, RecorderData, add_counts, add_map
 
 
 def all_reduce(data: RecorderData, config: tuple, with_images: bool, group=None) -> None:
     """Merges every process's data into data (in place), as if one recorder had seen every pass.
 
     A collective. config: what every process's recorder must agree on (stats, bins, per_image,
-    maps or not); with_images: the recorders keep per-image means or maps.
+    image_histograms, maps or not); with_images: the recorders keep per-image means, histograms
+    or maps.
     """
     world = dist.get_world_size(group)
     layout = _union_layout(data, config, world, group)
@@ -69,7 +70,8 @@ def _union_layout(data: RecorderData, config: tuple, world: int, group) -> list:
     heads_of: dict = {}
     for meta in metas:
         if meta["config"] != config:
-            raise ValueError("Recorder.all_reduce: processes' recorders differ in stats, bins, per_image or maps")
+            raise ValueError("Recorder.all_reduce: processes' recorders differ in stats, bins, per_image, "
+                             "image_histograms or maps")
         data.unite_layout(meta["ranges"], meta["grids"], meta["tags"], "Recorder.all_reduce")
         for key, heads in meta["keys"]:
             heads_of.setdefault(key, heads)
@@ -81,13 +83,16 @@ def _union_layout(data: RecorderData, config: tuple, world: int, group) -> list:
 
 
 def _gather_images(data: RecorderData, world: int, group) -> None:
-    """Per-image means and maps of every process, in rank order."""
+    """Per-image means, histograms and maps of every process, in rank order."""
     mine = ([(keys, ids, layer, stat, means.cpu()) for keys, ids, layer, stat, means in data.image_rows],
+            {k: c.cpu() for k, c in data.image_hists.items()},
             {k: (s.cpu(), n) for k, (s, n) in data.maps.items()})
     parts = [None] * world
     dist.all_gather_object(parts, mine, group=group)
-    data.image_rows, data.maps = [], {}
-    for rows, maps in parts:
+    data.image_rows, data.image_hists, data.maps = [], {}, {}
+    for rows, hists, maps in parts:
         data.image_rows.extend(rows)
+        for key, counts in hists.items():
+            add_counts(data.image_hists, key, counts)
         for key, (total, count) in maps.items():
             add_map(data.maps, key, total, count)

@@ -1,4 +1,5 @@
-"""Tidy exports of a ``RecorderData``: aggregates, histograms, per-image means and per-query maps.
+"""Tidy exports of a ``RecorderData``: aggregates, histograms, per-image means and histograms, and
+per-query maps.
 
 Every frame starts with one column per tag name (missing where a row's passes lacked that tag).
 """
@@ -73,6 +74,22 @@ def per_image_frame(data: RecorderData) -> pd.DataFrame:
     if frame.empty:
         return frame
     return frame.groupby(cols[:-1], sort=False, dropna=False)["mean"].mean().reset_index()
+
+
+def image_histogram_frame(data: RecorderData) -> pd.DataFrame:
+    """Columns [*tag_names, image, layer, stat, bin, count]: the nonzero bins of each image's
+    histogram over a layer's heads (the histograms are sparse: storing zeros would multiply the
+    table by the bins a query's entropy never reaches)."""
+    cols = [*data.tag_names, "image", "layer", "stat", "bin", "count"]
+    frames = []
+    for (key, image, layer, stat), counts in data.image_hists.items():
+        counts = counts.cpu().numpy()
+        nonzero = np.flatnonzero(counts)
+        f = pd.DataFrame({"image": image, "layer": layer, "stat": stat, "bin": nonzero, "count": counts[nonzero]})
+        for name, value in _tag_columns(data, key).items():
+            f[name] = value
+        frames.append(f)
+    return _concat(frames, cols)
 
 
 def _grid_of(data: RecorderData, layer: str, n_queries: int):

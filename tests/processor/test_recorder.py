@@ -42,7 +42,7 @@ def test_unet2d_statistics_match_materialised_probabilities():
     oracle = _oracle_unet2d(model, x, t, label_map)
 
     bins = 16
-    rec = Recorder(bins=bins, per_image=True, maps={"layers": None, "images": None})
+    rec = Recorder(bins=bins, per_image=True, maps={"layers": None, "images": None}, image_histograms=("entropy",))
     rec.set_tags(timestep=7, dataset="synthetic", image_ids=[10, 11])
     with session.trace(rec, labels=label_map), torch.no_grad():
         model(x, t)
@@ -75,6 +75,21 @@ def test_unet2d_statistics_match_materialised_probabilities():
                 assert np.array_equal(h_rows["count"].to_numpy(), np.bincount(_bins(recorded, lo, hi, bins), minlength=bins))
                 from_oracle = np.bincount(_bins(values, lo, hi, bins), minlength=bins)
                 assert np.abs(h_rows["count"].to_numpy() - from_oracle).sum() <= 2  # values on a bin edge may move
+    # each image's entropy histogram over a layer's 8 heads: the recorded maps' values binned, and
+    # the materialised oracle's within values on a bin edge
+    image_hist = rec.image_histogram_frame()
+    assert set(image_hist.stat) == {"entropy"} and set(image_hist.image) == {10, 11}
+    for layer in oracle:
+        lo, hi = 0.0, math.log(48)
+        for b, image in enumerate((10, 11)):
+            g = image_hist[(image_hist.layer == layer) & (image_hist.image == image)]
+            got = np.zeros(bins, dtype=int)
+            got[g["bin"].to_numpy()] = g["count"].to_numpy()
+            assert (g["count"] > 0).all() and got.sum() == 8 * 48
+            recorded = maps[(tags, image, layer, "entropy")].reshape(-1).double().numpy()
+            assert np.array_equal(got, np.bincount(_bins(recorded, lo, hi, bins), minlength=bins))
+            from_oracle = np.bincount(_bins(oracle[layer]["entropy"][b].reshape(-1).numpy(), lo, hi, bins), minlength=bins)
+            assert np.abs(got - from_oracle).sum() <= 2
     assert frame.xs("entropy", level="stat")["mean"].std() > 0.05  # heads differ: the comparison is not vacuous
     long = rec.maps_frame()
     assert len(long) == 3 * 3 * 2 * 8 * 48
@@ -137,10 +152,10 @@ def test_aggregates_match_numpy_and_per_element_tags_split_rows():
 
 def test_merge_equals_single_pass():
     batches = _random_batches(5, seed=3)
-    single = Recorder(stats=("entropy", "distance"), bins=7, per_image=True)
+    kwargs = {"stats": ("entropy", "distance"), "bins": 7, "per_image": True, "image_histograms": ("distance",)}
+    single = Recorder(**kwargs)
     _feed(single, batches)
-    a = Recorder(stats=("entropy", "distance"), bins=7, per_image=True)
-    b = Recorder(stats=("entropy", "distance"), bins=7, per_image=True)
+    a, b = Recorder(**kwargs), Recorder(**kwargs)
     _feed(a, batches[:2])
     _feed(b, batches[2:], first_id=4)
     merged = a.merge(b)
@@ -155,6 +170,11 @@ def test_merge_equals_single_pass():
     ps = single.per_image_frame().sort_values(["image", "layer", "head", "stat"]).reset_index(drop=True)
     pm = merged.per_image_frame().sort_values(["image", "layer", "head", "stat"]).reset_index(drop=True)
     assert ps.equals(pm)
+    order = ["timestep", "condition", "image", "layer", "bin"]
+    assert single.image_histogram_frame().sort_values(order).reset_index(drop=True).equals(
+        merged.image_histogram_frame().sort_values(order).reset_index(drop=True))
+    with pytest.raises(ValueError, match="image_histograms"):
+        a.merge(Recorder(stats=("entropy", "distance"), bins=7, per_image=True))
 
 
 def test_memory_does_not_grow_with_images():
@@ -181,6 +201,14 @@ def test_per_image_needs_image_ids_and_reserved_tags_raise():
         rec.set_tags(layer=3)
     with pytest.raises(ValueError, match="subset"):
         Recorder(stats=("lse",))
+    with pytest.raises(ValueError, match="subset of the recorded stats"):
+        Recorder(stats=("entropy",), image_histograms=("distance",))
+    with pytest.raises(ValueError, match="image_ids"):
+        rec = Recorder(stats=("entropy",), image_histograms=("entropy",))
+        rec.set_tags(timestep=1)
+        rec.record("l", 4, (2, 2), {"entropy": torch.zeros(1, 2, 4)})
+    with pytest.raises(ValueError, match="image_histograms"):
+        Recorder(stats=("entropy",)).image_histogram_frame()
 
 
 def test_label_map_tiles_over_a_larger_forward_batch():

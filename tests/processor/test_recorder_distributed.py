@@ -26,7 +26,7 @@ def _batches():
 
 def _recorder():
     maps = {"images": list(MAP_IMAGES), "stats": ["entropy"]}
-    return Recorder(stats=("entropy",), bins=BINS, per_image=True, maps=maps)
+    return Recorder(stats=("entropy",), bins=BINS, per_image=True, maps=maps, image_histograms=("entropy",))
 
 
 def _fill(rec, batches):
@@ -38,7 +38,8 @@ def _fill(rec, batches):
 def _frames(rec):
     order = lambda f: f.sort_values([c for c in f.columns if c not in ("mean", "std", "m2", "value", "count")]  # noqa: E731
                                     ).reset_index(drop=True)
-    return [order(rec.to_frame()), order(rec.histograms()), order(rec.per_image_frame()), order(rec.maps_frame())]
+    return [order(rec.to_frame()), order(rec.histograms()), order(rec.per_image_frame()), order(rec.maps_frame()),
+            order(rec.image_histogram_frame())]
 
 
 def _share(batches, rank, world, split):
@@ -67,6 +68,14 @@ def _assert_equals_numpy(rec, per_rank):
     assert len(per_image) == len(want) == 2 * N_BATCHES * 3
     for row in per_image.itertuples():
         assert row.mean == pytest.approx(want[(row.timestep, row.image, row.head)], abs=1e-12)
+    # each image's histogram over its 3 heads' queries, nonzero bins only
+    got = rec.image_histogram_frame().groupby(["timestep", "image"])
+    assert got.ngroups == 2 * N_BATCHES
+    for (ts, image), g in got:
+        x = next(x[e] for t, x, ids in samples for e, i in enumerate(ids) if (t, i) == (ts, image))
+        idx = np.clip(np.floor((x.ravel() - lo) * (BINS / (hi - lo))), 0, BINS - 1).astype(int)
+        counts = np.bincount(idx, minlength=BINS)
+        assert dict(zip(g["bin"], g["count"])) == {b: c for b, c in enumerate(counts) if c}
     maps = rec.map_tensors()
     want = {(ts, image): x[e] for ts, x, ids in samples for e, image in enumerate(ids) if image in MAP_IMAGES}
     assert len(maps) == len(want) == len(MAP_IMAGES)

@@ -40,7 +40,8 @@ class Phase(NamedTuple):
 
 
 PHASES = (
-    Phase("trace", Experiment.trace, ("layers", "aggregates", "histograms", "per_image", "maps"), ()),
+    Phase("trace", Experiment.trace, ("layers", "aggregates", "histograms", "per_image", "image_histograms", "maps"),
+          ()),
     Phase("features", Experiment.map_features, ("features_maps",), ("trace",)),
     Phase("ablations", Experiment.ablations, ("ablations",), ()),
     Phase("attribution", Experiment.attribution, ("attribution",), ()),

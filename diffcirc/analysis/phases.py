@@ -2,7 +2,9 @@
 tables in ``experiment.tables`` (``diffcirc.analysis.driver`` saves them as resumable units).
 
   1. trace       per-(model, dataset, timestep, layer, head) entropy / distance / label-mass
-                 aggregates, histograms, per-image means, per-query maps of a few sample images
+                 aggregates, histograms, per-image means and entropy histograms (a layer's heads
+                 together: the unit of the divergence's permutation null), per-query maps of a few
+                 sample images
                  (model = "trained" and the "random"-weights control of the same architecture)
   2. features    correlations of each head's entropy map with edge / texture maps of the image
   3. ablations   every single head zero- and mean-ablated at each ablation timestep (batched, each
@@ -165,7 +167,7 @@ class Experiment:
         if self.c.random_control:
             # a seed of its own, so that the control never equals a model initialised from `seed`
             models.append(("random", random_like(self.unet, seed=CONTROL_SEED_OFFSET + self.c.seed)))
-        aggregates, histograms, per_image, maps = [], [], [], []
+        aggregates, histograms, per_image, image_histograms, maps = [], [], [], [], []
         samples = self.sample_ids()
         shards = {name: self.ranks.shard(d.ids) for name, d in self.data.items()}
         total = len(models) * sum(len(ids) for ids in shards.values()) * len(self.c.timesteps)
@@ -175,7 +177,7 @@ class Experiment:
             per_pass = self.trace_batch(session, unet)
             for name, d in self.data.items():
                 rec = Recorder(stats=("entropy", "distance", "label_mass"), bins=self.c.bins, per_image=True,
-                               maps={"images": samples[name], "stats": ["entropy"]})
+                               maps={"images": samples[name], "stats": ["entropy"]}, image_histograms=("entropy",))
                 for t in self.c.timesteps:
                     for ids, x0, labels in d.batches(per_pass, ids=shards[name]):
                         x_t, _ = self.noisy(d, ids, x0, t)
@@ -187,6 +189,7 @@ class Experiment:
                 aggregates.append(rec.to_frame())
                 histograms.append(rec.histograms())
                 per_image.append(rec.per_image_frame())
+                image_histograms.append(rec.image_histogram_frame().drop(columns="stat"))
                 maps.append(rec.maps_frame())
         bar.close()
         layers = self.layer_table()
@@ -196,6 +199,7 @@ class Experiment:
             "aggregates": pd.concat(aggregates, ignore_index=True),
             "histograms": pd.concat(histograms, ignore_index=True),
             "per_image": pd.concat(per_image, ignore_index=True),
+            "image_histograms": pd.concat(image_histograms, ignore_index=True),
             "maps": pd.concat(maps, ignore_index=True).rename(columns={"value": "entropy"}).drop(columns=["stat"]),
         })
 

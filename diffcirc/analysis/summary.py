@@ -1,7 +1,7 @@
 """``summarise(out_dir)``: the study's summary, from the driver's saved tables only.
 
 Reads whichever of these exist in ``out_dir`` (each optional; a missing table makes the keys
-that need it null): aggregates, histograms, per_image, layers, features_maps, ablations,
+that need it null): aggregates, histograms, per_image, image_histograms, layers, features_maps, ablations,
 role_ablations, circuit, attribution (``.parquet``) and meta.json. Writes ``summary.json``
 (strict JSON: NaN and infinities become null; dict keys are strings) and returns the same
 dict, so ``summarise(d) == json.load(open(d / "summary.json"))``. Deterministic for a given
@@ -13,7 +13,10 @@ random-weights control):
 - complexity_ratio: {value, ci_low, ci_high, p_value, cohens_d (natural minus synthetic image means
   over their pooled sd), n_synthetic, n_natural, confidence, source ("per_image", or "aggregates"
   when only those exist: no interval, no p-value, no effect size)}
-- entropy_divergence: {per_timestep {t: pooled JS}, mean_diff {t: H_nat - H_syn}, min, max}
+- entropy_divergence: {per_timestep {t: pooled JS}, mean_diff {t: H_nat - H_syn}, min, max, null
+  {per_timestep {t: {js, null_mean, null_q95, p_value}}, n_permutations, p_floor, n_beyond_null_q95,
+  n_significant, n_timesteps} (image-label permutations, ``metrics.entropy_divergence_null``; null
+  when there is no image_histograms table)}
 - entropy: {entropy_mean, normalised_mean, by_dataset {dataset: {...}}} of the trained model
 - roles: [{layer, head, role, roles, entropy_mean, entropy_sd, normalised}] (trained model)
 - role_summary: [{role, n_heads, entropy_mean, entropy_sd, normalised_mean}] (sd over heads)
@@ -47,8 +50,8 @@ from ..files import read_table, write_json
 
 __all__ = ["TABLES", "read_table", "read_meta", "summarise", "json_safe"]
 
-TABLES = ("aggregates", "histograms", "per_image", "layers", "features_maps", "ablations", "role_ablations",
-          "circuit", "attribution", "maps")
+TABLES = ("aggregates", "histograms", "per_image", "image_histograms", "layers", "features_maps", "ablations",
+          "role_ablations", "circuit", "attribution", "maps")
 SUMMARY_FILE = "summary.json"
 
 
@@ -101,7 +104,7 @@ def _entropy_overview(aggregates: pd.DataFrame, layers: Optional[pd.DataFrame], 
     }
 
 
-def _divergence(histograms, aggregates, model: str) -> Optional[dict]:
+def _divergence(histograms, aggregates, image_histograms, model: str, n_resamples: int, seed: int) -> Optional[dict]:
     if histograms is None or histograms.empty:
         return None
     if "model" in histograms.columns and not (histograms["model"] == model).any():
@@ -109,9 +112,19 @@ def _divergence(histograms, aggregates, model: str) -> Optional[dict]:
     d = metrics.entropy_divergence(histograms, aggregates, model=model)
     if d["per_timestep"].empty:
         return None
-    return {"per_timestep": _per_timestep(d["per_timestep"], "js"),
-            "mean_diff": _per_timestep(d["per_timestep"], "mean_diff"),
-            "min": d["min"], "max": d["max"]}
+    out = {"per_timestep": _per_timestep(d["per_timestep"], "js"),
+           "mean_diff": _per_timestep(d["per_timestep"], "mean_diff"),
+           "min": d["min"], "max": d["max"], "null": None}
+    if image_histograms is not None and not image_histograms.empty and n_resamples > 0:
+        null = metrics.entropy_divergence_null(image_histograms, model=model, n_permutations=n_resamples, seed=seed)
+        if len(null):
+            out["null"] = {"per_timestep": {str(int(r.timestep)): {"js": r.js, "null_mean": r.null_mean,
+                                                                   "null_q95": r.null_q, "p_value": r.p}
+                                            for r in null.itertuples()},
+                           "n_permutations": int(n_resamples), "p_floor": 1.0 / (n_resamples + 1),
+                           "n_beyond_null_q95": int((null["js"] > null["null_q"]).sum()),
+                           "n_significant": int((null["p"] < 0.05).sum()), "n_timesteps": int(len(null))}
+    return out
 
 
 def _complexity(per_image, aggregates, n_resamples: int, seed: int, model: str, control: Optional[str]):
@@ -155,7 +168,8 @@ def summarise(out_dir, n_resamples: int = 2000, seed: int = 0, rules: Optional[R
     if control_ratio is None and "random" in models:
         control_ratio = _complexity(None, agg, n_resamples, seed, "random", None)
 
-    summary["entropy_divergence"] = _divergence(t["histograms"], agg, "trained")
+    summary["entropy_divergence"] = _divergence(t["histograms"], agg, t["image_histograms"], "trained", n_resamples,
+                                                seed)
     summary["entropy"] = _entropy_overview(agg, layers, "trained") if has_agg else None
 
     by_model = roles_by_model(agg, layers, t["features_maps"], rules) if has_agg else {}
@@ -209,7 +223,8 @@ def summarise(out_dir, n_resamples: int = 2000, seed: int = 0, rules: Optional[R
         summary["random_control"] = {
             "complexity_ratio": control_ratio,
             "entropy": _entropy_overview(agg, layers, "random") if has_agg else None,
-            "entropy_divergence": _divergence(t["histograms"], agg, "random"),
+            "entropy_divergence": _divergence(t["histograms"], agg, t["image_histograms"], "random", n_resamples,
+                                              seed),
             "roles": role_summary(control_roles, rules) if control_roles is not None else None,
         }
     else:

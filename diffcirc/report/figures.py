@@ -114,8 +114,9 @@ def entropy_heatmaps(profile: pd.DataFrame, datasets=("synthetic", "natural")) -
 
 
 def divergence(per_model: dict) -> Optional[Figure]:
-    """Pooled JS divergence (and mean difference) vs timestep per model, with the paper's range
-    as a labelled band. per_model: {model: summary["entropy_divergence"]-like dict}."""
+    """Pooled JS divergence (and mean difference) vs timestep per model, its permutation null's
+    mean where the summary has one (dashed), with the paper's range as a labelled band.
+    per_model: {model: summary["entropy_divergence"]-like dict}."""
     per_model = {m: d for m, d in per_model.items() if d and d.get("per_timestep")}
     if not per_model:
         return None
@@ -128,6 +129,10 @@ def divergence(per_model: dict) -> Optional[Figure]:
         x = [int(k) for k in t]
         y = [np.nan if d["per_timestep"][k] is None else d["per_timestep"][k] for k in t]
         ax.plot(x, y, "o-", color=MODEL_COLOURS.get(m), label=f"ours: {m}")
+        null = (d.get("null") or {}).get("per_timestep") or {}
+        if null:
+            y0 = [np.nan if (null.get(k) or {}).get("null_mean") is None else null[k]["null_mean"] for k in t]
+            ax.plot(x, y0, "--", color=MODEL_COLOURS.get(m), lw=1, label=f"{m}: permutation null mean")
         md = d.get("mean_diff") or {}
         y2 = [np.nan if md.get(k) is None else md[k] for k in t]
         ax2.plot(x, y2, "o-", color=MODEL_COLOURS.get(m), label=f"ours: {m}")

@@ -18,6 +18,7 @@ TABLES = {
     "aggregates": {"model", "dataset", "timestep", "layer", "head", "stat", "count", "mean", "std", "m2"},
     "histograms": {"model", "dataset", "timestep", "layer", "head", "stat", "bin", "lo", "hi", "count"},
     "per_image": {"model", "dataset", "timestep", "image", "layer", "head", "stat", "mean"},
+    "image_histograms": {"model", "dataset", "timestep", "image", "layer", "bin", "count"},
     "layers": {"layer", "kind", "heads", "head_dim", "n_keys", "grid_h", "grid_w"},
     "ablations": {"dataset", "timestep", "layer", "head", "mode", "image", "loss_clean", "loss_ablated"},
     "attribution": {"dataset", "timestep", "layer", "head", "score"},
@@ -430,3 +431,20 @@ def test_wait_waits_for_the_running_one_then_resumes_from_its_finished_units(run
     for unit in ("trace", "features", "ablations", "attribution", "role_ablations", "circuit"):
         assert f"{unit}: finished by an earlier run, skipped" in stdout
     assert _table_mtimes(copy_of_run) == before
+
+
+def test_divergence_null_observes_the_divergence_of_the_head_histograms(run):
+    """The per-image histograms the null permutes sum, over images and heads, to the per-head
+    histograms the divergence is computed from: the observed value of the null is the divergence."""
+    summary = json.loads((run / "summary.json").read_text())["entropy_divergence"]
+    null = summary["null"]
+    assert set(null["per_timestep"]) == set(summary["per_timestep"]) == {"100", "600"}
+    for t, row in null["per_timestep"].items():
+        assert row["js"] == pytest.approx(summary["per_timestep"][t], rel=1e-9)
+        assert null["p_floor"] <= row["p_value"] <= 1 and row["null_mean"] > 0
+    per_image = pd.read_parquet(run / "image_histograms.parquet")
+    heads = pd.read_parquet(run / "histograms.parquet").query("stat == 'entropy'")
+    keys = ["model", "dataset", "timestep", "layer", "bin"]
+    summed = per_image.groupby(keys)["count"].sum()
+    pooled = heads.groupby(keys)["count"].sum()
+    pd.testing.assert_series_equal(summed, pooled[pooled > 0], check_dtype=False)

@@ -300,3 +300,70 @@ def test_degradation_p_tests_the_mean_difference_the_percent_reports():
     assert row["percent"] > 0 and row["delta_loss"] == pytest.approx(diffs.mean())
     assert row["p_value"] == pytest.approx(want)
     assert row["family_size"] == 2
+
+
+def _image_hist(counts: dict, timestep=10, model="trained") -> pd.DataFrame:
+    """counts: {(dataset, image, layer): per-bin counts}: the trace's image_histograms table (nonzero bins)."""
+    rows = [{"model": model, "dataset": ds, "timestep": timestep, "image": image, "layer": layer, "bin": b, "count": c}
+            for (ds, image, layer), cs in counts.items() for b, c in enumerate(cs) if c]
+    return pd.DataFrame(rows)
+
+
+def _js(p, q) -> float:
+    return float(jensenshannon(p, q) ** 2)  # scipy's distance is the square root of JS (natural log)
+
+
+def _draws(rng, n_per_dataset, layers=("a", "b"), shift=0.0):
+    """Per-image histograms of 6 bins, 40 queries each; natural images' bins tilted by shift."""
+    out = {}
+    for ds in ("synthetic", "natural"):
+        for i in range(n_per_dataset):
+            for layer in layers:
+                p = np.exp(np.linspace(0, 1, 6) * (shift if ds == "natural" else 0.0))
+                out[(ds, i, layer)] = rng.multinomial(40, p / p.sum())
+    return out
+
+
+def test_divergence_null_observed_value_is_the_pooled_divergence_and_p_the_exact_one():
+    rng = np.random.default_rng(1)
+    counts = _draws(rng, 3, shift=1.0)
+    table = _image_hist(counts)
+    got = metrics.entropy_divergence_null(table, n_permutations=4000, seed=0).set_index("timestep").loc[10]
+
+    def statistic(natural: set) -> float:  # mean over layers of JS between the two groups' pooled counts
+        keys = sorted({(ds, i) for ds, i, _ in counts})
+        return float(np.mean([_js(sum(counts[(*k, layer)] for k in keys if k not in natural),
+                                  sum(counts[(*k, layer)] for k in keys if k in natural)) for layer in ("a", "b")]))
+
+    observed = statistic({("natural", i) for i in range(3)})
+    assert got["js"] == pytest.approx(observed, rel=1e-10)
+    # every one of the C(6, 3) = 20 labellings: the exact permutation p and null mean
+    keys = sorted({(ds, i) for ds, i, _ in counts})
+    null = [statistic(set(pick)) for pick in itertools.combinations(keys, 3)]
+    exact_p = np.mean([v >= observed - 1e-15 for v in null])
+    assert got["p"] == pytest.approx(exact_p, abs=0.02) and got["null_mean"] == pytest.approx(np.mean(null), rel=0.02)
+    assert (got["n_permutations"], got["n_synthetic"], got["n_natural"]) == (4000, 3, 3)
+
+
+def test_divergence_null_without_a_difference_gives_uniform_p_and_js_near_its_null():
+    ps, ratio = [], []
+    for seed in range(60):
+        table = _image_hist(_draws(np.random.default_rng(100 + seed), 8))
+        row = metrics.entropy_divergence_null(table, n_permutations=199, seed=seed).iloc[0]
+        ps.append(row["p"])
+        ratio.append(row["js"] / row["null_mean"])
+    assert st.kstest(ps, "uniform").pvalue > 0.01
+    assert 0.8 < np.mean(ratio) < 1.2  # the plug-in JS of equal distributions is its null's, not 0
+    assert min(ps) >= 1 / 200
+
+
+def test_divergence_null_finds_a_planted_difference_and_keeps_each_timesteps_permutations():
+    rng = np.random.default_rng(7)
+    planted = _image_hist(_draws(rng, 8, shift=1.5), timestep=10)
+    null = _image_hist(_draws(rng, 8), timestep=20)
+    both = metrics.entropy_divergence_null(pd.concat([planted, null]), n_permutations=199, seed=3).set_index("timestep")
+    assert both.loc[10, "p"] == 1 / 200 and both.loc[10, "js"] > both.loc[10, "null_q"]
+    assert both.loc[20, "p"] > 0.05
+    alone = metrics.entropy_divergence_null(null, n_permutations=199, seed=3).set_index("timestep")
+    pd.testing.assert_series_equal(alone.loc[20], both.loc[20])  # dropping timestep 10 changes nothing at 20
+    assert metrics.entropy_divergence_null(planted.assign(model="random")).empty  # another model's rows only

@@ -123,7 +123,8 @@ def test_max_memory_bounds_the_trace_batches_without_changing_the_tables(tiny_ex
         finally:
             handle.remove()
             exp.c = given
-        return {name: exp.tables[name] for name in ("aggregates", "histograms", "per_image", "maps")}, passes
+        return {name: exp.tables[name] for name in ("aggregates", "histograms", "per_image", "image_histograms",
+                                                    "maps")}, passes
 
     tight, tight_passes = trace(1)  # below one image's pass: one image per pass
     loose, loose_passes = trace(1 << 40)

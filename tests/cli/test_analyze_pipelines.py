@@ -36,8 +36,8 @@ T_ABLATE = 600
 OPTIONS = ["--synthetic", str(N), "--natural", "lfw", "--natural-n", str(N), "--timesteps", str(T_ABLATE),
            "--ablation-timesteps", str(T_ABLATE), "--ablation-images", str(N), "--role-control-reps", "1",
            "--size", str(tp.IMAGE_SIZE), "--threads", "1"]
-TABLES = ("layers", "aggregates", "histograms", "per_image", "maps", "features_maps", "ablations", "attribution",
-          "role_ablations", "circuit")
+TABLES = ("layers", "aggregates", "histograms", "per_image", "image_histograms", "maps", "features_maps", "ablations",
+          "attribution", "role_ablations", "circuit")
 
 
 @pytest.fixture(scope="module")

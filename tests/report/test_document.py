@@ -103,6 +103,22 @@ def test_changed_summary_changes_the_numbers(tmp_path, hand_summary):
     assert "1.237" not in md and "87.7%" not in md and "1.012" not in md
 
 
+def test_divergence_table_shows_each_timesteps_permutation_null(tmp_path, hand_summary):
+    hand_summary["entropy_divergence"]["null"] = {
+        "per_timestep": {"100": {"js": 0.0421, "null_mean": 0.0392, "null_q95": 0.0455, "p_value": 0.3117},
+                         "900": {"js": 0.2468, "null_mean": 0.0107, "null_q95": 0.0151, "p_value": 1 / 2001}},
+        "n_permutations": 2000, "p_floor": 1 / 2001, "n_beyond_null_q95": 1, "n_significant": 1, "n_timesteps": 2}
+    md = render(tmp_path, hand_summary)["md"].read_text()
+    section = md_section(md, "Entropy divergence across timesteps")
+    rows = md_tables(section)
+    assert rows["timestep"][1:] == ["JS (trained)", "null mean", "p", "H(nat) \u2212 H(syn) (trained)",
+                                    "JS (random control)", "null mean", "p"]
+    # the random control has no null in this summary: dashes in its columns
+    assert rows["100"][1:] == ["0.0421", "0.0392", "0.3117", "0.0135", "0.0031", DASH, DASH]
+    assert rows["900"][1:] == ["0.2468", "0.0107", "\u2264 0.0005", "-0.0246", "0.0059", DASH, DASH]
+    assert "tested against 2000 permutations" in section and "95th percentile at 1 of 2 timesteps" in section
+
+
 def _write_per_image(out, natural_scale: float):
     """Per-image entropy only: synthetic images 1, 2, 3 and natural 3, 4, 5 times natural_scale."""
     rows = [("trained", ds, 10, i, "a", 0, "entropy", v)

@@ -56,6 +56,7 @@ class AnalysisConfig:
     circuit_threshold: float = 10.0       # percent degradation the pruned circuit may cost
     circuit_timestep: int | None = None   # default: the middle ablation timestep
     role_control_reps: int = 5            # size-matched random head sets per role
+    ig_steps: int = 8                     # integrated-gradient steps of the attribution over the gates (0: none)
     sample_maps: int = 4                  # images per dataset whose per-query maps are kept
     random_control: bool = True
     batch_size: int = 64

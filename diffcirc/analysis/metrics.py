@@ -404,14 +404,15 @@ AGREEMENTS = ("signed", "magnitude")
 
 
 def attribution_agreement(attribution: pd.DataFrame, degradation_table: pd.DataFrame, agreement: str = "signed",
-                          mode: str = "zero") -> dict:
+                          mode: str = "zero", score: str = "score") -> dict:
     """Spearman rho between the attribution's estimate of each head's ablation effect and the
     measured degradation percent of the same heads (ablation ``mode``), per (dataset, timestep)
     and pooled over all. agreement "signed": -score against percent (the first-order estimate
     against the effect, signs kept); "magnitude": |score| against |percent|.
 
     ``degradation_table`` is a ``degradation`` output (or any frame with dataset, timestep,
-    layer, head, percent and optionally mode). Returns {rho, p_value, n, agreement,
+    layer, head, percent and optionally mode); ``score``: the attribution column ("score", the
+    first-order slope, or "score_ig", integrated gradients). Returns {rho, p_value, n, agreement,
     per_group: DataFrame (dataset, timestep, rho, p_value, n), pairs: the joined frame}.
     """
     if agreement not in AGREEMENTS:
@@ -420,7 +421,7 @@ def attribution_agreement(attribution: pd.DataFrame, degradation_table: pd.DataF
     if "mode" in d.columns:
         d = d[d["mode"] == mode]
     keys = ["dataset", "timestep", "layer", "head"]
-    a = attribution.groupby(keys, sort=True)["score"].mean().reset_index()
+    a = attribution.groupby(keys, sort=True)[score].mean().reset_index().rename(columns={score: "score"})
     pairs = a.merge(d[keys + ["percent"]], on=keys, how="inner")
     signed = agreement == "signed"
     pairs["x"] = -pairs["score"] if signed else pairs["score"].abs()

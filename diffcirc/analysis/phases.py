@@ -9,7 +9,8 @@ tables in ``experiment.tables`` (``diffcirc.analysis.driver`` saves them as resu
   2. features    correlations of each head's entropy map with edge / texture maps of the image
   3. ablations   every single head zero- and mean-ablated at each ablation timestep (batched, each
                  condition resumed from the clean pass at the first stage it changes)
-  4. attribution one backward pass per (dataset, timestep) scores every head
+  4. attribution one backward pass per (dataset, timestep) scores every head (first-order), and
+                 ig_steps more integrate the gradient over the gates from 0 to 1
   5. roles       role assignment, then role ablations against size-matched random head sets
   6. circuit     greedy minimal circuit per dataset under a degradation threshold
 
@@ -32,7 +33,8 @@ from ..memory import free_memory_bytes, items_that_fit, pass_bytes
 from ..models import ModelLoadError, random_like
 from ..models.latents import LatentCache
 from ..models.pipeline import load_pipeline
-from ..processor import Mean, Recorder, Session, Zero, head_attribution, mean_head_outputs, run_conditions
+from ..processor import (Mean, Recorder, Session, Zero, head_attribution, integrated_head_attribution,
+                         mean_head_outputs, run_conditions)
 from ..processor.grid import labels_to_grid
 from ..processor.stage_reuse import StageReuse, stage_units
 from . import image_maps
@@ -345,7 +347,12 @@ class Experiment:
         frames = []
         for step, (name, t) in self.ranks.shard(enumerate(self.ablation_steps())):
             _, _, _, x_t, eps = self.ablation_batch(name, t)
-            scores = head_attribution(self.session, lambda: (self.forward(self.unet, x_t, t) - eps).square().mean())
+            def loss():
+                return (self.forward(self.unet, x_t, t) - eps).square().mean()
+
+            scores = head_attribution(self.session, loss)
+            if self.c.ig_steps:
+                scores["score_ig"] = integrated_head_attribution(self.session, loss, self.c.ig_steps)["score"]
             scores.insert(0, "timestep", int(t))
             scores.insert(0, "dataset", name)
             frames.append((step, scores))

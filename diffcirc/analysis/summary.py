@@ -27,7 +27,8 @@ random-weights control):
 - circuit: ``circuit.summarise_circuits``
 - attribution_spearman: {rho, p_value, n (signed agreement: -score against the degradation percent),
   magnitude {rho, p_value, n} (|score| against |percent|), per_group [{dataset, timestep, rho,
-  p_value, n, rho_magnitude, p_magnitude}]} (``metrics.attribution_agreement``)
+  p_value, n, rho_magnitude, p_magnitude}], integrated {rho, p_value, n, magnitude} (the same with the
+  integrated-gradient scores, null without a score_ig column)} (``metrics.attribution_agreement``)
 - random_control: {complexity_ratio, entropy, entropy_divergence, roles (role summary)}
 - meta (meta.json as written by the driver), tables (the tables found), settings
 """
@@ -214,7 +215,13 @@ def summarise(out_dir, n_resamples: int = 2000, seed: int = 0, rules: Optional[R
                 columns={"rho": "rho_magnitude", "p_value": "p_magnitude"}), on=["dataset", "timestep"], how="left")
         summary["attribution_spearman"] = {"rho": a["rho"], "p_value": a["p_value"], "n": a["n"],
                                            "magnitude": {"rho": m["rho"], "p_value": m["p_value"], "n": m["n"]},
-                                           "per_group": per_group}
+                                           "per_group": per_group, "integrated": None}
+        if "score_ig" in att.columns:
+            ig = metrics.attribution_agreement(att, deg, "signed", score="score_ig")
+            ig_m = metrics.attribution_agreement(att, deg, "magnitude", score="score_ig")
+            summary["attribution_spearman"]["integrated"] = {
+                "rho": ig["rho"], "p_value": ig["p_value"], "n": ig["n"],
+                "magnitude": {"rho": ig_m["rho"], "p_value": ig_m["p_value"], "n": ig_m["n"]}}
     else:
         summary["attribution_spearman"] = None
 

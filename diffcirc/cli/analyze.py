@@ -57,6 +57,9 @@ def register(subparsers):
                                                f"(default {','.join(d['ablation_modes'])})")
     option("circuit_threshold", type=positive(float), help="percent degradation allowed (default %(default)s)")
     option("role_control_reps", type=positive(int), help="random head sets per role (default %(default)s)")
+    option("ig_steps", type=non_negative(int), help="integrated-gradient steps of the attribution over the head "
+                                                   "gates, one backward pass each (0: first-order only; default "
+                                                   "%(default)s)")
     p.add_argument("--no-random-control", dest="random_control", action="store_false", default=d["random_control"],
                    help="skip the random-weights control model")
     option("batch_size", type=positive(int), help="images per traced forward pass at most (default %(default)s)")

@@ -8,7 +8,7 @@ heatmaps (token heatmaps from key-group mass), interventions, conditions (run_co
 (head_attribution).
 """
 
-from .attribution import head_attribution
+from .attribution import head_attribution, integrated_head_attribution
 from .conditions import run_conditions
 from .counterparts import (FusedAuraFlowAttnProcessor, FusedFluxAttnProcessor, FusedJointAttnProcessor,
                            FusedSanaAttnProcessor)
@@ -28,5 +28,5 @@ __all__ = [
     "Intervention", "Zero", "Scale", "Mean", "Patch", "Uniform", "head_arguments",
     "cache_head_outputs", "mean_head_outputs",
     "run_conditions",
-    "head_attribution",
+    "head_attribution", "integrated_head_attribution",
 ]

@@ -287,6 +287,13 @@ def _attribution_section(s: dict, t: dict) -> Optional[Section]:
                   f"n = {a.get('n')}); between their magnitudes: {fmt(mag.get('rho'))} "
                   f"({fmt_p_eq(mag.get('p_value'))}). Pooled values mix timesteps whose clean losses differ: "
                   "the table gives each (dataset, timestep) alone.")]
+    ig = a.get("integrated")
+    if ig:
+        ig_mag = ig.get("magnitude") or {}
+        items.append(Text("Integrated gradients over the gates (every head's gate from 0 to 1 together; each "
+                          "head's share of ablating all of them): signed \u03c1 "
+                          f"{fmt(ig.get('rho'))} ({fmt_p_eq(ig.get('p_value'))}, n = {ig.get('n')}), magnitudes "
+                          f"{fmt(ig_mag.get('rho'))} ({fmt_p_eq(ig_mag.get('p_value'))})."))
     if fig is not None:
         items.insert(0, Plot("attribution", fig, "One point per (dataset, timestep, head)."))
     items.append(Table(["dataset", "timestep", "\u03c1 signed", "p", "\u03c1 magnitude", "p", "n"], rows))

@@ -448,3 +448,13 @@ def test_divergence_null_observes_the_divergence_of_the_head_histograms(run):
     summed = per_image.groupby(keys)["count"].sum()
     pooled = heads.groupby(keys)["count"].sum()
     pd.testing.assert_series_equal(summed, pooled[pooled > 0], check_dtype=False)
+
+
+def test_attribution_reports_integrated_gradients_beside_first_order_scores(run):
+    att = pd.read_parquet(run / "attribution.parquet")
+    assert {"score", "score_ig"} <= set(att.columns) and not np.allclose(att.score, att.score_ig)
+    summary = json.loads((run / "summary.json").read_text())["attribution_spearman"]
+    deg = metrics.degradation(pd.read_parquet(run / "ablations.parquet"), n_resamples=0)
+    ig = summary["integrated"]
+    assert ig["rho"] == pytest.approx(metrics.attribution_agreement(att, deg, score="score_ig")["rho"])
+    assert ig["n"] == summary["n"] and ig["rho"] != summary["rho"]

@@ -2,7 +2,11 @@
 rows of its tables recomputed outside the driver; one run per output folder."""
 
 import json
+import multiprocessing
+import os
 import shutil
+import socket
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -30,11 +34,31 @@ TABLES = {
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread(single_thread):
-    """One intra-op thread for the in-process runs (see ``single_thread``); subprocesses get
-    ``ONE_THREAD`` in their environment."""
+    """One intra-op thread for the in-process runs (see ``single_thread``) and the forked ones."""
 
 
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+FORK = multiprocessing.get_context("fork")
+
+
+def _cli_process(args, env=None, log=None, start=None):
+    """A started process running ``diffcirc ARGS`` (``cli.main``): a forked copy of this one, with a
+    pid of its own, killed or ended like the command, but without a new interpreter's start-up
+    (importing torch, diffusers and the package: ~5 s of CPU a process). ``env`` is added to its
+    environment; its stdout and stderr go to ``log`` + ".out" / ".err" (or nowhere); with ``start``
+    (an Event of the fork context) it waits for it before it runs. Exit code: ``cli``'s."""
+    child = FORK.Process(target=_run_cli, args=(args, env or {}, log, start))
+    child.start()
+    return child
+
+
+def _run_cli(args, env, log, start):
+    os.environ.update(env)
+    torch.set_num_threads(1)  # a forked child: OpenMP's thread pool did not survive the fork
+    sys.stdout = open(f"{log}.out" if log else os.devnull, "w", buffering=1)
+    sys.stderr = open(f"{log}.err" if log else os.devnull, "w", buffering=1)
+    if start is not None:
+        start.wait()
+    sys.exit(cli(args))
 
 
 @pytest.fixture(scope="module")
@@ -193,26 +217,21 @@ def test_memory_budget_chunks_passes_without_changing_results(run, tmp_path):
 
 
 def test_killed_run_resumes_to_identical_results(run, tmp_path):
-    import os
-    import signal
-    import subprocess
-    import sys
     import time
 
     out = tmp_path / "killed"
     args = [*analyze_args(run.parent / "tiny-unet"), "--out", str(out)]
-    proc = subprocess.Popen([sys.executable, "-m", "diffcirc", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, **ONE_THREAD})
+    proc = _cli_process(args)
     manifest = out / "manifest.json"
     deadline = time.time() + 240
     try:
-        while time.time() < deadline and proc.poll() is None:
+        while time.time() < deadline and proc.is_alive():
             if manifest.exists() and "features" in json.loads(manifest.read_text()).get("units", {}):
                 break
             time.sleep(0.05)
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        proc.kill()  # SIGKILL: nothing of the run's own clean-up happens
+        proc.join()
     finished = set(json.loads(manifest.read_text())["units"])
     assert {"trace", "features"} <= finished and "circuit" not in finished, finished
     kept = {name: (out / name).stat().st_mtime_ns for name in ("aggregates.parquet", "features_maps.parquet")}
@@ -245,19 +264,34 @@ def _assert_close(a, b, path="summary"):
         assert a == b, path
 
 
-def test_two_processes_give_the_results_of_one(run, tmp_path):
-    """torchrun --nproc_per_node=2 (gloo on the CPU) shards images, conditions and steps over two
-    processes; the merged tables and the summary equal the one-process run's."""
-    import os
-    import subprocess
-    import sys
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
+
+def _torchrun_env(rank: int, world: int, port: int) -> dict:
+    """The environment ``torchrun --standalone --nproc_per_node=WORLD`` gives the process of RANK
+    (torch.distributed.run's rendezvous, set by hand): what Ranks.from_env reads."""
+    return {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
+            "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+
+
+def test_two_processes_give_the_results_of_one(run, tmp_path):
+    """Two processes in torchrun's environment (gloo on the CPU) shard images, conditions and steps;
+    the merged tables and the summary equal the one-process run's. The processes are forked copies
+    of this one (``_cli_process``), not torchrun's fresh interpreters: the same ranks, environment
+    and process group, without three interpreter start-ups."""
     out = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "diffcirc", *analyze_args(run.parent / "tiny-unet"), "--out", str(out)]
-    proc = subprocess.run(cmd, env={**os.environ, **ONE_THREAD}, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    args = [*analyze_args(run.parent / "tiny-unet"), "--out", str(out)]
+    port = _free_port()
+    ranks = [_cli_process(args, _torchrun_env(rank, 2, port), log=tmp_path / f"rank{rank}") for rank in range(2)]
+    for proc in ranks:
+        proc.join(timeout=900)
+    for rank, proc in enumerate(ranks):
+        if proc.is_alive():
+            proc.kill()
+        assert proc.exitcode == 0, (rank, (tmp_path / f"rank{rank}.err").read_text()[-4000:])
     assert json.loads((out / "meta.json").read_text())["processes"] == 2
     values = {"count", "mean", "std", "m2", "loss_clean", "loss_ablated", "score", "err_clean", "err_ablated",
               "degradation", "kept", "entropy", "edge_corr", "texture_corr"}
@@ -404,30 +438,33 @@ def test_second_run_on_a_held_folder_refuses_at_once_naming_the_running_pid(run,
         pass
 
 
-def test_wait_waits_for_the_running_one_then_resumes_from_its_finished_units(run, copy_of_run):
-    import os
-    import subprocess
-    import sys
+def test_wait_waits_for_the_running_one_then_resumes_from_its_finished_units(run, copy_of_run, tmp_path):
+    import time
 
     from diffcirc.analysis.folder_lock import hold_folder
 
     before = _table_mtimes(copy_of_run)
     args = [*analyze_args(run.parent / "tiny-unet"), "--out", str(copy_of_run), "--wait"]
-    with hold_folder(copy_of_run):  # this process is the running analysis
-        waiter = subprocess.Popen([sys.executable, "-m", "diffcirc", *args], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True, env={**os.environ, **ONE_THREAD})
-        try:
-            line = ""
-            for line in waiter.stderr:
-                if "waiting" in line:
-                    break
-            assert f"in use by another analysis run (pid {os.getpid()}); waiting for it to end" in line, line
-            assert waiter.poll() is None  # blocked while the folder is held
-        except BaseException:
+    log = tmp_path / "waiter"
+    # forked before this process takes the lock: a child forked inside the block would share the
+    # lock's open file, so the lock would outlive the block and the child would wait for itself
+    held = FORK.Event()
+    waiter = _cli_process(args, log=log, start=held)
+    try:
+        with hold_folder(copy_of_run):  # this process is the running analysis
+            held.set()
+            deadline, err = time.time() + 120, ""
+            while "waiting" not in err and time.time() < deadline and waiter.is_alive():
+                time.sleep(0.02)
+                err = log.with_suffix(".err").read_text() if log.with_suffix(".err").exists() else ""
+            assert f"in use by another analysis run (pid {os.getpid()}); waiting for it to end" in err, err
+            assert waiter.is_alive()  # blocked while the folder is held
+        waiter.join(timeout=600)
+    finally:
+        if waiter.is_alive():
             waiter.kill()
-            raise
-    stdout, stderr = waiter.communicate(timeout=600)
-    assert waiter.returncode == 0, stderr[-3000:]
+    stdout, stderr = (log.with_suffix(suffix).read_text() for suffix in (".out", ".err"))
+    assert waiter.exitcode == 0, stderr[-3000:]
     for unit in ("trace", "features", "ablations", "attribution", "role_ablations", "circuit"):
         assert f"{unit}: finished by an earlier run, skipped" in stdout
     assert _table_mtimes(copy_of_run) == before

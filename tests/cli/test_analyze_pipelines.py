@@ -275,11 +275,21 @@ def embeds_setup(setup):
     return {"folder": folder, "file": path, "embeds": embeds}
 
 
-def test_prompt_embeds_give_the_results_of_the_prompt(setup, sd_run, embeds_setup):
+def _embeds_argv(embeds_setup, out):
+    return _argv(embeds_setup["folder"], out, "--prompt-embeds", str(embeds_setup["file"]))
+
+
+@pytest.fixture(scope="module")
+def embeds_run(setup, embeds_setup):
+    """The tables of the SD pipeline without its text encoder, on the embeddings file."""
     out = setup["root"] / "out-embeds"
-    _tables_of(_argv(embeds_setup["folder"], out, "--prompt-embeds", str(embeds_setup["file"])))
+    _tables_of(_embeds_argv(embeds_setup, out))
+    return out
+
+
+def test_prompt_embeds_give_the_results_of_the_prompt(sd_run, embeds_run):
     for name in ("aggregates", "ablations", "attribution"):
-        pd.testing.assert_frame_equal(pd.read_parquet(out / f"{name}.parquet"),
+        pd.testing.assert_frame_equal(pd.read_parquet(embeds_run / f"{name}.parquet"),
                                       pd.read_parquet(sd_run / f"{name}.parquet"), rtol=1e-5, obj=name)
 
 
@@ -287,20 +297,20 @@ def _tables(folder) -> dict:
     return {p.name: p.read_bytes() for p in sorted(folder.glob("*.parquet"))}
 
 
-def test_a_changed_prompt_or_embeddings_file_is_a_new_configuration(setup, sd_run, embeds_setup, tmp_path, capsys):
-    before = _tables(sd_run)
+def test_a_changed_prompt_or_embeddings_file_is_a_new_configuration(setup, sd_run, embeds_setup, embeds_run, capsys):
+    before = _tables(sd_run), _tables(embeds_run)
     assert cli(_argv(setup["root"] / "sd", sd_run, "--prompt", "a photo of a smiling face")) == 1
     assert "holds results of a different configuration" in capsys.readouterr().err
     # the same file name holding other embeddings: not the run that folder holds either
-    out, file = tmp_path / "out", tmp_path / "embeds.safetensors"
-    shutil.copy(embeds_setup["file"], file)
-    args = _argv(embeds_setup["folder"], out, "--prompt-embeds", str(file),
-                 "--ablation-modes", "zero", "--no-random-control")
-    _tables_of(args)
-    save_file({"prompt_embeds": (2 * embeds_setup["embeds"]).contiguous()}, str(file))
-    assert cli(args) == 1
+    file = embeds_setup["file"]
+    original = file.read_bytes()
+    try:
+        save_file({"prompt_embeds": (2 * embeds_setup["embeds"]).contiguous()}, str(file))
+        assert cli(_embeds_argv(embeds_setup, embeds_run)) == 1
+    finally:
+        file.write_bytes(original)  # the module's other tests read it
     assert "holds results of a different configuration" in capsys.readouterr().err
-    assert _tables(sd_run) == before
+    assert (_tables(sd_run), _tables(embeds_run)) == before
 
 
 def test_killed_run_resumes_to_identical_results(setup, sd_run, tmp_path, monkeypatch):

@@ -60,9 +60,10 @@ TARGETS = {
                                            "tests/processor/test_compile.py"],
     "diffcirc/processor/heatmaps.py": [],
     "diffcirc/processor/grid.py": ["tests/processor/test_session.py", "tests/processor/test_recorder.py"],
-    "diffcirc/analysis/config.py": ["tests/analysis/test_driver.py"],
-    "diffcirc/analysis/phases*.py": ["tests/analysis/test_driver.py"],
-    "diffcirc/analysis/driver.py": ["tests/analysis/test_driver.py"],
+    # the pipelines' end-to-end runs (latents, prompts, flow matching, resumption) drive them too
+    "diffcirc/analysis/config.py": ["tests/analysis/test_driver.py", "tests/cli/test_analyze_pipelines.py"],
+    "diffcirc/analysis/phases*.py": ["tests/analysis/test_driver.py", "tests/cli/test_analyze_pipelines.py"],
+    "diffcirc/analysis/driver.py": ["tests/analysis/test_driver.py", "tests/cli/test_analyze_pipelines.py"],
     "diffcirc/analysis/metrics.py": [],
     "diffcirc/analysis/roles.py": [],
     "diffcirc/analysis/image_maps.py": ["tests/analysis/test_roles.py"],

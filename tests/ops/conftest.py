@@ -1,8 +1,30 @@
 import pytest
+import torch
 
 from diffcirc.ops import extension
 
 CPU_ISAS = ("avx512", "avx2", "scalar")
+THREADS = 4  # the kernels' several-thread tests: more threads than tasks per thread on two cores
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(single_thread):
+    """One intra-op thread for the op tests (see ``single_thread``): their float64 oracles run many
+    small ops, each a parallel region that waits for a descheduled second thread on a busy machine.
+    The kernels' split of tasks over threads is tested on ``THREADS`` threads (``several_threads``)."""
+
+
+@pytest.fixture
+def several_threads():
+    """``THREADS`` intra-op threads for one test, then one again: the CPU kernel's tasks (128 query
+    rows of one head) spread over threads, each reusing its tiles over several of them, and tasks of
+    different heads adding into the same rows under a lock (key-group mass summed over heads)."""
+    torch.set_num_threads(THREADS)
+    try:
+        assert torch.get_num_threads() == THREADS
+        yield THREADS
+    finally:
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(params=[*CPU_ISAS, pytest.param("cuda", marks=pytest.mark.cuda)])

@@ -337,6 +337,17 @@ def test_every_kernel_path_agrees_with_reference(kernel):
     assert_stats_close(r, ref, torch.float32, ALL_STATS)
 
 
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_tasks_split_over_several_threads_agree_with_reference(dtype, kernel, several_threads):
+    # 2 x 3 heads x 3 query blocks of 128 rows = 18 tasks over 4 threads, two key blocks of 512 each
+    q, k, v, kw = full_case(2, 3, 300, 700, 48, 40, dtype, device=kernel)
+    r = attention(q, k, v, **kw)
+    torch.set_num_threads(1)  # the oracle: on one thread, like the rest of these tests
+    ref = reference_attention(q, k, v, **kw)
+    assert (r.out.double() - ref.out).abs().max().item() <= out_tol(dtype)
+    assert_stats_close(r, ref, dtype, ALL_STATS)
+
+
 # ---- only the CUDA kernel ---------------------------------------------------------------------
 
 

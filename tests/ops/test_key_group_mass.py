@@ -279,6 +279,20 @@ def test_summed_over_heads_matches_the_oracle_summed(dtype, layout, kernel):
     assert torch.allclose(summed, each.sum(1, keepdim=True), atol=1e-5, rtol=1e-5)
 
 
+def test_summed_over_heads_on_several_threads_matches_the_oracle_summed(kernel, several_threads):
+    # 2 x 4 heads x 3 query blocks = 24 tasks over 4 threads: tasks of the four heads of one query
+    # block run at once on different threads and add into the same rows, each under its block's lock
+    B, H, Nq, Nk, D, G = 2, 4, 300, 700, 32, 77
+    q, k, v = (rand(B, H, n, D, device=kernel) for n in (Nq, Nk, Nk))
+    mask = torch.rand(B, Nk, device=kernel) > 0.2
+    kg = key_groups_of("random", B, Nk, G, kernel)
+    kw = dict(key_padding_mask=mask, stats=("key_group_mass",), key_groups=kg, n_groups=G)
+    summed = attention(q, k, v, **kw, key_group_mass_heads="sum").key_group_mass
+    torch.set_num_threads(1)  # the oracle: on one thread, like the rest of these tests
+    want = group_mass_oracle(softmax_probabilities(q, k, key_padding_mask=mask), kg, G).sum(1, keepdim=True)
+    assert torch.allclose(summed.double(), want, atol=H * MASS_ATOL[torch.float32], rtol=1e-4)
+
+
 def test_summed_over_heads_keeps_empty_and_poisoned_rows(kernel):
     # a fully masked element sums to 0; a row poisoned in one head is NaN in its sum, no other row is
     B, H, Nq, Nk, D, G = 2, 3, 140, 600, 16, 6

@@ -220,13 +220,15 @@ def test_summary_overlap_and_resample_jaccard_against_hand_counts():
     circuit = pd.concat([_trace("synthetic", syn), _trace("natural", nat)], ignore_index=True)
     resamples = pd.concat([_trace("synthetic", {HEADS[0], HEADS[1]}, 0),        # 2 / 4
                            _trace("synthetic", syn | {HEADS[9]}, 1),            # 4 / 5
-                           _trace("natural", set(), 0)], ignore_index=True)     # 0 / 3
+                           _trace("natural", {HEADS[1], HEADS[7]}, 0),         # 2 / 3
+                           _trace("natural", set(), 1)], ignore_index=True)     # 0 / 3
     s = summarise_circuits(circuit, resamples_df=resamples)
     assert {k: s["overlap"][k] for k in ("intersection", "union", "jaccard")} == {"intersection": 2, "union": 5,
                                                                                  "jaccard": 0.4}
     assert s["overlap"]["heads"] == [list(HEADS[1]), list(HEADS[2])]
     assert s["resamples"]["synthetic"] == {"n": 2, "sizes": [2, 5], "jaccard_mean": pytest.approx(0.65),
                                            "jaccard_min": 0.5, "jaccard_max": 0.8}
-    assert s["resamples"]["natural"]["jaccard_mean"] == 0.0 and s["resamples"]["natural"]["sizes"] == [0]
+    assert s["resamples"]["natural"] == {"n": 2, "sizes": [2, 0], "jaccard_mean": pytest.approx(1 / 3),
+                                         "jaccard_min": 0.0, "jaccard_max": pytest.approx(2 / 3)}
     assert s["selection_timestep"] == {"natural": 500, "synthetic": 500} and s["evaluation"] is None
     assert [p["size"] for p in s["curve"]["natural"]] == list(range(11, 2, -1))

@@ -357,6 +357,12 @@ def test_circuit_steps_equal_a_direct_ablation_of_the_removed_heads_on_the_selec
     loss = _losses(direct, [Zero(layer, h) for layer, h in removed]).double()
     assert held["loss_ablated"].to_numpy() == pytest.approx(loss[heldout].numpy(), rel=1e-5)
     assert held["loss_clean"].to_numpy() == pytest.approx(clean[heldout].numpy(), rel=1e-5)
+    (row,) = [r for r in json.loads((run / "summary.json").read_text())["circuit"]["evaluation"]
+              if r["dataset"] == "natural"]
+    expected = 100 * (loss[heldout].mean() - clean[heldout].mean()) / clean[heldout].mean()
+    assert row["heldout_percent"] == pytest.approx(float(expected), abs=1e-3) and row["selected"]
+    md = (run / "report.md").read_text()
+    assert f"| natural | {direct.t} * | {len(removed)} | 4 / 4 |" in md[md.index("## Minimal circuits"):]
     sel = ev[(ev.dataset == "natural") & (ev.split == "selection")]
     assert set(sel.condition) == {"circuit"} and sorted(sel.image) == selection
     # a resample's first step weighs the selection images by their bootstrap counts

@@ -55,6 +55,9 @@ class AnalysisConfig:
     ablation_images: int = 32             # per dataset, the first ones
     circuit_threshold: float = 10.0       # percent degradation the pruned circuit may cost
     circuit_timestep: int | None = None   # default: the middle ablation timestep
+    circuit_heldout_fraction: float = 0.5  # share of the ablation images held out from the circuit's selection
+    circuit_random_sets: int = 29         # random head sets of the circuit's removed-set size (p floor 1/30)
+    circuit_resamples: int = 2            # bootstrap resamples of the selection split, each searched again
     role_control_reps: int = 5            # size-matched random head sets per role
     ig_steps: int = 8                     # integrated-gradient steps of the attribution over the gates (0: none)
     sample_maps: int = 4                  # images per dataset whose per-query maps are kept

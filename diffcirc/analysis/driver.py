@@ -46,7 +46,7 @@ PHASES = (
     Phase("ablations", Experiment.ablations, ("ablations",), ()),
     Phase("attribution", Experiment.attribution, ("attribution",), ()),
     Phase("role_ablations", Experiment.role_ablations, ("role_ablations",), ("trace", "features")),
-    Phase("circuit", Experiment.circuit, ("circuit",), ("ablations",)),
+    Phase("circuit", Experiment.circuit, ("circuit", "circuit_resamples", "circuit_eval"), ("ablations",)),
 )
 
 

@@ -12,7 +12,9 @@ tables in ``experiment.tables`` (``diffcirc.analysis.driver`` saves them as resu
   4. attribution one backward pass per (dataset, timestep) scores every head (first-order), and
                  ig_steps more integrate the gradient over the gates from 0 to 1
   5. roles       role assignment, then role ablations against size-matched random head sets
-  6. circuit     greedy minimal circuit per dataset under a degradation threshold
+  6. circuit     greedy minimal circuit per dataset under a degradation threshold, selected on
+                 one split of the ablation images and evaluated on the other at every ablation
+                 timestep, beside random head sets of the same size
 
 Under torchrun each phase shards its images, conditions or steps over the ranks
 (``distributed.Ranks``) and every rank ends the phase with the full tables.
@@ -38,7 +40,8 @@ from ..processor import (Mean, Recorder, Session, Zero, head_attribution, integr
 from ..processor.grid import labels_to_grid
 from ..processor.stage_reuse import StageReuse, stage_units
 from . import image_maps
-from .circuit import greedy_minimal_circuit
+from .circuit import (EVAL_COLUMNS, TRACE_COLUMNS, greedy_minimal_circuit, kept_heads, random_head_sets,
+                      resample_weights, split_images)
 from .config import CONTROL_SEED_OFFSET, DATASETS, AnalysisConfig, check_timesteps, noise_for
 from .distributed import Ranks
 from .roles import assign_roles, head_features
@@ -421,30 +424,121 @@ class Experiment:
 
     # -- 6. minimal circuit ----------------------------------------------------------------------
     def circuit(self):
+        """Select each dataset's circuit on its selection split at the circuit timestep (greedy, and
+        again on each bootstrap resample of the split), then evaluate it on both splits at every
+        ablation timestep against random head sets on the held-out split. Tables circuit,
+        circuit_resamples and circuit_eval (schemas in ``circuit``)."""
         t = self.c.resolved_circuit_timestep()
-        abl = self.tables["ablations"]
-        frames = []
-        for index, name in self.ranks.shard(enumerate(DATASETS)):
-            _, _, _, x_t, eps = self.ablation_batch(name, t)
-            # every step of the greedy search is one condition: each resumes from this clean pass
-            # at the first stage its removed heads change
-            reuse = StageReuse(self.session) if stage_units(self.unet) else None
-            with torch.no_grad(), self.session.intervene([]), reuse.recording() if reuse else nullcontext():
-                clean = (self.forward(self.unet, x_t, t) - eps).square().mean().item()
-
-            def degradation_of(removed: frozenset, reuse=reuse) -> float:
-                with torch.no_grad(), self.session.intervene([Zero(layer, h) for layer, h in removed]), \
-                        reuse.resuming() if reuse else nullcontext():
-                    loss = (self.forward(self.unet, x_t, t) - eps).square().mean().item()
-                return 100.0 * (loss - clean) / clean
-
-            single = abl[(abl.dataset == name) & (abl.timestep == t) & (abl["mode"] == "zero")]
-            effect = single.groupby(["layer", "head"])["loss_ablated"].mean()
-            order = sorted(self.heads, key=lambda lh: effect.get(lh, np.inf)) if len(effect) else None
-            _, trace = greedy_minimal_circuit(self.heads, degradation_of, self.c.circuit_threshold, order=order)
+        splits = self.circuit_splits()
+        units = [(index, name, r) for index, name in enumerate(DATASETS) for r in range(-1, self.c.circuit_resamples)]
+        searches, traces, resampled = {}, [], []
+        for key, (index, name, r) in self.ranks.shard(enumerate(units)):
+            selection = splits[name][0]
+            if name not in searches:
+                searches[name] = _SelectionLosses(self, self.data[name], selection, t)
+            weights = np.ones(len(selection), dtype=np.int64) if r < 0 else \
+                resample_weights(len(selection), self.c.circuit_resamples, self.c.seed, index)[r]
+            search = searches[name]
+            _, trace = greedy_minimal_circuit(self.heads, lambda removed, w=weights: search.degradation(removed, w),
+                                              self.c.circuit_threshold, order=self.circuit_order(name, t, selection, weights))
+            trace.insert(0, "timestep", int(t))
             trace.insert(0, "dataset", name)
-            frames.append((index, trace))
-        self.tables["circuit"] = pd.concat(self.gathered(frames), ignore_index=True)
+            if r < 0:
+                traces.append((key, trace))
+            else:
+                trace.insert(0, "resample", r)
+                resampled.append((key, trace))
+        circuit = pd.concat(self.gathered(traces), ignore_index=True)
+        resampled = self.gathered(resampled)
+        self.tables.update({
+            "circuit": circuit,
+            "circuit_resamples": pd.concat(resampled, ignore_index=True) if resampled else
+            pd.DataFrame(columns=["resample", "dataset", "timestep", *TRACE_COLUMNS]),
+            "circuit_eval": self.circuit_evaluation(circuit, splits),
+        })
+
+    def circuit_splits(self) -> dict:
+        """{dataset: (selection ids, held-out ids)}: ``split_images`` of its ablation images."""
+        return {name: split_images(d.ids[: self.c.ablation_images], self.c.circuit_heldout_fraction, self.c.seed,
+                                   d.index) for name, d in self.data.items()}
+
+    def circuit_order(self, name: str, t: int, ids: list, weights: np.ndarray):
+        """The greedy candidate order: heads by their single zero-ablation loss on these selection
+        images (count-weighted), least first, from the ablations table; None (the search measures
+        single effects itself) when the table lacks any of those (head, image) rows."""
+        abl = self.tables.get("ablations")
+        if abl is None or abl.empty:
+            return None
+        single = abl[(abl.dataset == name) & (abl.timestep == t) & (abl["mode"] == "zero") & abl.image.isin(ids)]
+        table = single.pivot_table(index=["layer", "head"], columns="image", values="loss_ablated", aggfunc="mean")
+        table = table.reindex(index=pd.MultiIndex.from_tuples(self.heads), columns=list(ids))
+        if table.isna().to_numpy().any():
+            return None
+        effect = dict(zip(self.heads, table.to_numpy(np.float64) @ weights))
+        return sorted(self.heads, key=effect.get)
+
+    def circuit_evaluation(self, circuit: pd.DataFrame, splits: dict) -> pd.DataFrame:
+        """``circuit_eval`` rows: each dataset's circuit (its removed heads zero-ablated) on its
+        selection and held-out images at every ablation timestep, and on the held-out images the
+        random sets of as many heads, drawn once per dataset (``random_head_sets``)."""
+        steps = [(index, name, split, t) for index, name in enumerate(DATASETS) for split in (0, 1)
+                 for t in self.c.resolved_ablation_timesteps()]
+        removed, randoms = {}, {}
+        for index, name in enumerate(DATASETS):
+            removed[name] = sorted(set(self.heads) - kept_heads(circuit[circuit.dataset == name]))
+            n = len(removed[name])
+            randoms[name] = random_head_sets(len(self.heads), n, self.c.circuit_random_sets, self.c.seed, index) \
+                if 0 < n < len(self.heads) else []  # no set of that size differs from the circuit's own
+        rows = []
+        for step, (index, name, split, t) in enumerate(self.progress(iterable=steps, desc="circuit eval", unit="step")):
+            conditions = [[], [Zero(layer, int(h)) for layer, h in removed[name]]]
+            tags = [None, ("circuit", 0)]
+            if split == 1:
+                conditions += [[Zero(*self.heads[i]) for i in pick] for pick in randoms[name]]
+                tags += [("random", rep) for rep in range(len(randoms[name]))]
+            d, ids = self.data[name], splits[name][split]
+            x_t, eps = self.noisy(d, ids, d.x0[ids], t)
+            mine, eps_hat = self.run_share(conditions, x_t, t)
+            loss = (eps_hat - eps[None]).square().flatten(2).mean(-1)  # (len(mine), B)
+            for i, c in enumerate(mine[1:], start=1):
+                condition, rep = tags[c]
+                for b, image in enumerate(ids):
+                    rows.append(((step, c, b), {
+                        "dataset": name, "split": ("selection", "heldout")[split], "timestep": int(t),
+                        "condition": condition, "rep": rep, "n_removed": len(removed[name]), "image": int(image),
+                        "loss_clean": float(loss[0, b]), "loss_ablated": float(loss[i, b])}))
+        return pd.DataFrame(self.gathered(rows), columns=EVAL_COLUMNS)
+
+
+class _SelectionLosses:
+    """Per-image losses (B,) of a dataset's selection split at the selection timestep with any set
+    of heads zero-ablated. Each set is run once (the resamples' searches share the sets their paths
+    have in common) and resumes from the clean pass at the first stage its removed heads change."""
+
+    def __init__(self, exp: Experiment, d: _Data, ids: list, t: int):
+        self.exp, self.t = exp, t
+        self.x_t, self.eps = exp.noisy(d, ids, d.x0[ids], t)
+        self.reuse = StageReuse(exp.session) if stage_units(exp.unet) else None
+        with torch.no_grad(), exp.session.intervene([]), self.reuse.recording() if self.reuse else nullcontext():
+            self.clean = self._loss()
+        self.cache: dict = {}
+
+    def _loss(self) -> np.ndarray:
+        prediction = self.exp.forward(self.exp.unet, self.x_t, self.t)
+        return (prediction - self.eps).square().flatten(1).mean(1).double().numpy()
+
+    def losses(self, removed: frozenset) -> np.ndarray:
+        if removed not in self.cache:
+            with torch.no_grad(), self.exp.session.intervene([Zero(layer, h) for layer, h in sorted(removed)]), \
+                    self.reuse.resuming() if self.reuse else nullcontext():
+                self.cache[removed] = self._loss()
+        return self.cache[removed]
+
+    def degradation(self, removed: frozenset, weights: np.ndarray) -> float:
+        """Percent degradation of the count-weighted mean loss (weights (B,): 1 each for the split
+        itself, bootstrap counts for a resample)."""
+        clean = float(weights @ self.clean)
+        return 100.0 * (float(weights @ self.losses(removed)) - clean) / clean
 
 
 __all__ = ["Experiment", "uniform_label_shares"]

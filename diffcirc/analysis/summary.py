@@ -1,8 +1,9 @@
 """``summarise(out_dir)``: the study's summary, from the driver's saved tables only.
 
 Reads whichever of these exist in ``out_dir`` (each optional; a missing table makes the keys
-that need it null): aggregates, histograms, per_image, image_histograms, layers, features_maps, ablations,
-role_ablations, circuit, attribution (``.parquet``) and meta.json. Writes ``summary.json``
+that need it null): aggregates, histograms, per_image, image_histograms, layers, features_maps,
+ablations, role_ablations, circuit, circuit_resamples, circuit_eval, attribution (``.parquet``) and
+meta.json. Writes ``summary.json``
 (strict JSON: NaN and infinities become null; dict keys are strings) and returns the same
 dict, so ``summarise(d) == json.load(open(d / "summary.json"))``. Deterministic for a given
 seed. This is what ``diffcirc report DIR`` reruns.
@@ -24,7 +25,13 @@ random-weights control):
 - degradation: {mode, min, max, top [{dataset, layer, head, timestep, mode, percent, ci_low,
   ci_high, loss_clean, delta_loss, p_value, p_holm, p_bh, family_size}], by_mode {mode: {min, max}},
   n_tests, n_significant_holm, n_significant_bh} -- range and top over the zero-ablation rows when there are any
-- circuit: ``circuit.summarise_circuits``
+- circuit: ``circuit.summarise_circuits``: {synthetic_size, natural_size, ratio, n_heads,
+  final_degradation (selection split), selection_timestep, overlap {intersection, union, jaccard,
+  heads} of the two datasets' circuits, curve {dataset: [{removed, size, degradation}]} (size vs
+  threshold, from the trace), evaluation [{dataset, timestep, selected, n_removed, n_selection,
+  n_heldout, selection_percent, heldout_percent, ci_low, ci_high, random_n, random_median,
+  random_q05, random_q95, rank, p_value}] (null without circuit_eval), resamples {dataset: {n,
+  sizes, jaccard_mean, jaccard_min, jaccard_max}} (null without circuit_resamples)}
 - attribution_spearman: {rho, p_value, n (signed agreement: -score against the degradation percent),
   magnitude {rho, p_value, n} (|score| against |percent|), per_group [{dataset, timestep, rho,
   p_value, n, rho_magnitude, p_magnitude}], integrated {rho, p_value, n, magnitude} (the same with the
@@ -52,7 +59,7 @@ from ..files import read_table, write_json
 __all__ = ["TABLES", "read_table", "read_meta", "summarise", "json_safe"]
 
 TABLES = ("aggregates", "histograms", "per_image", "image_histograms", "layers", "features_maps", "ablations",
-          "role_ablations", "circuit", "attribution", "maps")
+          "role_ablations", "circuit", "circuit_resamples", "circuit_eval", "attribution", "maps")
 SUMMARY_FILE = "summary.json"
 
 
@@ -204,7 +211,8 @@ def summarise(out_dir, n_resamples: int = 2000, seed: int = 0, rules: Optional[R
     else:
         summary["degradation"] = None
 
-    summary["circuit"] = summarise_circuits(t["circuit"])
+    summary["circuit"] = summarise_circuits(t["circuit"], t["circuit_eval"], t["circuit_resamples"],
+                                            n_resamples=n_resamples, seed=seed)
 
     att = t["attribution"]
     if att is not None and not att.empty and deg is not None and len(deg):

@@ -56,6 +56,12 @@ def register(subparsers):
     option("ablation_modes", type=_modes, help=f"comma-separated subset of zero,mean "
                                                f"(default {','.join(d['ablation_modes'])})")
     option("circuit_threshold", type=positive(float), help="percent degradation allowed (default %(default)s)")
+    option("circuit_random_sets", type=non_negative(int),
+           help="random head sets of the circuit's removed-set size it is compared with on held-out images "
+                "(default %(default)s)")
+    option("circuit_resamples", type=non_negative(int),
+           help="bootstrap resamples of the selection images, each searched again for the circuit's stability "
+                "(default %(default)s)")
     option("role_control_reps", type=positive(int), help="random head sets per role (default %(default)s)")
     option("ig_steps", type=non_negative(int), help="integrated-gradient steps of the attribution over the head "
                                                    "gates, one backward pass each (0: first-order only; default "

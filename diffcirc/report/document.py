@@ -254,11 +254,67 @@ def _circuit_section(s: dict) -> Optional[Section]:
         return None
     rows = [[ds, (c.get(f"{ds}_size")), (c.get("n_heads") or {}).get(ds), fmt((c.get("final_degradation") or {}).get(ds), 1)]
             for ds in ("synthetic", "natural")]
-    return Section("Minimal circuits", [
-        Text(f"Greedy head pruning (least effect first) while degradation stays under the threshold. "
-             f"Size ratio natural / synthetic: {fmt(c.get('ratio'))}."),
+    threshold = ((s.get("meta") or {}).get("config") or {}).get("circuit_threshold")
+    items = [
+        Text("Greedy head pruning (least single-head effect first) while the degradation stays under the threshold"
+             f"{'' if threshold is None else f' of {fmt(threshold, 1)}%'}, selected on one split of each dataset's "
+             f"ablation images at t = {_selection_timesteps(c)}. Size ratio natural / synthetic: {fmt(c.get('ratio'))}."),
         Table(["dataset", "heads kept", "heads tried", "degradation at last removal (%)"], rows),
-    ])
+    ]
+    items += [Text(t) for t in (_overlap_text(c), _resamples_text(c.get("resamples"))) if t]
+    fig = figures.circuit_curve(c.get("curve"), c.get("evaluation"), threshold)
+    if fig is not None:
+        items.append(Plot("circuit_curve", fig, "Each accepted removal of the greedy trace (selection split): read "
+                          "at a lower threshold, the size where the line first reaches it bounds that run's circuit "
+                          "size from above. Squares: the same circuit on the held-out images."))
+    if c.get("evaluation"):
+        items += _circuit_evaluation(c["evaluation"])
+    return Section("Minimal circuits", items)
+
+
+def _selection_timesteps(c: dict) -> str:
+    steps = sorted({t for t in (c.get("selection_timestep") or {}).values() if t is not None})
+    return ", ".join(map(str, steps)) or DASH
+
+
+def _overlap_text(c: dict) -> str:
+    o = c.get("overlap")
+    if not o:
+        return ""
+    return (f"The two datasets' circuits share {o.get('intersection')} of the {o.get('union')} heads in either "
+            f"(Jaccard {fmt(o.get('jaccard'), 2)}).")
+
+
+def _resamples_text(r: Optional[dict]) -> str:
+    if not r:
+        return ""
+    parts = [f"{ds} {fmt(v.get('jaccard_mean'), 2)} ({fmt(v.get('jaccard_min'), 2)}–{fmt(v.get('jaccard_max'), 2)}; "
+             f"sizes {', '.join(map(str, v.get('sizes') or []))})" for ds, v in sorted(r.items())]
+    n = max(v.get("n", 0) for v in r.values())
+    return (f"Stability: the circuit searched again on {n} bootstrap resamples of the selection images; Jaccard "
+            f"with the circuit of the whole split, mean (min–max): {'; '.join(parts)}.")
+
+
+def _circuit_evaluation(rows: list) -> list:
+    """The circuit's degradation in and out of sample at each ablation timestep, beside random head
+    sets of the same size on the same held-out images."""
+    table = [[r["dataset"], f"{r['timestep']}{' *' if r.get('selected') else ''}", r.get("n_removed"),
+              f"{r.get('n_selection')} / {r.get('n_heldout')}", fmt(r.get("selection_percent"), 1),
+              fmt_ci({"value": r.get("heldout_percent"), "ci_low": r.get("ci_low"), "ci_high": r.get("ci_high")}, 1),
+              (f"{fmt(r.get('random_median'), 1)} [{fmt(r.get('random_q05'), 1)}, {fmt(r.get('random_q95'), 1)}]"
+               if r.get("random_n") else DASH),
+              f"{r['rank']} / {r['random_n'] + 1}" if r.get("rank") is not None else DASH, fmt_p(r.get("p_value"))]
+             for r in rows]
+    return [
+        Text("Held out: the heads outside each circuit zero-ablated on the selection images (in sample) and on the "
+             "held-out images (their own noise draws), at every ablation timestep (* the selection timestep), with "
+             "a 95% paired bootstrap CI over held-out images; beside it random sets of as many heads, drawn once "
+             "from the seed, on the same held-out images. Rank: the circuit's place among them, least degrading "
+             "first (ties against it); p = rank / (sets + 1), one-sided: how often random heads removed cost as "
+             "little as everything outside the circuit."),
+        Table(["dataset", "timestep", "heads removed", "images sel. / held out", "selection (%)",
+               "held out (%) [95% CI]", "random sets: median [5%, 95%]", "rank", "p"], table),
+    ]
 
 
 def _maps_section(out_dir: Path, t: dict) -> Optional[Section]:

@@ -169,6 +169,36 @@ def degradation_bars(top: list) -> Optional[Figure]:
     return fig
 
 
+def circuit_curve(curve: Optional[dict], evaluation: Optional[list], threshold: Optional[float]) -> Optional[Figure]:
+    """Size vs threshold of each dataset's circuit: the selection split's degradation after each
+    accepted removal of the greedy trace (a line per dataset), and at the final size the held-out
+    degradation at the selection timestep with its 95% CI (a marker), the threshold dashed."""
+    curve = {ds: pts for ds, pts in (curve or {}).items() if pts}
+    if not curve:
+        return None
+    fig = new_figure(6.0, 3.4)
+    ax = fig.subplots()
+    held = {r["dataset"]: r for r in evaluation or [] if r.get("selected")}
+    for ds, pts in sorted(curve.items()):
+        colour = DATASET_COLOURS.get(ds, "#444")
+        x = [0] + [p["removed"] for p in pts]
+        ax.plot(x, [0.0] + [p["degradation"] for p in pts], "-o", color=colour, markersize=3,
+                label=f"{ds}: selection split")
+        r = held.get(ds)
+        if r and r.get("heldout_percent") is not None:
+            v, lo, hi = r["heldout_percent"], r.get("ci_low"), r.get("ci_high")
+            err = None if lo is None or hi is None else [[max(v - lo, 0.0)], [max(hi - v, 0.0)]]
+            ax.errorbar([x[-1]], [v], yerr=err, fmt="s", color=colour, mfc="white", capsize=4,
+                        label=f"{ds}: held out (95% CI)")
+    if threshold is not None:
+        ax.axhline(threshold, color="k", lw=0.6, ls="--")
+    ax.set_xlabel("heads removed (circuit size = heads − removed)")
+    ax.set_ylabel("degradation of the training loss (%)")
+    ax.set_title("Greedy pruning trace and the circuit on held-out images", fontsize=9)
+    ax.legend(fontsize=7)
+    return fig
+
+
 def complexity(ours: Optional[dict], control: Optional[dict]) -> Optional[Figure]:
     """Complexity ratio as points with 95% CIs: ours, the random-weights control, the paper's value."""
     if not ours and not control:

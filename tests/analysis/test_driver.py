@@ -27,7 +27,11 @@ TABLES = {
     "ablations": {"dataset", "timestep", "layer", "head", "mode", "image", "loss_clean", "loss_ablated"},
     "attribution": {"dataset", "timestep", "layer", "head", "score"},
     "role_ablations": {"dataset", "timestep", "role", "control", "rep", "image", "error_name", "err_clean", "err_ablated"},
-    "circuit": {"dataset", "step", "removed_layer", "removed_head", "kept", "degradation"},
+    "circuit": {"dataset", "timestep", "step", "removed_layer", "removed_head", "kept", "degradation"},
+    "circuit_resamples": {"resample", "dataset", "timestep", "step", "removed_layer", "removed_head", "kept",
+                          "degradation"},
+    "circuit_eval": {"dataset", "split", "timestep", "condition", "rep", "n_removed", "image", "loss_clean",
+                     "loss_ablated"},
     "features_maps": {"model", "dataset", "timestep", "layer", "head", "edge_corr", "texture_corr"},
 }
 
@@ -361,22 +365,47 @@ def test_ablation_rows_equal_a_direct_zero_ablation_of_their_head(run, direct):
     assert min(gaps) > 10 * rtol, gaps
 
 
-def test_circuit_steps_equal_a_direct_ablation_of_the_removed_heads(run, direct):
+def test_circuit_steps_equal_a_direct_ablation_of_the_removed_heads_on_the_selection_split(run, direct):
+    from diffcirc.analysis.circuit import resample_weights, split_images
     from diffcirc.processor import Zero
 
+    selection, heldout = split_images(range(8), 0.5, seed=0, dataset=1)  # the natural ablation images
     circuit = pd.read_parquet(run / "circuit.parquet")
     trace = circuit[circuit.dataset == "natural"].sort_values("step")
-    assert len(trace) == len(direct.session.heads())
-    clean = float(_losses(direct, []).mean())
+    assert len(trace) == len(direct.session.heads()) and set(trace.timestep) == {direct.t}
+    clean = _losses(direct, []).double()
     removed = []
     for row in trace.itertuples():
         candidate = (row.removed_layer, int(row.removed_head))
-        loss = float(_losses(direct, [Zero(layer, h) for layer, h in [*removed, candidate]]).mean())
-        assert row.degradation == pytest.approx(100 * (loss - clean) / clean, abs=1e-3), row
+        loss = _losses(direct, [Zero(layer, h) for layer, h in [*removed, candidate]]).double()
+        on_selection = 100 * (loss[selection].mean() - clean[selection].mean()) / clean[selection].mean()
+        assert row.degradation == pytest.approx(float(on_selection), abs=1e-3), row
         assert row.kept == (row.degradation >= 10.0)  # --circuit-threshold's default
         if not row.kept:
             removed.append(candidate)
     assert removed, "no head was pruned: the steps above tested nothing cumulative"
+    # the held-out rows are the circuit's removed heads ablated on the other images, at every ablation timestep
+    ev = pd.read_parquet(run / "circuit_eval.parquet")
+    held = ev[(ev.dataset == "natural") & (ev.split == "heldout") & (ev.condition == "circuit")].sort_values("image")
+    assert held["image"].tolist() == heldout and set(held.timestep) == {direct.t}
+    assert (held.n_removed == len(removed)).all()
+    loss = _losses(direct, [Zero(layer, h) for layer, h in removed]).double()
+    assert held["loss_ablated"].to_numpy() == pytest.approx(loss[heldout].numpy(), rel=1e-5)
+    assert held["loss_clean"].to_numpy() == pytest.approx(clean[heldout].numpy(), rel=1e-5)
+    (row,) = [r for r in json.loads((run / "summary.json").read_text())["circuit"]["evaluation"]
+              if r["dataset"] == "natural"]
+    expected = 100 * (loss[heldout].mean() - clean[heldout].mean()) / clean[heldout].mean()
+    assert row["heldout_percent"] == pytest.approx(float(expected), abs=1e-3) and row["selected"]
+    md = (run / "report.md").read_text()
+    assert f"| natural | {direct.t} * | {len(removed)} | 4 / 4 |" in md[md.index("## Minimal circuits"):]
+    sel = ev[(ev.dataset == "natural") & (ev.split == "selection")]
+    assert set(sel.condition) == {"circuit"} and sorted(sel.image) == selection
+    # a resample's first step weighs the selection images by their bootstrap counts
+    first = pd.read_parquet(run / "circuit_resamples.parquet").query("dataset == 'natural' and resample == 0 and step == 0")
+    w = torch.tensor(resample_weights(len(selection), 2, seed=0, dataset=1)[0], dtype=torch.float64)
+    loss = _losses(direct, [Zero(first.removed_layer.iloc[0], int(first.removed_head.iloc[0]))]).double()
+    expected = 100 * (w @ loss[selection] - w @ clean[selection]) / (w @ clean[selection])
+    assert float(first.degradation.iloc[0]) == pytest.approx(float(expected), abs=1e-3)
 
 
 def test_uniform_label_mass_rows_match_the_label_maps(run):

@@ -145,9 +145,12 @@ def test_summary_keys_values_and_json(run_dir, summary):
     assert deg["mode"] == "zero" and deg["min"] == pytest.approx(30, rel=0.2) and deg["max"] == pytest.approx(120, rel=0.2)
     assert deg["top"][0]["percent"] == deg["max"] and {"layer", "head", "timestep", "ci_low", "ci_high",
                                                        "p_value"} <= set(deg["top"][0])
-    assert summary["circuit"] == {"synthetic_size": 1, "natural_size": 2, "ratio": 2.0,
-                                  "n_heads": {"natural": 4, "synthetic": 4},
-                                  "final_degradation": {"natural": 0.0, "synthetic": 0.0}}
+    circuit = summary["circuit"]
+    assert {k: circuit[k] for k in ("synthetic_size", "natural_size", "ratio", "n_heads", "final_degradation")} == {
+        "synthetic_size": 1, "natural_size": 2, "ratio": 2.0, "n_heads": {"natural": 4, "synthetic": 4},
+        "final_degradation": {"natural": 0.0, "synthetic": 0.0}}
+    # synthetic keeps head 3, natural heads 2 and 3: one shared of two; no held-out table in this run
+    assert circuit["overlap"]["jaccard"] == 0.5 and circuit["evaluation"] is None and circuit["resamples"] is None
     assert summary["attribution_spearman"]["rho"] > 0.9
     roles = {(r["layer"], r["head"]): r["role"] for r in summary["roles"]}
     assert roles[(LAYERS.layer[0], 0)] == "edge_detection" and roles[(LAYERS.layer[1], 1)] == "semantic_grouping"

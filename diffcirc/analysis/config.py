@@ -57,7 +57,8 @@ class AnalysisConfig:
     ablation_images: int = 32             # per dataset, the first ones
     circuit_threshold: float = 10.0       # percent degradation the pruned circuit may cost
     circuit_timestep: int | None = None   # default: the middle ablation timestep
-    role_control_reps: int = 5            # size-matched random head sets per role
+    role_control_reps: int = 999          # layer-matched random head sets per role, at most (every one when fewer
+                                          # exist); the rank p's floor is 1 / (sets + 1)
     sample_maps: int = 4                  # images per dataset whose per-query maps are kept
     random_control: bool = True
     batch_size: int = 64

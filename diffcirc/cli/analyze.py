@@ -53,7 +53,9 @@ def register(subparsers):
     option("ablation_modes", type=_modes, help=f"comma-separated subset of zero,mean "
                                                f"(default {','.join(d['ablation_modes'])})")
     option("circuit_threshold", type=positive(float), help="percent degradation allowed (default %(default)s)")
-    option("role_control_reps", type=positive(int), help="random head sets per role (default %(default)s)")
+    option("role_control_reps", type=positive(int),
+           help="layer-matched random head sets per role, at most: every such set when there are fewer; the "
+                "one-sided rank p cannot go below 1 / (sets + 1) (default %(default)s)")
     p.add_argument("--no-random-control", dest="random_control", action="store_false", default=d["random_control"],
                    help="skip the random-weights control model")
     option("batch_size", type=positive(int), help="images per traced forward pass (default %(default)s)")

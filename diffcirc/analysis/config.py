@@ -58,7 +58,8 @@ class AnalysisConfig:
     circuit_heldout_fraction: float = 0.5  # share of the ablation images held out from the circuit's selection
     circuit_random_sets: int = 29         # random head sets of the circuit's removed-set size (p floor 1/30)
     circuit_resamples: int = 2            # bootstrap resamples of the selection split, each searched again
-    role_control_reps: int = 5            # size-matched random head sets per role
+    role_control_reps: int = 999          # layer-matched random head sets per role, at most (every one when fewer
+                                          # exist); the rank p's floor is 1 / (sets + 1)
     ig_steps: int = 8                     # integrated-gradient steps of the attribution over the gates (0: none)
     sample_maps: int = 4                  # images per dataset whose per-query maps are kept
     random_control: bool = True

@@ -11,7 +11,7 @@ tables in ``experiment.tables`` (``diffcirc.analysis.driver`` saves them as resu
                  condition resumed from the clean pass at the first stage it changes)
   4. attribution one backward pass per (dataset, timestep) scores every head (first-order), and
                  ig_steps more integrate the gradient over the gates from 0 to 1
-  5. roles       role assignment, then role ablations against size-matched random head sets
+  5. roles       role assignment, then role ablations against layer-matched random head sets
   6. circuit     greedy minimal circuit per dataset under a degradation threshold, selected on
                  one split of the ablation images and evaluated on the other at every ablation
                  timestep, beside random head sets of the same size
@@ -44,7 +44,7 @@ from .circuit import (EVAL_COLUMNS, TRACE_COLUMNS, greedy_minimal_circuit, kept_
                       resample_weights, split_images)
 from .config import CONTROL_SEED_OFFSET, DATASETS, AnalysisConfig, check_timesteps, noise_for
 from .distributed import Ranks
-from .roles import assign_roles, head_features
+from .roles import UNASSIGNED, assign_roles, head_features, layer_matched_sets, role_set_seed
 
 
 def uniform_label_shares(labels: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -57,6 +57,31 @@ def uniform_label_shares(labels: torch.Tensor, grid: tuple[int, int]) -> torch.T
     tokens = labels_to_grid(labels, grid)  # (B, h * w)
     n = tokens.shape[1]
     return torch.stack([torch.bincount(row).double().div(n).square().sum() for row in tokens])
+
+
+_ROLE_CHUNK_BYTES = 1 << 28  # predictions (and their x0 and error maps) of one chunk of role conditions
+ROLE_ABLATION_COLUMNS = ["dataset", "timestep", "role", "control", "rep", "image", "error_name", "err_clean",
+                         "err_ablated"]
+
+
+def _role_rows(dataset: str, t: int, ids: list, tags: list, order: list, errors: dict, step: int) -> pd.DataFrame:
+    """Rows of the role_ablations table for one chunk of conditions at one step, built as columns.
+
+    tags: (role, control, rep) of the chunk's conditions (len C); order: their indices among all
+    role conditions; errors: {error name: (1 + C, B) tensor}, row 0 the clean pass. One row per
+    (condition, error, image), in that order, with helper columns _step, _condition, _error, _b
+    that order rows across chunks and ranks."""
+    n_cond, n_img, names = len(tags), len(ids), list(errors)
+    shape = (n_cond, len(names), n_img)
+    cond, err, b = (a.reshape(-1) for a in np.indices(shape))
+    ablated = np.stack([errors[e][1:].double().numpy() for e in names], axis=1)  # (C, E, B)
+    clean = np.stack([errors[e][0].double().numpy() for e in names])              # (E, B)
+    role, control, rep = (np.array(col, dtype=object) for col in zip(*tags)) if tags else ([], [], [])
+    return pd.DataFrame({
+        "dataset": dataset, "timestep": int(t), "role": np.asarray(role)[cond], "control": np.asarray(control)[cond],
+        "rep": np.asarray(rep, dtype=np.int64)[cond], "image": np.asarray(ids, dtype=np.int64)[b],
+        "error_name": np.array(names, dtype=object)[err], "err_clean": clean[err, b], "err_ablated": ablated.reshape(-1),
+        "_step": step, "_condition": np.asarray(order, dtype=np.int64)[cond], "_error": err, "_b": b})
 
 
 class _Data:
@@ -283,7 +308,8 @@ class Experiment:
                 corr_t.append(float(image_maps.pearson_rows(ent, image_maps.to_grid(image_maps.texture_energy(img), grid))))
             if corr_e:
                 rows.append({"model": model, "dataset": name, "timestep": int(t), "layer": layer, "head": int(head),
-                             "edge_corr": float(np.mean(corr_e)), "texture_corr": float(np.mean(corr_t))})
+                             "edge_corr": float(np.mean(corr_e)), "texture_corr": float(np.mean(corr_t)),
+                             "n_images": len(corr_e)})  # the role rules flag correlations from few images
         self.tables["features_maps"] = pd.DataFrame(rows)
 
     # -- 3. single-head ablations ------------------------------------------------------------
@@ -362,44 +388,53 @@ class Experiment:
         self.tables["attribution"] = pd.concat(self.gathered(frames), ignore_index=True)
 
     # -- 5. roles and role ablations ------------------------------------------------------------
-    def role_ablations(self):
+    def role_conditions(self) -> tuple:
+        """(conditions, tags) of the role ablations: per assigned role, the zero ablation of its heads
+        (tag (role, "role", 0)), then its ``layer_matched_sets`` (tags (role, "random", rep)), at most
+        role_control_reps of them, drawn once from ``role_set_seed(seed, role)``: the same sets at
+        every step, whatever the ablation timesteps, on every rank."""
         features = head_features(self.tables["aggregates"], self.tables["layers"], self.tables.get("features_maps"),
                                  model="trained")
         roles = assign_roles(features)
-        rng = np.random.default_rng(self.c.seed)
-        role_sets = {}
-        for role, g in roles.groupby("role"):
-            if role == "unassigned":
+        conditions, tags = [], []
+        for role, g in roles.groupby("role", sort=True):
+            if role == UNASSIGNED:
                 continue
-            role_sets[role] = [(r.layer, int(r.head)) for r in g.itertuples()]
-        rows = []
+            heads = [(r.layer, int(r.head)) for r in g.itertuples()]
+            conditions.append([Zero(layer, h) for layer, h in heads])
+            tags.append((role, "role", 0))
+            sets = layer_matched_sets(self.heads, heads, self.c.role_control_reps, role_set_seed(self.c.seed, role))
+            conditions += [[Zero(layer, h) for layer, h in s] for s in sets]
+            tags += [(role, "random", rep) for rep in range(len(sets))]
+        return conditions, tags
+
+    def role_ablations(self):
+        conditions, tags = self.role_conditions()
+        frames = []
         for step, (name, t) in enumerate(self.progress(iterable=self.ablation_steps(), desc="role ablations",
                                                        unit="step")):
             ids, x0, labels, x_t, eps = self.ablation_batch(name, t)
-            conditions, tags = [[]], [None]
-            for role, heads in role_sets.items():
-                conditions.append([Zero(layer, h) for layer, h in heads])
-                tags.append((role, "role", 0))
-                if len(heads) == len(self.heads):
-                    continue  # a size-matched random set would be the role itself: no control exists
-                for rep in range(self.c.role_control_reps):
-                    pick = rng.choice(len(self.heads), size=len(heads), replace=False)
-                    conditions.append([Zero(*self.heads[i]) for i in pick])
-                    tags.append((role, "random", rep))
-            # every rank draws every random set above (same rng stream), then runs its share
-            mine, eps_hat = self.run_share(conditions, x_t, t)
-            x0_hat = self.x0_from_prediction(x_t[None], eps_hat, t)
-            errors = [self.errors(eps_hat[i], eps, x0_hat[i], x0, labels, latent=self.pipe.is_latent)
-                      for i in range(len(mine))]
-            for i, c in enumerate(mine[1:], start=1):
-                role, control, rep = tags[c]
-                for e, err_name in enumerate(errors[0]):
-                    for b, image in enumerate(ids):
-                        rows.append(((step, c, e, b), {
-                            "dataset": name, "timestep": int(t), "role": role, "control": control, "rep": rep,
-                            "image": int(image), "error_name": err_name, "err_clean": float(errors[0][err_name][b]),
-                            "err_ablated": float(errors[i][err_name][b])}))
-        self.tables["role_ablations"] = pd.DataFrame(self.gathered(rows))
+            # chunks of conditions bound the predictions held at once (thousands of random sets)
+            chunk = max(1, _ROLE_CHUNK_BYTES // (3 * x_t.numel() * 4))
+            for start in range(0, len(conditions), chunk):
+                mine, eps_hat = self.run_share([[], *conditions[start:start + chunk]], x_t, t)
+                n = len(mine)
+                x0_hat = self.x0_from_prediction(x_t[None], eps_hat, t)
+                rep = lambda z: z.repeat(n, *([1] * (z.dim() - 1)))  # noqa: E731  every condition's copy of the batch
+                # every condition of the chunk scored in one batched call, (n, B) per error
+                errors = {e: v.reshape(n, len(ids)) for e, v in self.errors(
+                    eps_hat.flatten(0, 1), rep(eps), x0_hat.flatten(0, 1), rep(x0), rep(labels),
+                    latent=self.pipe.is_latent).items()}
+                frames.append(((step, start), _role_rows(name, t, ids, [tags[start + c - 1] for c in mine[1:]],
+                                                         [start + c for c in mine[1:]], errors, step)))
+        order = ["_step", "_condition", "_error", "_b"]
+        gathered = [f for _, f in self.ranks.gather_rows(frames)]
+        if not gathered:  # no role assigned: nothing ablated
+            self.tables["role_ablations"] = pd.DataFrame(columns=ROLE_ABLATION_COLUMNS)
+            return
+        # the order one process makes: step, condition, error, image (ranks interleave conditions)
+        table = pd.concat(gathered, ignore_index=True).sort_values(order, kind="stable", ignore_index=True)
+        self.tables["role_ablations"] = table.drop(columns=order)
 
     @staticmethod
     def errors(prediction, target, x0_hat, x0, labels, latent: bool = False) -> dict:

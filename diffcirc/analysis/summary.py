@@ -19,9 +19,13 @@ random-weights control):
   n_significant, n_timesteps} (image-label permutations, ``metrics.entropy_divergence_null``; null
   when there is no image_histograms table)}
 - entropy: {entropy_mean, normalised_mean, by_dataset {dataset: {...}}} of the trained model
-- roles: [{layer, head, role, roles, entropy_mean, entropy_sd, normalised}] (trained model)
-- role_summary: [{role, n_heads, entropy_mean, entropy_sd, normalised_mean}] (sd over heads)
-- role_validation: rows of ``roles.role_validation``
+- roles: [{layer, head, role, roles, entropy_mean, entropy_sd, normalised, distance_rel}] (trained model)
+- role_summary: [{role, n_heads, n_matching, entropy_mean, entropy_sd, normalised_mean (sd over heads),
+  random_matching, random_heads, random_share, map_images, status}]: ``roles.role_summary`` of the
+  trained model beside ``roles.rule_checks`` (status: informative | uninformative | under-powered |
+  no control; unassigned has no status)
+- role_validation: rows of ``roles.role_validation`` (one-sided rank p against layer-matched random
+  head sets, hierarchical bootstrap interval of the difference to their median)
 - degradation: {mode, min, max, top [{dataset, layer, head, timestep, mode, percent, ci_low,
   ci_high, loss_clean, delta_loss, p_value, p_holm, p_bh, family_size}], by_mode {mode: {min, max}},
   n_tests, n_significant_holm, n_significant_bh} -- range and top over the zero-ablation rows when there are any
@@ -53,7 +57,7 @@ import pandas as pd
 
 from . import metrics
 from .circuit import summarise_circuits
-from .roles import RoleRules, role_summary, role_validation, roles_by_model
+from .roles import RoleRules, role_summary, role_validation, roles_by_model, rule_checks
 from ..files import read_table, write_json
 
 __all__ = ["TABLES", "read_table", "read_meta", "summarise", "json_safe"]
@@ -185,9 +189,10 @@ def summarise(out_dir, n_resamples: int = 2000, seed: int = 0, rules: Optional[R
     if trained_roles is not None and len(trained_roles):
         summary["roles"] = [
             {"layer": r.layer, "head": r.head, "role": r.role, "roles": list(r.roles), "entropy_mean": r.entropy,
-             "entropy_sd": r.entropy_sd, "normalised": r.normalised}
+             "entropy_sd": r.entropy_sd, "normalised": r.normalised, "distance_rel": r.distance_rel}
             for r in trained_roles.itertuples(index=False)]
-        summary["role_summary"] = role_summary(trained_roles, rules)
+        checks = rule_checks(trained_roles, by_model.get("random"), rules).drop(columns="n_matching")
+        summary["role_summary"] = role_summary(trained_roles, rules).merge(checks, on="role", how="left")
     else:
         summary["roles"] = summary["role_summary"] = None
     ra = t["role_ablations"]

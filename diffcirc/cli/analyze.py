@@ -62,7 +62,9 @@ def register(subparsers):
     option("circuit_resamples", type=non_negative(int),
            help="bootstrap resamples of the selection images, each searched again for the circuit's stability "
                 "(default %(default)s)")
-    option("role_control_reps", type=positive(int), help="random head sets per role (default %(default)s)")
+    option("role_control_reps", type=positive(int),
+           help="layer-matched random head sets per role, at most: every such set when there are fewer; the "
+                "one-sided rank p cannot go below 1 / (sets + 1) (default %(default)s)")
     option("ig_steps", type=non_negative(int), help="integrated-gradient steps of the attribution over the head "
                                                    "gates, one backward pass each (0: first-order only; default "
                                                    "%(default)s)")

@@ -32,7 +32,7 @@ TABLES = {
                           "degradation"},
     "circuit_eval": {"dataset", "split", "timestep", "condition", "rep", "n_removed", "image", "loss_clean",
                      "loss_ablated"},
-    "features_maps": {"model", "dataset", "timestep", "layer", "head", "edge_corr", "texture_corr"},
+    "features_maps": {"model", "dataset", "timestep", "layer", "head", "edge_corr", "texture_corr", "n_images"},
 }
 
 
@@ -406,6 +406,48 @@ def test_circuit_steps_equal_a_direct_ablation_of_the_removed_heads_on_the_selec
     loss = _losses(direct, [Zero(first.removed_layer.iloc[0], int(first.removed_head.iloc[0]))]).double()
     expected = 100 * (w @ loss[selection] - w @ clean[selection]) / (w @ clean[selection])
     assert float(first.degradation.iloc[0]) == pytest.approx(float(expected), abs=1e-3)
+
+
+def test_role_rows_equal_a_direct_ablation_of_the_role_and_its_matched_sets(run, direct, tmp_path, monkeypatch):
+    """Each role_ablations row (eps_mse) holds the loss of its own head set: the role's heads, or
+    the layer-matched random set its rep names, redrawn here from the seed and the role's name.
+    The roles are planted (two heads of the first layer, one of each other layer), so that
+    matched sets exist in a model of two heads per layer."""
+    from diffcirc.analysis import phases
+    from diffcirc.analysis.config import AnalysisConfig
+    from diffcirc.analysis.roles import layer_matched_sets, role_set_seed
+    from diffcirc.processor import Zero
+
+    heads = direct.session.heads()
+    planted = {heads[0]: "local_smoothing", heads[1]: "local_smoothing", heads[2]: "edge_detection",
+               heads[4]: "edge_detection"}
+
+    def assign(features, rules=None):
+        return features.assign(role=[planted.get((r.layer, int(r.head)), "unassigned") for r in features.itertuples()])
+
+    monkeypatch.setattr(phases, "assign_roles", assign)
+    config = AnalysisConfig(out=str(tmp_path), model=str(run.parent / "tiny-unet"), synthetic=8, natural="lfw",
+                            natural_n=8, timesteps=[100, 600], ablation_timesteps=[600], ablation_images=8,
+                            role_control_reps=2)
+    exp = phases.Experiment(config)
+    exp.tables.update({name: pd.read_parquet(run / f"{name}.parquet") for name in ("aggregates", "layers")})
+    exp.role_ablations()
+    ra = exp.tables["role_ablations"]
+    ra = ra[(ra.dataset == "natural") & (ra.error_name == "eps_mse")]
+    checked = {"role": 0, "random": 0}
+    for role, g in ra.groupby("role"):
+        members = [lh for lh, r in planted.items() if r == role]
+        sets = layer_matched_sets(heads, members, 2, role_set_seed(0, role))
+        assert set(g.loc[g.control == "random", "rep"]) == set(range(len(sets))), role
+        for (control, rep), rows in g.groupby(["control", "rep"]):
+            chosen = members if control == "role" else sets[rep]
+            rows = rows.sort_values("image")
+            want = _losses(direct, [Zero(layer, h) for layer, h in chosen]).double()
+            torch.testing.assert_close(torch.tensor(rows["err_ablated"].to_numpy()), want, rtol=1e-5, atol=0,
+                                       msg=f"{role} {control} {rep}")
+            checked[control] += 1
+    # edge_detection's matched set is (layer 1, head 1), (layer 2, head 1); local smoothing holds all of layer 0
+    assert checked == {"role": 2, "random": 1}
 
 
 def test_uniform_label_mass_rows_match_the_label_maps(run):

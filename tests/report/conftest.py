@@ -20,9 +20,10 @@ def _top_row(dataset, timestep, head, percent, lo, hi, p, p_holm, p_bh, clean, f
             "p_holm": p_holm, "p_bh": p_bh, "family_size": family_size}
 
 
-def _role(role, n_heads, n_matching, mean, sd, normalised):
+def _role(role, n_heads, n_matching, mean, sd, normalised, status=None, random_matching=None, map_images=None):
     return {"role": role, "n_heads": n_heads, "n_matching": n_matching, "entropy_mean": mean, "entropy_sd": sd,
-            "normalised_mean": normalised}
+            "normalised_mean": normalised, "status": status, "random_matching": random_matching,
+            "random_heads": 24 if status else None, "map_images": map_images}
 
 
 SUMMARY = {
@@ -35,16 +36,20 @@ SUMMARY = {
                 "by_dataset": {"natural": {"entropy_mean": 2.9, "normalised_mean": 0.7},
                                "synthetic": {"entropy_mean": 2.5, "normalised_mean": 0.68}}},
     "roles": [{"layer": LAYER, "head": 0, "role": "texture_analysis", "roles": ["texture_analysis", "timestep_gated"],
-               "entropy_mean": 3.371, "entropy_sd": 0.052, "normalised": 0.812},
+               "entropy_mean": 3.371, "entropy_sd": 0.052, "normalised": 0.812, "distance_rel": 1.087},
               {"layer": LAYER, "head": 1, "role": "unassigned", "roles": [], "entropy_mean": 1.234,
                "entropy_sd": 0.075, "normalised": 0.445}],
-    "role_summary": [_role("texture_analysis", 3, 4, 3.333, 0.044, 0.8),
-                     _role("edge_detection", 1, 2, 2.222, None, 0.6),
+    "role_summary": [_role("texture_analysis", 3, 4, 3.333, 0.044, 0.8, "uninformative", 22, 40),
+                     _role("edge_detection", 1, 2, 2.222, None, 0.6, "under-powered", 1, 8),
                      _role("unassigned", 2, 2, 1.111, 0.5, 0.4)],
-    "role_validation": [{"dataset": "natural", "role": "texture_analysis", "error_name": "high_freq", "n_units": 6,
-                         "n_reps": 3, "role_increase": 0.3456, "random_increase": 0.0789, "role_percent": 34.5,
-                         "random_percent": 7.9, "ratio": 4.38, "p_value": 0.0312, "p_mannwhitney": 0.02,
-                         "p_rank": 0.25, "p_holm": 0.0624}],
+    "role_validation": [{"dataset": "natural", "role": "texture_analysis", "error_name": "high_freq", "n_timesteps": 2,
+                         "n_units": 6, "n_sets": 3, "role_degradation": 34.51, "random_median": 7.93,
+                         "random_q95": 9.87, "difference": 26.58, "ci_low": 12.34, "ci_high": 40.12,
+                         "direction": "role > random", "p_rank": 0.25, "p_floor": 0.25, "p_holm": 0.5},
+                        {"dataset": "natural", "role": "edge_detection", "error_name": "edge", "n_timesteps": 2,
+                         "n_units": 6, "n_sets": 99, "role_degradation": 3.21, "random_median": 2.5,
+                         "random_q95": 6.5, "difference": 0.71, "ci_low": -1.5, "ci_high": 2.25,
+                         "direction": "role > random", "p_rank": 0.37, "p_floor": 0.01, "p_holm": 0.5}],
     "degradation": {"mode": "zero", "min": 12.3, "max": 87.7,
                     "top": [_top_row("natural", 900, 1, 87.7, 70.1, 99.4, 0.0031, 0.0062, 0.0047, 0.02, 4),
                             _top_row("synthetic", 100, 0, 12.3, 5.2, 19.8, 0.2, 0.4, 0.3, 0.4, 4)],

@@ -77,13 +77,23 @@ def test_section_tables_follow_the_summary(rendered):
     roles = md_section(md, "Functional head roles")
     by_role = md_tables(roles)
     assert by_role["texture analysis"][1:] == ["3 (4)", "3.333 \u00b1 0.044 (n=3)", "0.800", "5 (6)",
-                                               "4.111 \u00b1 0.033 (n=5)", "4.16 \u00b1 0.08"]
+                                               "4.111 \u00b1 0.033 (n=5)",
+                                               "uninformative (22 of 24 random-weights heads)", "4.16 \u00b1 0.08"]
     assert by_role["edge detection"][1:3] == ["1 (2)", "2.222 (n=1)"] and by_role["edge detection"][-1] == DASH
-    assert by_role["natural"][3:] == ["0.3456 (34.5%)", "0.0789 (7.9%)", "4.38", "0.0312", "0.0624", "0.2500"]
+    assert by_role["edge detection"][-2] == "under-powered (1 of 24 random-weights heads); maps from 8 images"
+    assert by_role["unassigned"][-2] == DASH
+    validation = [r for r in md_rows(roles) if r[0] == "natural"]
+    # p at its floor 1 / (3 + 1) is printed as a bound, not as an equality
+    assert validation == [
+        ["natural", "texture analysis", "high_freq", "3", "34.5", "7.9 (9.9)", "26.6 [12.3, 40.1]", "role > random",
+         "\u2264 0.2500 (floor)", "0.5000"],
+        ["natural", "edge detection", "edge", "99", "3.2", "2.5 (6.5)", "0.7 [-1.5, 2.2]", "role > random", "0.3700",
+         "0.5000"]]
+    assert "0.25 for n = 3, 0.01 for n = 99" in roles
     assert [r for r in md_rows(roles) if r[0] == "mid_block.attentions.0"] == [
         ["mid_block.attentions.0", "0", "texture analysis", "texture analysis, timestep-gated", "3.371", "0.052",
-         "0.812"],
-        ["mid_block.attentions.0", "1", "unassigned", DASH, "1.234", "0.075", "0.445"]]
+         "0.812", "1.087"],
+        ["mid_block.attentions.0", "1", "unassigned", DASH, "1.234", "0.075", "0.445", DASH]]
     circuit = md_section(md, "Minimal circuits")
     assert md_rows(circuit)[1:] == [["synthetic", "3", "8", "9.9"], ["natural", "7", "8", "4.4"]]
     assert "Size ratio natural / synthetic: 2.333." in circuit

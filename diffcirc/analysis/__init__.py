@@ -14,8 +14,10 @@ folder_lock  one run per output folder (an exclusive lock naming its holder's pi
 distributed  the processes of a torchrun launch and the collectives the phases need
 image_maps   edge / texture maps of images and role-relevant errors of predicted x0
 metrics      entropy profiles, complexity ratio, entropy divergence, degradation, attribution agreement
-roles        head features and the eight role rules
-circuit      greedy minimal circuit
+roles        head features, the eight role rules and their random-weights checks, layer-matched
+             random head sets, role validation (one-sided rank p, hierarchical bootstrap)
+circuit      greedy minimal circuit, its held-out split, random-set baseline and overlaps
+recompute    one row of a finished run rerun alone from its configuration and seeds
 significance the significance tests (scipy), usable on saved tables
 summary      summary.json from saved tables
 """

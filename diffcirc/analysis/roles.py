@@ -358,7 +358,7 @@ def rule_checks(trained: pd.DataFrame, control: Optional[pd.DataFrame], rules: O
             k, total, share = pd.NA, pd.NA, math.nan
         images = math.nan
         if role in MAP_ROLES and "map_images" in trained.columns and len(trained):
-            images = float(trained["map_images"].min())  # NaN when any head's count is unknown
+            images = float(trained["map_images"].min(skipna=False))  # NaN when any head's count is unknown
         if share == share and share >= rules.uninformative_share:
             status = "uninformative"
         elif role in MAP_ROLES and not images >= rules.min_map_images:

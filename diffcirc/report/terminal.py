@@ -50,9 +50,9 @@ def print_summary(summary: dict, file: Optional[TextIO] = None) -> None:
     if roles:
         ctrl = rc.get("roles")
         print(file=file)
-        print(_table(["role", "trained: H mean +- sd", "random: H mean +- sd"],
-                     [[r["role"], mean_sd(r), mean_sd(role_row(ctrl, r["role"]))] for r in roles if r["n_heads"]
-                      or (role_row(ctrl, r["role"]) or {}).get("n_heads")]), file=file)
+        print(_table(["role", "trained: H mean +- sd", "random: H mean +- sd", "check"],
+                     [[r["role"], mean_sd(r), mean_sd(role_row(ctrl, r["role"])), r.get("status") or DASH]
+                      for r in roles if r["n_heads"] or (role_row(ctrl, r["role"]) or {}).get("n_heads")]), file=file)
     top = deg.get("top") or []
     if top:
         print(file=file)

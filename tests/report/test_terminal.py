@@ -28,6 +28,9 @@ def test_rows_hold_ours_beside_the_paper(hand_summary):
     assert _row(out, "entropy divergence (JS, nats)").split() == ["0.015", "-", "0.166", "0.042", "\u2013", "0.247",
                                                                   "0.003", "\u2013", "0.006"]
     assert "3.333 \u00b1 0.044 (n=3)" in _row(out, "texture-analysis heads H (nats)")
+    # the role table says which rules the random-weights control makes uninformative
+    assert _row(out, "texture_analysis").split()[-1] == "uninformative"
+    assert _row(out, "edge_detection").split()[-1] == "under-powered"
     assert "12.3% \u2013 87.7%" in _row(out, "ablation degradation")
     assert _row(out, "mean head entropy (nats)").split()[1:] == ["2.718", "4.051"]
     assert "7/3 = 2.333" in _row(out, "circuit size nat/syn")

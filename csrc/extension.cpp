@@ -30,7 +30,9 @@ std::vector<std::string> cuda_archs() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "diffcirc kernels; the op is torch.ops.diffcirc.attention";
   m.def("cpu_isa", &diffcirc::cpu::isa_name, "instruction set of the CPU row kernels");
-  m.def("set_cpu_isa", &diffcirc::cpu::set_isa, "cap the CPU instruction set: avx512, avx2 or scalar");
+  m.def("set_cpu_isa", &diffcirc::cpu::set_isa, "cap the CPU instruction set: avx512bf16, avx512, avx2 or scalar");
+  m.def("cpu_features", &diffcirc::cpu::cpu_features,
+        "the CPU's bfloat16 / float16 extensions: of avx512bf16, avx512fp16, amx-tile, amx-bf16, amx-fp16");
   m.def("blas_backend", []() { return std::string(diffcirc::cpu::blas_backend()); });
   m.def("cuda_archs", &cuda_archs, "CUDA architectures compiled in (empty without CUDA)");
 }

@@ -19,6 +19,7 @@ def build_info() -> dict:
         "machine": platform.machine(),
         "extension (_C)": "loaded" if ext is not None else "missing: using the float64 reference",
         "cpu isa": ext.cpu_isa() if ext is not None else "n/a",
+        "cpu bf16/fp16 features": (", ".join(ext.cpu_features()) or "none") if ext is not None else "n/a",
         "cpu threads": torch.get_num_threads(),
         "blas for kernel gemms": ext.blas_backend() if ext is not None else "n/a",
         "cuda kernels compiled for": (", ".join(ext.cuda_archs()) or "none") if ext is not None else "none",

@@ -2,7 +2,8 @@
 //
 // One task = one (batch, head, block of query rows). A task streams over key blocks:
 //   S = scale * Q K^T          (BLAS GEMM straight from the strided inputs, float32 out)
-//   P = e^{S - m}, row stats   (row kernels, AVX-512 / AVX2 / scalar, chosen at run time)
+//   P = e^{S - m}, row stats   (row kernels, AVX-512 / AVX2 / scalar, chosen at run time; on AVX-512
+//                               one pass per row against the max of earlier blocks, row_fast_avx512.h)
 //   O = alpha * O + P V        (BLAS GEMM)
 // so per thread only a (rows x keys) tile of logits exists, never the Nq x Nk matrix.
 // Tasks run in parallel through at::parallel_for (OpenMP).
@@ -171,6 +172,8 @@ void pack_chunk(const Problem& pb, const c10::BFloat16* k, const c10::BFloat16* 
 struct Tiles {
   int64_t ld;  // row stride of the score / probability tiles (even, for the bf16 packing)
   std::vector<float> s, o, alpha;
+  // p, kept apart from s: the fast row path (row_fast_avx512.h) may redo a row from its logits
+  std::vector<float> p_f32;
   std::vector<c10::BFloat16> p_bf16;
   std::vector<float> qw, kw, vw;  // widened blocks (GemmPath::kWiden)
   std::vector<RowState> state;
@@ -184,6 +187,7 @@ struct Tiles {
     if (pb.group_mass) group_ref.resize(kQueryBlock);
     if (pb.group_heads_summed) group_acc.resize(kQueryBlock * pb.n_groups);
     if (path == GemmPath::kBf16Packed) p_bf16.resize(kQueryBlock * ld);
+    else p_f32.resize(kQueryBlock * ld);
     if (path == GemmPath::kWiden) {
       qw.resize(kQueryBlock * pb.D);
       kw.resize(kb_max * pb.D);
@@ -275,7 +279,7 @@ void run_task(const Problem& pb, GemmPath path, const T* q, const T* k, const T*
     a.ld_s = t.ld;
     a.scale = pb.scale;
     a.p_bf16 = path == GemmPath::kBf16Packed;
-    a.p = a.p_bf16 ? static_cast<void*>(t.p_bf16.data()) : static_cast<void*>(t.s.data());
+    a.p = a.p_bf16 ? static_cast<void*>(t.p_bf16.data()) : static_cast<void*>(t.p_f32.data());
     a.ld_p = t.ld;
     a.rows = rows;
     a.cols = cols;
@@ -317,11 +321,11 @@ void run_task(const Problem& pb, GemmPath path, const T* q, const T* k, const T*
       brgemm_bf16_vnni(rows, pb.Dv, cols_even, t.p_bf16.data(), t.ld, packed.v_block(b * pb.H + h, jb), t.o.data(),
                        pb.Dv, true);
     } else if (path == GemmPath::kF32) {
-      gemm_f32(false, false, rows, pb.Dv, cols, 1.f, t.s.data(), t.ld, reinterpret_cast<const float*>(vj),
+      gemm_f32(false, false, rows, pb.Dv, cols, 1.f, t.p_f32.data(), t.ld, reinterpret_cast<const float*>(vj),
                pb.v_stride[2], 1.f, t.o.data(), pb.Dv);
     } else {
       widen(vj, pb.v_stride[2], cols, pb.Dv, t.vw.data());
-      gemm_f32(false, false, rows, pb.Dv, cols, 1.f, t.s.data(), t.ld, t.vw.data(), pb.Dv, 1.f, t.o.data(), pb.Dv);
+      gemm_f32(false, false, rows, pb.Dv, cols, 1.f, t.p_f32.data(), t.ld, t.vw.data(), pb.Dv, 1.f, t.o.data(), pb.Dv);
     }
   }
   finish_rows<T>(pb, b, h, i0, rows, t);

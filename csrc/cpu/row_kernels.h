@@ -1,5 +1,5 @@
 // Per-block row work of the CPU kernel: online softmax + statistics over one (query block,
-// key block) tile of logits, in three instruction-set variants chosen at run time.
+// key block) tile of logits, in four instruction-set variants chosen at run time.
 #pragma once
 
 #include <cstdint>
@@ -52,10 +52,12 @@ using ProcessBlockFn = void (*)(const BlockArgs&);
 void process_block_scalar(const BlockArgs& a);
 void process_block_avx2(const BlockArgs& a);
 void process_block_avx512(const BlockArgs& a);
+void process_block_avx512bf16(const BlockArgs& a);
 
 // The variant compiled for isa.
 inline ProcessBlockFn process_block_for(Isa isa) {
   switch (isa) {
+    case Isa::kAvx512Bf16: return process_block_avx512bf16;
     case Isa::kAvx512: return process_block_avx512;
     case Isa::kAvx2: return process_block_avx2;
     default: return process_block_scalar;

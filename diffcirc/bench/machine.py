@@ -44,6 +44,7 @@ def machine_info() -> dict:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "isa": ext.cpu_isa() if ext else "reference (no extension)",
+        "cpu_features": ext.cpu_features() if ext else [],
         "blas": ext.blas_backend() if ext else None,
         "commit": commit(),
     }

@@ -26,6 +26,7 @@ REPEATS, QUICK_REPEATS = 5, 2  # --scaling times with QUICK_REPEATS too: it has 
 MEM_BUDGET_GIB = 4.0  # the materialising path is skipped on the CPU where it would need more
 # what vs_sdpa divides by: the first of these timed in the case (flash refuses f32)
 BASELINE = {"cpu": ("sdpa",), "cuda": ("sdpa-flash", "sdpa-efficient")}
+PEAK_GEMM_N = 2048  # the square GEMM whose rate is the machine's peak beside the table (cpu)
 
 
 def parse_shape(text: str, b: int = B, h: int = H) -> tuple:
@@ -161,4 +162,28 @@ def cost_lines(rows: list) -> list:
         if "fused" in ms and "fused+all stats" in ms:
             lines.append(f"{dt:5} {n:>6} {d:>4} all statistics cost {ms['fused+all stats'] / ms['fused']:.2f}x the "
                          "plain fused kernel")
+    return lines
+
+
+def gemm_peak(dtypes, repeats: int = REPEATS, n: int = PEAK_GEMM_N) -> dict:
+    """dtype name -> GFLOP/s of torch.mm on (n, n) x (n, n) in that dtype on the CPU, the best of
+    repeats with the current threads: the peak the machine's BLAS (AMX for bf16 where the CPU has it)
+    reaches, which the attention rows are compared to (4 B H N^2 D of their FLOPs are GEMM FLOPs)."""
+    peaks = {}
+    for dt in dtypes:
+        a, b = (torch.randn(n, n).to(cases.DTYPES[dt]) for _ in range(2))
+        best = min(measure.time_call(lambda _: torch.mm(a, b), None, repeats, warmup=2))
+        peaks[dt] = 2 * n**3 / best / 1e9
+    return peaks
+
+
+def peak_lines(rows: list, peaks: dict, n: int = PEAK_GEMM_N) -> list:
+    """The GEMM peak of each dtype, then every timed row's share of it (sets row["gemm_peak_pct"])."""
+    lines = [f"{dt:5} GEMM peak (torch.mm {n}^3, {torch.get_num_threads()} threads): {g:.0f} GFLOP/s"
+             for dt, g in peaks.items()]
+    for r in rows:
+        if r.get("gflops") is not None and r["dtype"] in peaks:
+            r["gemm_peak_pct"] = 100 * r["gflops"] / peaks[r["dtype"]]
+            lines.append(f"{r['dtype']:5} {r['n']:>6} {r['d']:>4} {r['implementation']:16} {r['gemm_peak_pct']:5.1f} % "
+                         "of the GEMM peak")
     return lines

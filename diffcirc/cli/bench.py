@@ -275,6 +275,10 @@ def run_op_command(args) -> int:
     for line in op.cost_lines(rows):
         print(line)
     extra = {}
+    if args.device == "cpu" and not args.scaling:
+        extra["gemm_peak_gflops"] = op.gemm_peak(dtypes, repeats)
+        for line in op.peak_lines(rows, extra["gemm_peak_gflops"]):
+            print(line)
     if args.scaling:
         extra["fits"] = scaling.scaling_fits(rows)
         print("\nscaling (least squares on log-log):")

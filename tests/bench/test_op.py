@@ -106,3 +106,16 @@ def test_cost_lines():
         "f32     1024   64 fused+entropy is 7.5x faster than the materialising path",
         "f32     1024   64 all statistics cost 1.50x the plain fused kernel",
     ]
+
+
+def test_gemm_peak_and_each_rows_share_of_it():
+    peaks = op.gemm_peak(["f32", "bf16"], repeats=1, n=64)
+    assert set(peaks) == {"f32", "bf16"} and all(g > 0 for g in peaks.values())
+    rows = [{"dtype": "f32", "n": 8, "d": 4, "implementation": "fused", "gflops": 50.0},
+            {"dtype": "bf16", "n": 8, "d": 4, "implementation": "sdpa", "gflops": 30.0},
+            {"dtype": "f32", "n": 8, "d": 4, "implementation": "materialising", "skipped": "over budget"}]
+    lines = op.peak_lines(rows, {"f32": 200.0, "bf16": 120.0}, n=64)
+    assert rows[0]["gemm_peak_pct"] == 25.0 and rows[1]["gemm_peak_pct"] == 25.0
+    assert "gemm_peak_pct" not in rows[2]
+    assert lines[0].startswith("f32   GEMM peak (torch.mm 64^3") and "200 GFLOP/s" in lines[0]
+    assert sum("of the GEMM peak" in line for line in lines) == 2

@@ -3,7 +3,7 @@ import torch
 
 from diffcirc.ops import extension
 
-CPU_ISAS = ("avx512", "avx2", "scalar")
+CPU_ISAS = ("avx512bf16", "avx512", "avx2", "scalar")
 THREADS = 4  # the kernels' several-thread tests: more threads than tasks per thread on two cores
 
 

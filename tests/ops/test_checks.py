@@ -140,3 +140,25 @@ def test_info_reports_the_build(capsys):
     assert "extension (_C)" in out and "loaded" in out
     assert "cpu isa" in out and any(isa in out for isa in ("avx512", "avx2", "scalar"))
     assert "cuda kernels compiled for" in out
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="the oracle is Linux's /proc/cpuinfo")
+def test_cpu_features_and_best_isa_match_the_flags_linux_reports():
+    # the extension reads CPUID and XCR0 itself; Linux lists a feature only where the CPU has it and
+    # the kernel supports it (AMX: tile state enabled), under its own names
+    ext = extension.load()
+    with open("/proc/cpuinfo") as f:
+        flags = set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+    linux_names = {"avx512bf16": "avx512_bf16", "avx512fp16": "avx512_fp16", "amx-tile": "amx_tile",
+                   "amx-bf16": "amx_bf16", "amx-fp16": "amx_fp16"}
+    assert ext.cpu_features() == [name for name, flag in linux_names.items() if flag in flags]
+    supported = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"} <= flags
+    before = ext.cpu_isa()
+    try:
+        if supported:
+            assert ext.set_cpu_isa("avx512bf16") == "avx512bf16"
+        else:
+            with pytest.raises(ValueError, match="does not support"):
+                ext.set_cpu_isa("avx512bf16")
+    finally:
+        ext.set_cpu_isa(before)

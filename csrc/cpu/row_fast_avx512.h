@@ -1,0 +1,164 @@
+// The AVX-512 row kernels' fast path: one pass over a row's logits instead of two, for tiles
+// without masks, grid or label statistics and key groups (the plain and entropy-only calls that
+// sweeps and self-attention make), with a positive scale.
+//
+// The two-pass row (row_block_impl.h) first finds the block max, then computes p = e^{s - m}
+// against it. Here a row keeps its reference max m (RowState::m) from the blocks before, as long
+// as the block's logits stay within kLazyMaxGap of it: p = e^{s - m} then lies below e^kLazyMaxGap
+// (about 3000), far inside float32 and bfloat16's range, and the sums stay exact relative to m. So
+// after the first block most rows need neither the max pass nor a rescale of their output row
+// (alpha = 1). A block that climbs higher is redone against its own max, which the pass has found
+// on the way; the first block of a row, with no reference yet, reads its max first. Each pass:
+//   z2 = s * (scale log2 e) - m log2 e           (one FMA: the softmax in base 2)
+//   p = 2^z2                                      (degree-5 / -4 polynomial, VSCALEFPS)
+// and entropy's sum of p (s - m) is kept in base 2 and multiplied by ln 2 once per row.
+//
+// NaN and inf logits need no compare per key: a NaN propagates into the sum of p, an unmasked
+// +inf into the block max; either sends the row to the two-pass kernel, which poisons it as the
+// other paths do. So do a row already poisoned and a first block whose logits are all -inf.
+//
+// Requires before inclusion: DC_TARGET, simd_avx512.h, row_block_impl.h.
+
+#include <type_traits>
+
+namespace {
+
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2 = 0.69314718055994531f;
+// A row's reference max is moved only when a block's max exceeds it by more than this (nats).
+constexpr float kLazyMaxGap = 8.0f;
+// kExpUnderflow in base 2 (about -126: e^z below it is exactly 0 on every path).
+constexpr float kExp2Underflow = diffcirc::kExpUnderflow * kLog2e;
+
+// 2^x, minimax polynomials of 2^f on [-1/2, 1/2] (relative error in float32: degree 5 2.3e-7,
+// degree 4 2.7e-6) times 2^round(x) by VSCALEFPS; exactly 0 below kExp2Underflow, NaN for a NaN x.
+template <int DEGREE>
+DC_TARGET inline __m512 exp2_poly(__m512 x) {
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExp2Underflow), _CMP_NLT_UQ);
+  x = _mm512_max_ps(_mm512_set1_ps(kExp2Underflow - 1.f), x);  // -inf -> finite; NaN stays (2nd operand)
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 y;
+  if constexpr (DEGREE == 5) {
+    y = _mm512_set1_ps(1.327644451521337e-3f);
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(9.67553723603487e-3f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.550713464617729e-2f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.4022120237350464e-1f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.931469440460205e-1f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.0000001192092896f));
+  } else {
+    static_assert(DEGREE == 4);
+    y = _mm512_set1_ps(9.570068679749966e-3f);
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.5917806923389435e-2f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.40247443318367e-1f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.931218504905701e-1f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(9.999992847442627e-1f));
+  }
+  return _mm512_maskz_scalef_ps(keep, y, n);
+}
+
+// The lanes of a row's last, partial vector.
+DC_TARGET inline __mmask16 tail_lanes(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
+
+// Largest raw logit of the row (NaN skipped: MAXPS returns its second operand).
+DC_TARGET inline float raw_row_max(const float* s, int64_t cols) {
+  __m512 vm = _mm512_set1_ps(-INFINITY);
+  int64_t j = 0;
+  for (; j + 16 <= cols; j += 16) vm = _mm512_max_ps(_mm512_loadu_ps(s + j), vm);
+  if (j < cols) vm = _mm512_max_ps(_mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), tail_lanes(cols - j), s + j), vm);
+  return _mm512_reduce_max_ps(vm);
+}
+
+struct PassSums {
+  float max_z2;  // largest z2 = (s scale - m) log2 e of the row (NaN skipped)
+  float sum_p;   // NaN when a logit was NaN
+  float sum_pz2;
+};
+
+// Accumulators of one pass.
+struct PassAcc {
+  __m512 p, pz2, max_z2;
+};
+
+// 16 keys of a pass (lanes: those of a partial last vector, FULL: all 16).
+template <bool ENTROPY, bool P_BF16, bool FULL>
+DC_TARGET inline void exp_step(__m512 x, __m512 c, __m512 neg_m2, __mmask16 lanes, void* dst, PassAcc& acc) {
+  constexpr int kDegree = P_BF16 ? 4 : 5;  // bfloat16 p keeps 8 bits: degree 4 is 1000x finer
+  const __m512 z2 = _mm512_fmadd_ps(x, c, neg_m2);
+  acc.max_z2 = _mm512_max_ps(z2, acc.max_z2);
+  const __m512 p = exp2_poly<kDegree>(z2);
+  acc.p = _mm512_add_ps(acc.p, p);
+  // z2 clamped as exp2_poly clamps it: a -inf logit adds p * z2 = 0, not NaN
+  if constexpr (ENTROPY) acc.pz2 = _mm512_fmadd_ps(p, _mm512_max_ps(_mm512_set1_ps(kExp2Underflow - 1.f), z2), acc.pz2);
+  if constexpr (P_BF16) {
+    if constexpr (FULL) V::store_bf16(static_cast<uint16_t*>(dst), p);
+    else _mm256_mask_storeu_epi16(dst, lanes, V::to_bf16(p));
+  } else {
+    if constexpr (FULL) _mm512_storeu_ps(static_cast<float*>(dst), p);
+    else _mm512_mask_storeu_ps(dst, lanes, p);
+  }
+}
+
+// p = 2^z2 of one row against reference m, stored as float32 or bfloat16, with its sums.
+template <bool ENTROPY, bool P_BF16>
+DC_TARGET inline PassSums exp_pass(const float* s, int64_t cols, float scale, float m, void* p_row) {
+  using P = std::conditional_t<P_BF16, uint16_t, float>;
+  P* p = static_cast<P*>(p_row);
+  const __m512 c = _mm512_set1_ps(scale * kLog2e), neg_m2 = _mm512_set1_ps(-m * kLog2e);
+  PassAcc acc{_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_set1_ps(-INFINITY)};
+  int64_t j = 0;
+  for (; j + 16 <= cols; j += 16) exp_step<ENTROPY, P_BF16, true>(_mm512_loadu_ps(s + j), c, neg_m2, 0xFFFF, p + j, acc);
+  if (j < cols) {
+    const __mmask16 lanes = tail_lanes(cols - j);
+    exp_step<ENTROPY, P_BF16, false>(_mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), lanes, s + j), c, neg_m2, lanes,
+                                     p + j, acc);
+  }
+  return PassSums{_mm512_reduce_max_ps(acc.max_z2), _mm512_reduce_add_ps(acc.p),
+                  ENTROPY ? _mm512_reduce_add_ps(acc.pz2) : 0.f};
+}
+
+// Row r of the tile on the fast path; rows it cannot take go to the two-pass process_row.
+template <bool ENTROPY, bool P_BF16>
+DC_TARGET void fast_row(const BlockArgs& a, int64_t r) {
+  RowState& st = a.state[r];
+  const float* s = a.s + r * a.ld_s;
+  void* p_row = P_BF16 ? static_cast<void*>(static_cast<uint16_t*>(a.p) + r * a.ld_p)
+                       : static_cast<void*>(static_cast<float*>(a.p) + r * a.ld_p);
+  if (st.l != st.l) return process_row<false, false, false>(a, r);  // poisoned before
+  float m = st.m;
+  if (!(st.l > 0.f)) {  // no reference yet
+    const float mb = raw_row_max(s, a.cols) * a.scale;  // = max of s * scale: rounding is monotonic
+    if (!(mb > -INFINITY && mb < INFINITY)) return process_row<false, false, false>(a, r);
+    m = mb;
+  }
+  PassSums sums = exp_pass<ENTROPY, P_BF16>(s, a.cols, a.scale, m, p_row);
+  if (sums.max_z2 > kLazyMaxGap * kLog2e) {  // the block climbs past the reference: redo against its max
+    if (!(sums.max_z2 < INFINITY)) return process_row<false, false, false>(a, r);
+    m += sums.max_z2 * kLn2;
+    sums = exp_pass<ENTROPY, P_BF16>(s, a.cols, a.scale, m, p_row);
+  }
+  if (!(sums.sum_p < INFINITY) || sums.max_z2 > kLazyMaxGap * kLog2e)  // NaN logit, or a max that moved twice
+    return process_row<false, false, false>(a, r);
+  a.alpha[r] = m == st.m ? 1.f : diffcirc::row_state_rescale(st, m);
+  diffcirc::row_state_add(st, sums.sum_p, ENTROPY ? sums.sum_pz2 * kLn2 : 0.f, 0.f, 0.f);
+}
+
+// Whether the fast path takes this tile (see the top of this file).
+inline bool fast_path_applies(const BlockArgs& a) {
+  return a.key_bias == nullptr && a.kx == nullptr && a.k_label == nullptr && a.group_mass == nullptr &&
+         a.scale > 0.f && a.scale < INFINITY;
+}
+
+template <bool ENTROPY, bool P_BF16>
+DC_TARGET void fast_rows(const BlockArgs& a) {
+  for (int64_t r = 0; r < a.rows; ++r) fast_row<ENTROPY, P_BF16>(a, r);
+}
+
+// The AVX-512 variants' process_block: the fast path where it applies, else the two-pass rows.
+DC_TARGET void process_block_fast_or_exact(const BlockArgs& a) {
+  if (!fast_path_applies(a)) return process_block(a);
+  if (a.entropy) a.p_bf16 ? fast_rows<true, true>(a) : fast_rows<true, false>(a);
+  else a.p_bf16 ? fast_rows<false, true>(a) : fast_rows<false, false>(a);
+}
+
+}  // namespace

@@ -29,30 +29,33 @@ def stat_range(stat: str, n_keys: int) -> tuple:
     return 0.0, 1.0
 
 
-def histogram(x: torch.Tensor, lo: float, hi: float, bins: int) -> torch.Tensor:
-    """(H, bins) int64 counts of x (B, H, Nq) float64 in equal bins of [lo, hi], per head.
+def _grouped_counts(x: torch.Tensor, lo: float, hi: float, bins: int, groups: int, group_of: torch.Tensor) -> torch.Tensor:
+    """(groups, bins) int64 counts of x in equal bins of [lo, hi], each value counted in its group
+    group_of (broadcast to x's shape).
 
     Value v falls in bin floor((v - lo) * bins / (hi - lo)), clamped to [0, bins - 1].
     """
-    heads = x.shape[1]
     idx = ((x - lo) * (bins / (hi - lo))).floor().clamp_(0, bins - 1).long()
-    idx += torch.arange(heads, device=x.device)[None, :, None] * bins
+    idx += group_of * bins
     # index_add_, not bincount: bincount reads min/max back to the host (two syncs per call on CUDA),
     # and idx is already clamped into range
-    counts = torch.zeros(heads * bins, dtype=torch.int64, device=x.device)
+    counts = torch.zeros(groups * bins, dtype=torch.int64, device=x.device)
     counts.index_add_(0, idx.reshape(-1), torch.ones(idx.numel(), dtype=torch.int64, device=x.device))
-    return counts.view(heads, bins)
+    return counts.view(groups, bins)
+
+
+def histogram(x: torch.Tensor, lo: float, hi: float, bins: int) -> torch.Tensor:
+    """(H, bins) int64 counts of x (B, H, Nq) float64 in equal bins of [lo, hi], per head (the bins of
+    ``_grouped_counts``)."""
+    heads = x.shape[1]
+    return _grouped_counts(x, lo, hi, bins, heads, torch.arange(heads, device=x.device)[None, :, None])
 
 
 def element_histograms(x: torch.Tensor, lo: float, hi: float, bins: int) -> torch.Tensor:
     """(B, bins) int64 counts of x (B, H, Nq) per batch element, its heads' queries together, in
     the bins of ``histogram``."""
     batch = x.shape[0]
-    idx = ((x - lo) * (bins / (hi - lo))).floor().clamp_(0, bins - 1).long()
-    idx += torch.arange(batch, device=x.device)[:, None, None] * bins
-    counts = torch.zeros(batch * bins, dtype=torch.int64, device=x.device)
-    counts.index_add_(0, idx.reshape(-1), torch.ones(idx.numel(), dtype=torch.int64, device=x.device))
-    return counts.view(batch, bins)
+    return _grouped_counts(x, lo, hi, bins, batch, torch.arange(batch, device=x.device)[:, None, None])
 
 
 def add_counts(hists: dict, key, counts: torch.Tensor) -> None:

@@ -41,6 +41,12 @@ namespace {
 constexpr int64_t kQueryBlock = 128;  // rows per task
 constexpr int64_t kKeyBlock = 512;    // keys per tile: a 128 x 512 float tile is 256 KiB, L2-sized
 
+// Row stride of a tile holding `cols` columns: a multiple of 16 plus 16, so that its rows are never
+// a multiple of 4 KiB apart. At 512 float32 columns (2 KiB) the 16 rows an AMX tile or a vector
+// loop touches at once fall into two L1 sets and evict each other: the Q K^T product ran 5x slower
+// than the P V product of the same size.
+constexpr int64_t padded_row(int64_t cols) { return (cols + 15) / 16 * 16 + 16; }
+
 // Copies a (rows, cols) block with row stride ld into a dense float32 buffer.
 template <typename T>
 void widen(const T* src, int64_t ld, int64_t rows, int64_t cols, float* dst) {
@@ -139,6 +145,7 @@ constexpr int64_t kPackBudgetBytes = int64_t{32} << 20;  // packed K and V of on
 // Packed K^T and V of (batch, head) pairs [bh0, bh0 + count), key block by key block.
 struct PackedKV {
   int64_t bh0 = 0, n_kblocks = 0, k_block_elems = 0, v_block_elems = 0;
+  int64_t k_ldb = 0, v_ldb = 0;  // pairs per row of a packed K^T / V block (padded_row)
   std::vector<c10::BFloat16> k, v;
   const c10::BFloat16* k_block(int64_t bh, int64_t jb) const {
     return k.data() + ((bh - bh0) * n_kblocks + jb) * k_block_elems;
@@ -152,8 +159,10 @@ void pack_chunk(const Problem& pb, const c10::BFloat16* k, const c10::BFloat16* 
                 PackedKV& packed) {
   packed.bh0 = bh0;
   packed.n_kblocks = (pb.Nk + kKeyBlock - 1) / kKeyBlock;
-  packed.k_block_elems = kKeyBlock * pb.D;
-  packed.v_block_elems = kKeyBlock * pb.Dv;  // kKeyBlock is even: room for an odd block's zero row
+  packed.k_ldb = padded_row(kKeyBlock);
+  packed.k_block_elems = packed.k_ldb * pb.D;
+  packed.v_ldb = padded_row(pb.Dv);
+  packed.v_block_elems = kKeyBlock * packed.v_ldb;  // kKeyBlock is even: room for an odd block's zero row
   packed.k.resize(count * packed.n_kblocks * packed.k_block_elems);
   packed.v.resize(count * packed.n_kblocks * packed.v_block_elems);
   at::parallel_for(0, count * packed.n_kblocks, 1, [&](int64_t begin, int64_t end) {
@@ -162,15 +171,17 @@ void pack_chunk(const Problem& pb, const c10::BFloat16* k, const c10::BFloat16* 
       const int64_t b = bh / pb.H, h = bh % pb.H, j0 = jb * kKeyBlock, cols = std::min(kKeyBlock, pb.Nk - j0);
       const c10::BFloat16* kj = k + b * pb.k_stride[0] + h * pb.k_stride[1] + j0 * pb.k_stride[2];
       const c10::BFloat16* vj = v + b * pb.v_stride[0] + h * pb.v_stride[1] + j0 * pb.v_stride[2];
-      pack_vnni_transposed(kj, pb.k_stride[2], cols, pb.D, const_cast<c10::BFloat16*>(packed.k_block(bh, jb)));
-      pack_vnni(vj, pb.v_stride[2], cols, pb.Dv, const_cast<c10::BFloat16*>(packed.v_block(bh, jb)));
+      pack_vnni_transposed(kj, pb.k_stride[2], cols, pb.D, const_cast<c10::BFloat16*>(packed.k_block(bh, jb)),
+                           packed.k_ldb);
+      pack_vnni(vj, pb.v_stride[2], cols, pb.Dv, const_cast<c10::BFloat16*>(packed.v_block(bh, jb)), packed.v_ldb);
     }
   });
 }
 
 // Per-thread tiles, reused across the thread's tasks.
 struct Tiles {
-  int64_t ld;  // row stride of the score / probability tiles (even, for the bf16 packing)
+  int64_t ld;    // row stride of the score / probability tiles (padded_row: even, for the bf16 packing)
+  int64_t ld_o;  // row stride of the output accumulator (padded_row)
   std::vector<float> s, o, alpha;
   // p, kept apart from s: the fast row path (row_fast_avx512.h) may redo a row from its logits
   std::vector<float> p_f32;
@@ -179,9 +190,9 @@ struct Tiles {
   std::vector<RowState> state;
   std::vector<float> group_ref;  // key-group accumulators' reference max per row (row_state.h)
   std::vector<float> group_acc;  // (kQueryBlock, n_groups) accumulators when summed over heads
-  Tiles(const Problem& pb, GemmPath path, int64_t kb_max) : ld(kb_max + (kb_max & 1)) {
+  Tiles(const Problem& pb, GemmPath path, int64_t kb_max) : ld(padded_row(kb_max)), ld_o(padded_row(pb.Dv)) {
     s.resize(kQueryBlock * ld);
-    o.resize(kQueryBlock * pb.Dv);
+    o.resize(kQueryBlock * ld_o);
     alpha.resize(kQueryBlock);
     state.resize(kQueryBlock);
     if (pb.group_mass) group_ref.resize(kQueryBlock);
@@ -222,7 +233,7 @@ void finish_rows(const Problem& pb, int64_t b, int64_t h, int64_t i0, int64_t ro
       const float f = group_mass_factor(t.group_ref[r], t.state[r], rs);
       for (int64_t g = 0; g < pb.n_groups; ++g) acc[g] *= f;
     }
-    const float* o = t.o.data() + r * pb.Dv;
+    const float* o = t.o.data() + r * t.ld_o;
     T* dst = out + ((b * pb.Nq + i) * pb.H + h) * pb.Dv;
     if (pb.replacement) {
       const float* rep = pb.replacement + b * pb.rep_stride[0] + h * pb.rep_stride[1] + i * pb.rep_stride[2];
@@ -250,7 +261,7 @@ void run_task(const Problem& pb, GemmPath path, const T* q, const T* k, const T*
   const T* vp = v + b * pb.v_stride[0] + h * pb.v_stride[1];
   if (path == GemmPath::kWiden) widen(qp, pb.q_stride[2], rows, pb.D, t.qw.data());
   std::fill(t.state.begin(), t.state.begin() + rows, row_state_init());
-  std::fill(t.o.begin(), t.o.begin() + rows * pb.Dv, 0.f);
+  std::fill(t.o.begin(), t.o.begin() + rows * t.ld_o, 0.f);
   float* group_mass = group_accumulators(pb, b, h, i0, t);
   if (group_mass) {
     std::fill(group_mass, group_mass + rows * pb.n_groups, 0.f);
@@ -265,7 +276,7 @@ void run_task(const Problem& pb, GemmPath path, const T* q, const T* k, const T*
     // S = Q K^T (unscaled; the row kernel applies the scale)
     if (path == GemmPath::kBf16Packed) {
       brgemm_bf16_vnni(rows, cols, pb.D, reinterpret_cast<const c10::BFloat16*>(qp), pb.q_stride[2],
-                       packed.k_block(b * pb.H + h, jb), t.s.data(), t.ld, false);
+                       packed.k_block(b * pb.H + h, jb), packed.k_ldb, t.s.data(), t.ld, false);
     } else if (path == GemmPath::kF32) {
       gemm_f32(false, true, rows, cols, pb.D, 1.f, reinterpret_cast<const float*>(qp), pb.q_stride[2],
                reinterpret_cast<const float*>(kj), pb.k_stride[2], 0.f, t.s.data(), t.ld);
@@ -309,7 +320,7 @@ void run_task(const Problem& pb, GemmPath path, const T* q, const T* k, const T*
 
     for (int64_t r = 0; r < rows; ++r) {
       if (t.alpha[r] == 1.f) continue;
-      float* o = t.o.data() + r * pb.Dv;
+      float* o = t.o.data() + r * t.ld_o;
       for (int64_t c = 0; c < pb.Dv; ++c) o[c] *= t.alpha[r];
     }
 
@@ -318,14 +329,15 @@ void run_task(const Problem& pb, GemmPath path, const T* q, const T* k, const T*
       const int64_t cols_even = cols + (cols & 1);
       if (cols & 1)  // the packed V pairs an odd last key with a zero row: give it a zero column
         for (int64_t r = 0; r < rows; ++r) t.p_bf16[r * t.ld + cols] = c10::BFloat16(0.f);
-      brgemm_bf16_vnni(rows, pb.Dv, cols_even, t.p_bf16.data(), t.ld, packed.v_block(b * pb.H + h, jb), t.o.data(),
-                       pb.Dv, true);
+      brgemm_bf16_vnni(rows, pb.Dv, cols_even, t.p_bf16.data(), t.ld, packed.v_block(b * pb.H + h, jb),
+                       packed.v_ldb, t.o.data(), t.ld_o, true);
     } else if (path == GemmPath::kF32) {
       gemm_f32(false, false, rows, pb.Dv, cols, 1.f, t.p_f32.data(), t.ld, reinterpret_cast<const float*>(vj),
-               pb.v_stride[2], 1.f, t.o.data(), pb.Dv);
+               pb.v_stride[2], 1.f, t.o.data(), t.ld_o);
     } else {
       widen(vj, pb.v_stride[2], cols, pb.Dv, t.vw.data());
-      gemm_f32(false, false, rows, pb.Dv, cols, 1.f, t.p_f32.data(), t.ld, t.vw.data(), pb.Dv, 1.f, t.o.data(), pb.Dv);
+      gemm_f32(false, false, rows, pb.Dv, cols, 1.f, t.p_f32.data(), t.ld, t.vw.data(), pb.Dv, 1.f, t.o.data(),
+               t.ld_o);
     }
   }
   finish_rows<T>(pb, b, h, i0, rows, t);
@@ -342,7 +354,8 @@ void run(const Problem& pb, const T* q, const T* k, const T* v) {
   // budget; the other paths take all pairs at once.
   int64_t chunk = pb.B * pb.H;
   if (path == GemmPath::kBf16Packed) {
-    const int64_t per_bh = ((pb.Nk + kKeyBlock - 1) / kKeyBlock) * kKeyBlock * (pb.D + pb.Dv) * 2;
+    const int64_t block_bytes = (padded_row(kKeyBlock) * pb.D + kKeyBlock * padded_row(pb.Dv)) * 2;  // as pack_chunk
+    const int64_t per_bh = key_blocks(pb.Nk) * block_bytes;
     chunk = std::clamp<int64_t>(kPackBudgetBytes / std::max<int64_t>(per_bh, 1), 1, pb.B * pb.H);
   }
   PackedKV packed;

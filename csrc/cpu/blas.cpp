@@ -53,8 +53,8 @@ void gemm_f32(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, co
 }
 
 void brgemm_bf16_vnni(int64_t m, int64_t n, int64_t k, const c10::BFloat16* a, int64_t lda, const c10::BFloat16* b,
-                      float* c, int64_t ldc, bool accumulate) {
-  at::native::cpublas::brgemm(m, n, k, lda, n, ldc, accumulate, a, b, c, /*is_vnni=*/true);
+                      int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, a, b, c, /*is_vnni=*/true);
 }
 
 void brgemm_release() { at::native::cpublas::brgemm_release(/*is_vnni=*/true); }
@@ -65,7 +65,7 @@ bool has_brgemm_bf16() {
     const c10::BFloat16 a[4] = {1.f, 2.f, 3.f, 4.f}, b[4] = {5.f, 7.f, 6.f, 8.f};
     float c[4] = {0.f, 0.f, 0.f, 0.f};
     try {
-      brgemm_bf16_vnni(2, 2, 2, a, 2, b, c, 2, false);
+      brgemm_bf16_vnni(2, 2, 2, a, 2, b, 2, c, 2, false);
       brgemm_release();
     } catch (const std::exception&) {
       return false;
@@ -75,19 +75,20 @@ bool has_brgemm_bf16() {
   return ok;
 }
 
-void pack_vnni_transposed(const c10::BFloat16* k, int64_t ld, int64_t cols, int64_t d, c10::BFloat16* dst) {
+void pack_vnni_transposed(const c10::BFloat16* k, int64_t ld, int64_t cols, int64_t d, c10::BFloat16* dst,
+                          int64_t ldb) {
   // Each (k[n][2p], k[n][2p+1]) pair moves as one 32-bit word: a transpose of (cols, d / 2) words.
   for (int64_t n = 0; n < cols; ++n) {
     const c10::BFloat16* row = k + n * ld;
-    for (int64_t p = 0; p < d / 2; ++p) std::memcpy(dst + 2 * (p * cols + n), row + 2 * p, 4);
+    for (int64_t p = 0; p < d / 2; ++p) std::memcpy(dst + 2 * (p * ldb + n), row + 2 * p, 4);
   }
 }
 
-void pack_vnni(const c10::BFloat16* v, int64_t ld, int64_t rows, int64_t dv, c10::BFloat16* dst) {
+void pack_vnni(const c10::BFloat16* v, int64_t ld, int64_t rows, int64_t dv, c10::BFloat16* dst, int64_t ldb) {
   for (int64_t p = 0; p < (rows + 1) / 2; ++p) {
     const c10::BFloat16* r0 = v + 2 * p * ld;
     const bool has_r1 = 2 * p + 1 < rows;
-    c10::BFloat16* out = dst + 2 * p * dv;
+    c10::BFloat16* out = dst + 2 * p * ldb;
     for (int64_t c = 0; c < dv; ++c) {
       out[2 * c] = r0[c];
       out[2 * c + 1] = has_r1 ? r0[ld + c] : c10::BFloat16(0.f);

@@ -18,19 +18,21 @@ void gemm_f32(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float
 
 // oneDNN's bf16 micro-kernel (through ATen's cpublas::brgemm), the fastest bf16 path on CPUs
 // with AVX-512: C (M, N) (+)= A (M, K) B (K, N), float32 C; A row-major with row stride lda,
-// K even; B packed pair-interleaved ("VNNI"): (K / 2, N, 2), see pack_vnni_* below.
+// K even; B packed pair-interleaved ("VNNI"): (K / 2, N, 2) with ldb >= N pairs per row, see pack_vnni_* below.
 void brgemm_bf16_vnni(int64_t m, int64_t n, int64_t k, const c10::BFloat16* a, int64_t lda, const c10::BFloat16* b,
-                      float* c, int64_t ldc, bool accumulate);
+                      int64_t ldb, float* c, int64_t ldc, bool accumulate);
 // Must be called by each thread after its last brgemm_bf16_vnni call.
 void brgemm_release();
 // Whether brgemm_bf16_vnni works on this CPU (probed once on a tiny product).
 bool has_brgemm_bf16();
 
-// Packs K^T for scores = Q K^T: k rows (cols, d) with row stride ld, d even -> (d / 2, cols, 2).
-void pack_vnni_transposed(const c10::BFloat16* k, int64_t ld, int64_t cols, int64_t d, c10::BFloat16* dst);
+// Packs K^T for scores = Q K^T: k rows (cols, d) with row stride ld, d even -> (d / 2, cols, 2),
+// ldb >= cols pairs per row of dst.
+void pack_vnni_transposed(const c10::BFloat16* k, int64_t ld, int64_t cols, int64_t d, c10::BFloat16* dst,
+                          int64_t ldb);
 // Packs V for O += P V: v rows (rows, dv) with row stride ld -> (ceil(rows / 2), dv, 2), an odd
-// last row paired with zeros.
-void pack_vnni(const c10::BFloat16* v, int64_t ld, int64_t rows, int64_t dv, c10::BFloat16* dst);
+// last row paired with zeros; ldb >= dv pairs per row of dst.
+void pack_vnni(const c10::BFloat16* v, int64_t ld, int64_t rows, int64_t dv, c10::BFloat16* dst, int64_t ldb);
 
 // Which float32 GEMM the tiles use.
 const char* blas_backend();

@@ -39,7 +39,9 @@ constexpr float kMinShiftedLogit = -104.0f;
 constexpr float kExpUnderflow = -87.33654f;
 
 struct RowState {
-  float m;     // running max of the logits (-inf while no key was seen)
+  float m;     // running max of the logits (-inf while no key was seen); on the CPU's one-pass rows
+               // (cpu/row_fast_avx512.h) a reference that may trail it by up to 8 nats, so that
+               // e^{s - m} <= e^8: every sum and the lse hold as well relative to it
   float l;     // sum of e^{s - m}
   float ent;   // sum of e^{s - m} (s - m)
   float dist;  // sum of e^{s - m} * distance

@@ -1,6 +1,6 @@
 // The AVX-512 row kernels' fast path: one pass over a row's logits instead of two, for tiles
-// without masks, grid or label statistics and key groups (the plain and entropy-only calls that
-// sweeps and self-attention make), with a positive scale.
+// without masks and key groups (the calls that sweeps, traces and self-attention make), with a
+// positive scale; entropy, distance and label mass are summed in the same pass.
 //
 // The two-pass row (row_block_impl.h) first finds the block max, then computes p = e^{s - m}
 // against it. Here a row keeps its reference max m (RowState::m) from the blocks before, as long
@@ -72,93 +72,129 @@ DC_TARGET inline float raw_row_max(const float* s, int64_t cols) {
 struct PassSums {
   float max_z2;  // largest z2 = (s scale - m) log2 e of the row (NaN skipped)
   float sum_p;   // NaN when a logit was NaN
-  float sum_pz2;
+  float sum_pz2, sum_pd, sum_pl;
+};
+
+// What one pass over a row reads besides its logits.
+struct PassInputs {
+  __m512 c, neg_m2;               // scale log2 e, -m log2 e
+  __m512 qx, qy;                  // the query's grid centre (distance)
+  __m512i ql;                     // the query's label (label mass)
+  const float *kx, *ky;           // the block's key grid centres
+  const int32_t* k_label;         // the block's key labels
 };
 
 // Accumulators of one pass.
 struct PassAcc {
-  __m512 p, pz2, max_z2;
+  __m512 p, pz2, pd, pl, max_z2;
 };
 
-// 16 keys of a pass (lanes: those of a partial last vector, FULL: all 16).
-template <bool ENTROPY, bool P_BF16, bool FULL>
-DC_TARGET inline void exp_step(__m512 x, __m512 c, __m512 neg_m2, __mmask16 lanes, void* dst, PassAcc& acc) {
+// Keys j .. j + 15 of a pass (lanes: those of a partial last vector, FULL: all 16).
+template <bool ENTROPY, bool DIST, bool LAB, bool P_BF16, bool FULL>
+DC_TARGET inline void exp_step(const float* s, int64_t j, __mmask16 lanes, const PassInputs& in, void* p_row,
+                               PassAcc& acc) {
   constexpr int kDegree = P_BF16 ? 4 : 5;  // bfloat16 p keeps 8 bits: degree 4 is 1000x finer
-  const __m512 z2 = _mm512_fmadd_ps(x, c, neg_m2);
+  const __m512 x = FULL ? _mm512_loadu_ps(s + j) : _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), lanes, s + j);
+  const __m512 z2 = _mm512_fmadd_ps(x, in.c, in.neg_m2);
   acc.max_z2 = _mm512_max_ps(z2, acc.max_z2);
-  const __m512 p = exp2_poly<kDegree>(z2);
+  const __m512 p = exp2_poly<kDegree>(z2);  // 0 in a partial vector's missing lanes (logit -inf)
   acc.p = _mm512_add_ps(acc.p, p);
   // z2 clamped as exp2_poly clamps it: a -inf logit adds p * z2 = 0, not NaN
   if constexpr (ENTROPY) acc.pz2 = _mm512_fmadd_ps(p, _mm512_max_ps(_mm512_set1_ps(kExp2Underflow - 1.f), z2), acc.pz2);
+  if constexpr (DIST) {
+    const __m512 kx = FULL ? _mm512_loadu_ps(in.kx + j) : _mm512_maskz_loadu_ps(lanes, in.kx + j);
+    const __m512 ky = FULL ? _mm512_loadu_ps(in.ky + j) : _mm512_maskz_loadu_ps(lanes, in.ky + j);
+    const __m512 dx = _mm512_sub_ps(kx, in.qx), dy = _mm512_sub_ps(ky, in.qy);
+    acc.pd = _mm512_fmadd_ps(p, _mm512_sqrt_ps(_mm512_fmadd_ps(dx, dx, _mm512_mul_ps(dy, dy))), acc.pd);
+  }
+  if constexpr (LAB) {
+    const __m512i kl = FULL ? _mm512_loadu_si512(in.k_label + j) : _mm512_maskz_loadu_epi32(lanes, in.k_label + j);
+    acc.pl = _mm512_add_ps(acc.pl, _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(kl, in.ql), p));
+  }
   if constexpr (P_BF16) {
-    if constexpr (FULL) V::store_bf16(static_cast<uint16_t*>(dst), p);
+    uint16_t* dst = static_cast<uint16_t*>(p_row) + j;
+    if constexpr (FULL) V::store_bf16(dst, p);
     else _mm256_mask_storeu_epi16(dst, lanes, V::to_bf16(p));
   } else {
-    if constexpr (FULL) _mm512_storeu_ps(static_cast<float*>(dst), p);
+    float* dst = static_cast<float*>(p_row) + j;
+    if constexpr (FULL) _mm512_storeu_ps(dst, p);
     else _mm512_mask_storeu_ps(dst, lanes, p);
   }
 }
 
-// p = 2^z2 of one row against reference m, stored as float32 or bfloat16, with its sums.
-template <bool ENTROPY, bool P_BF16>
-DC_TARGET inline PassSums exp_pass(const float* s, int64_t cols, float scale, float m, void* p_row) {
-  using P = std::conditional_t<P_BF16, uint16_t, float>;
-  P* p = static_cast<P*>(p_row);
-  const __m512 c = _mm512_set1_ps(scale * kLog2e), neg_m2 = _mm512_set1_ps(-m * kLog2e);
-  PassAcc acc{_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_set1_ps(-INFINITY)};
+// p = 2^z2 of row r against reference m, stored as float32 or bfloat16, with its sums.
+template <bool ENTROPY, bool DIST, bool LAB, bool P_BF16>
+DC_TARGET inline PassSums exp_pass(const BlockArgs& a, int64_t r, float m, void* p_row) {
+  const float* s = a.s + r * a.ld_s;
+  PassInputs in{_mm512_set1_ps(a.scale * kLog2e), _mm512_set1_ps(-m * kLog2e), _mm512_setzero_ps(),
+                _mm512_setzero_ps(), _mm512_setzero_si512(), a.kx, a.ky, a.k_label};
+  if constexpr (DIST) in.qx = _mm512_set1_ps(a.qx[r]), in.qy = _mm512_set1_ps(a.qy[r]);
+  if constexpr (LAB) in.ql = _mm512_set1_epi32(a.q_label[r]);
+  const __m512 zero = _mm512_setzero_ps();
+  PassAcc acc{zero, zero, zero, zero, _mm512_set1_ps(-INFINITY)};
   int64_t j = 0;
-  for (; j + 16 <= cols; j += 16) exp_step<ENTROPY, P_BF16, true>(_mm512_loadu_ps(s + j), c, neg_m2, 0xFFFF, p + j, acc);
-  if (j < cols) {
-    const __mmask16 lanes = tail_lanes(cols - j);
-    exp_step<ENTROPY, P_BF16, false>(_mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), lanes, s + j), c, neg_m2, lanes,
-                                     p + j, acc);
-  }
+  for (; j + 16 <= a.cols; j += 16) exp_step<ENTROPY, DIST, LAB, P_BF16, true>(s, j, 0xFFFF, in, p_row, acc);
+  if (j < a.cols) exp_step<ENTROPY, DIST, LAB, P_BF16, false>(s, j, tail_lanes(a.cols - j), in, p_row, acc);
   return PassSums{_mm512_reduce_max_ps(acc.max_z2), _mm512_reduce_add_ps(acc.p),
-                  ENTROPY ? _mm512_reduce_add_ps(acc.pz2) : 0.f};
+                  ENTROPY ? _mm512_reduce_add_ps(acc.pz2) : 0.f, DIST ? _mm512_reduce_add_ps(acc.pd) : 0.f,
+                  LAB ? _mm512_reduce_add_ps(acc.pl) : 0.f};
 }
 
 // Row r of the tile on the fast path; rows it cannot take go to the two-pass process_row.
-template <bool ENTROPY, bool P_BF16>
+template <bool ENTROPY, bool DIST, bool LAB, bool P_BF16>
 DC_TARGET void fast_row(const BlockArgs& a, int64_t r) {
   RowState& st = a.state[r];
-  const float* s = a.s + r * a.ld_s;
   void* p_row = P_BF16 ? static_cast<void*>(static_cast<uint16_t*>(a.p) + r * a.ld_p)
                        : static_cast<void*>(static_cast<float*>(a.p) + r * a.ld_p);
-  if (st.l != st.l) return process_row<false, false, false>(a, r);  // poisoned before
+  if (st.l != st.l) return process_row<DIST, LAB, false>(a, r);  // poisoned before
   float m = st.m;
   if (!(st.l > 0.f)) {  // no reference yet
-    const float mb = raw_row_max(s, a.cols) * a.scale;  // = max of s * scale: rounding is monotonic
-    if (!(mb > -INFINITY && mb < INFINITY)) return process_row<false, false, false>(a, r);
+    const float mb = raw_row_max(a.s + r * a.ld_s, a.cols) * a.scale;  // = max of s * scale: rounding is monotonic
+    if (!(mb > -INFINITY && mb < INFINITY)) return process_row<DIST, LAB, false>(a, r);
     m = mb;
   }
-  PassSums sums = exp_pass<ENTROPY, P_BF16>(s, a.cols, a.scale, m, p_row);
+  PassSums sums = exp_pass<ENTROPY, DIST, LAB, P_BF16>(a, r, m, p_row);
   if (sums.max_z2 > kLazyMaxGap * kLog2e) {  // the block climbs past the reference: redo against its max
-    if (!(sums.max_z2 < INFINITY)) return process_row<false, false, false>(a, r);
+    if (!(sums.max_z2 < INFINITY)) return process_row<DIST, LAB, false>(a, r);
     m += sums.max_z2 * kLn2;
-    sums = exp_pass<ENTROPY, P_BF16>(s, a.cols, a.scale, m, p_row);
+    sums = exp_pass<ENTROPY, DIST, LAB, P_BF16>(a, r, m, p_row);
   }
   if (!(sums.sum_p < INFINITY) || sums.max_z2 > kLazyMaxGap * kLog2e)  // NaN logit, or a max that moved twice
-    return process_row<false, false, false>(a, r);
+    return process_row<DIST, LAB, false>(a, r);
   a.alpha[r] = m == st.m ? 1.f : diffcirc::row_state_rescale(st, m);
-  diffcirc::row_state_add(st, sums.sum_p, ENTROPY ? sums.sum_pz2 * kLn2 : 0.f, 0.f, 0.f);
+  diffcirc::row_state_add(st, sums.sum_p, ENTROPY ? sums.sum_pz2 * kLn2 : 0.f, sums.sum_pd, sums.sum_pl);
 }
 
 // Whether the fast path takes this tile (see the top of this file).
 inline bool fast_path_applies(const BlockArgs& a) {
-  return a.key_bias == nullptr && a.kx == nullptr && a.k_label == nullptr && a.group_mass == nullptr &&
-         a.scale > 0.f && a.scale < INFINITY;
+  return a.key_bias == nullptr && a.group_mass == nullptr && a.scale > 0.f && a.scale < INFINITY;
 }
 
-template <bool ENTROPY, bool P_BF16>
+template <bool ENTROPY, bool DIST, bool LAB, bool P_BF16>
 DC_TARGET void fast_rows(const BlockArgs& a) {
-  for (int64_t r = 0; r < a.rows; ++r) fast_row<ENTROPY, P_BF16>(a, r);
+  for (int64_t r = 0; r < a.rows; ++r) fast_row<ENTROPY, DIST, LAB, P_BF16>(a, r);
+}
+
+template <bool ENTROPY, bool DIST, bool LAB>
+DC_TARGET void fast_rows_for(const BlockArgs& a) {
+  if (a.p_bf16) fast_rows<ENTROPY, DIST, LAB, true>(a);
+  else fast_rows<ENTROPY, DIST, LAB, false>(a);
+}
+
+template <bool ENTROPY>
+DC_TARGET void fast_rows_with(const BlockArgs& a) {
+  const bool dist = a.kx != nullptr, lab = a.k_label != nullptr;
+  if (dist && lab) fast_rows_for<ENTROPY, true, true>(a);
+  else if (dist) fast_rows_for<ENTROPY, true, false>(a);
+  else if (lab) fast_rows_for<ENTROPY, false, true>(a);
+  else fast_rows_for<ENTROPY, false, false>(a);
 }
 
 // The AVX-512 variants' process_block: the fast path where it applies, else the two-pass rows.
 DC_TARGET void process_block_fast_or_exact(const BlockArgs& a) {
   if (!fast_path_applies(a)) return process_block(a);
-  if (a.entropy) a.p_bf16 ? fast_rows<true, true>(a) : fast_rows<true, false>(a);
-  else a.p_bf16 ? fast_rows<false, true>(a) : fast_rows<false, false>(a);
+  if (a.entropy) fast_rows_with<true>(a);
+  else fast_rows_with<false>(a);
 }
 
 }  // namespace

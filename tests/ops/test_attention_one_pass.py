@@ -1,4 +1,4 @@
-"""Calls without masks or grid / label statistics, where the CPU kernel computes each row in one pass
+"""Calls without masks or key groups, where the CPU kernel computes each row in one pass
 against the max of the key blocks before (csrc/cpu/row_fast_avx512.h), against the float64 reference.
 
 The logits are constructed per key block (k[..., 0] sets them, q[..., 0] = 1), so that a row's max
@@ -12,10 +12,22 @@ import torch
 
 from diffcirc.ops import attention, reference_attention
 
-from helpers.attention_cases import DTYPES, assert_stats_close, out_tol
+from helpers.attention_cases import ALL_STATS, DTYPES, assert_stats_close, grid_for, out_tol
 
 KEY_BLOCK = 512  # the CPU kernel's keys per tile (attention_kernel.cpp)
-ONE_PASS_STATS = [("lse",), ("lse", "entropy")]  # lse is computed on every call, entropy is optional
+# lse is computed on every call; entropy, distance and label mass are summed in the same pass
+ONE_PASS_STATS = [("lse",), ("lse", "entropy"), ALL_STATS]
+STAT_IDS = ["plain", "entropy", "all-stats"]
+
+
+def stat_inputs(q, k, stats, seed=0):
+    """The grid and labels that distance and label mass need, when stats asks for them."""
+    if "distance" not in stats:
+        return {}
+    g = torch.Generator().manual_seed(seed)
+    B, Nq, Nk = q.shape[0], q.shape[2], k.shape[2]
+    labels = (torch.randint(0, 4, (B, Nq), generator=g), torch.randint(0, 4, (B, Nk), generator=g))
+    return dict(grid=(grid_for(Nq), grid_for(Nk)), labels=tuple(t.to(q.device) for t in labels))
 
 
 def block_case(offsets, dtype, device, tail=37, D=64, Nq=33, seed=0):
@@ -33,14 +45,15 @@ def block_case(offsets, dtype, device, tail=37, D=64, Nq=33, seed=0):
 
 
 def check_against_reference(q, k, v, dtype, stats):
-    r = attention(q, k, v, scale=1.0, stats=stats)
-    ref = reference_attention(q, k, v, scale=1.0, stats=stats)
+    kw = stat_inputs(q, k, stats)
+    r = attention(q, k, v, scale=1.0, stats=stats, **kw)
+    ref = reference_attention(q, k, v, scale=1.0, stats=stats, **kw)
     err = (r.out.double() - ref.out).abs().max().item()
     assert err <= out_tol(dtype), err
     assert_stats_close(r, ref, dtype, stats)
 
 
-@pytest.mark.parametrize("stats", ONE_PASS_STATS, ids=["plain", "entropy"])
+@pytest.mark.parametrize("stats", ONE_PASS_STATS, ids=STAT_IDS)
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("offsets", [
     [0.0, 20.0, 40.0, 60.0],   # every block climbs past the reference max by far more than the gap
@@ -54,7 +67,7 @@ def test_rows_whose_max_moves_between_key_blocks(offsets, dtype, stats, kernel):
     check_against_reference(q, k, v, dtype, stats)
 
 
-@pytest.mark.parametrize("stats", ONE_PASS_STATS, ids=["plain", "entropy"])
+@pytest.mark.parametrize("stats", ONE_PASS_STATS, ids=STAT_IDS)
 @pytest.mark.parametrize("cols", [1, 15, 16, 17, 77, 512, 513])
 def test_key_counts_around_vector_and_block_sizes(cols, stats, kernel):
     # partial last vectors (16 lanes) and key blocks; logits of spread sqrt(40) at scale 1
@@ -64,7 +77,7 @@ def test_key_counts_around_vector_and_block_sizes(cols, stats, kernel):
     check_against_reference(q, k, v, torch.float32, stats)
 
 
-@pytest.mark.parametrize("stats", ONE_PASS_STATS, ids=["plain", "entropy"])
+@pytest.mark.parametrize("stats", ONE_PASS_STATS, ids=STAT_IDS)
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 def test_non_finite_logits_in_later_blocks(dtype, stats, kernel):
     # unmasked NaN and +inf logits poison their row whichever block they sit in, the first or a later
@@ -77,8 +90,9 @@ def test_non_finite_logits_in_later_blocks(dtype, stats, kernel):
     k[1, 1, :KEY_BLOCK, 0] = -float("inf")   # head (1, 1): the whole first block at logit -inf
     k[1, 1, 700:705, 0] = -float("inf")      # and some later keys
     q, k, v = q.to(kernel), k.to(kernel), v.to(kernel)
-    r = attention(q, k, v, scale=1.0, stats=stats)
-    ref = reference_attention(q, k, v, scale=1.0, stats=stats)
+    kw = stat_inputs(q, k, stats)
+    r = attention(q, k, v, scale=1.0, stats=stats, **kw)
+    ref = reference_attention(q, k, v, scale=1.0, stats=stats, **kw)
     bad = torch.zeros(2, 2, dtype=torch.bool)
     bad[0, 0] = bad[0, 1] = bad[1, 0] = True
     assert torch.equal(torch.isnan(ref.out).all(-1).all(-1).cpu(), bad)  # the oracle agrees

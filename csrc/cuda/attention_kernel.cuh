@@ -87,6 +87,34 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) 
 #endif
 }
 
+// The same two at a shared-memory byte address (smem_u32), for addresses kept in registers.
+__device__ __forceinline__ void ldmatrix_x4_at(uint32_t (&r)[4], uint32_t addr) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+#else
+  __trap();
+#endif
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans_at(uint32_t (&r)[4], uint32_t addr) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+#else
+  __trap();
+#endif
+}
+
+// x, opaque to the compiler: a value computed once stays in its register instead of being
+// recomputed from the thread index inside a loop that is short of registers.
+__device__ __forceinline__ uint32_t opaque(uint32_t x) {
+  asm volatile("" : "+r"(x));
+  return x;
+}
+
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
@@ -346,6 +374,7 @@ __global__ void __launch_bounds__(TileConfig<T, DP>::kThreads, TileConfig<T, DP>
   constexpr int NT = BN / 8;    // 8-key column tiles of S per warp
   constexpr int DVW = DP / WN;  // output columns per warp
   constexpr int NO = DVW / 8;   // 8-column tiles of O per warp
+  constexpr int kBytes = static_cast<int>(sizeof(T));
   static_assert(BN <= THREADS, "one thread per key fetches a tile's side data");
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -459,6 +488,13 @@ __global__ void __launch_bounds__(TileConfig<T, DP>::kThreads, TileConfig<T, DP>
     for (int e = 0; e < 4; ++e) o[n][e] = 0.f;
 
   const int col0 = wn * DVW;  // first output column of this warp
+  // This lane's ldmatrix addresses (bytes, stage 0, k-step 0) into the warp's Q rows (lane l: row
+  // l % 16, columns 8 (l / 16) + ...), K (row l % 8 + 8 (l / 16), columns 8 ((l / 8) % 2) + ...) and
+  // V (row l % 16, columns col0 + 8 (l / 16) + ...), as warp_scores and the PV loop below form them.
+  [[maybe_unused]] const uint32_t q_lane = opaque(smem_u32(sQ + (wm * 16 + (lane & 15)) * LDS + (lane >> 4) * 8));
+  [[maybe_unused]] const uint32_t k_lane =
+      opaque(smem_u32(sK + ((lane & 7) + ((lane >> 4) << 3)) * LDS + ((lane >> 3) & 1) * 8));
+  [[maybe_unused]] const uint32_t v_lane = opaque(smem_u32(sV + (lane & 15) * LDS + col0 + (lane >> 4) * 8));
 
   // One key tile. `checked` (a compile-time bool) masks keys that are not part of the row: with a
   // key mask every tile, without one only the last tile when BN does not divide Nk; the other,
@@ -474,12 +510,34 @@ __global__ void __launch_bounds__(TileConfig<T, DP>::kThreads, TileConfig<T, DP>
     cp_async_wait<1>();  // this thread's copies of tile `it` (and Q) have landed
     __syncthreads();     // ... and everyone else's, and tile `it`'s side data
 
-    const T* const k_s = sK + stage * BN * LDS;
-    const T* const v_s = sV + stage * BN * LDS;
+    [[maybe_unused]] const T* const k_s = sK + stage * BN * LDS;  // (fp32; the tensor-core path reads k_lane)
+    [[maybe_unused]] const T* const v_s = sV + stage * BN * LDS;
 
     // ---- S = Q K^T: s[n][2 ri + e] = row (g + 8 ri), key (8 n + 2 t + e) of this tile
     float s[NT][4];
-    warp_scores<T, DP, LDS, NT>(s, sQ + wm * 16 * LDS, k_s, p.D, lane);
+    if constexpr (Cfg::kF32) {
+      warp_scores<T, DP, LDS, NT>(s, sQ + wm * 16 * LDS, k_s, p.D, lane);
+    } else {
+      // warp_scores' tensor-core loop, from the lane addresses computed before the loop plus
+      // immediate offsets (bytes): k-step kk, 16-key pair np, ring stage
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[n][e] = 0.f;
+      const uint32_t k_addr = k_lane + stage * (BN * LDS * kBytes);
+#pragma unroll
+      for (int kk = 0; kk < DP / 16; ++kk) {
+        uint32_t a[4];
+        ldmatrix_x4_at(a, q_lane + kk * 16 * kBytes);
+#pragma unroll
+        for (int np = 0; np < NT / 2; ++np) {
+          uint32_t kb[4];
+          ldmatrix_x4_at(kb, k_addr + np * (16 * LDS * kBytes) + kk * 16 * kBytes);
+          mma_16816<T>(s[2 * np], a, kb[0], kb[1]);
+          mma_16816<T>(s[2 * np + 1], a, kb[2], kb[3]);
+        }
+      }
+    }
 
     // ---- keys that are not part of the row get score -inf (weight 0, never poison): masked keys
     // and padding past Nk through their keep words, or, without a mask, the padding of the last
@@ -607,7 +665,7 @@ __global__ void __launch_bounds__(TileConfig<T, DP>::kThreads, TileConfig<T, DP>
 #pragma unroll
         for (int dp = 0; dp < NO / 2; ++dp) {  // all columns: V's past Dv are zero, and never stored
           uint32_t vb[4];
-          ldmatrix_x4_trans(vb, v_s + (kc * 16 + (lane & 15)) * LDS + col0 + dp * 16 + (lane >> 4) * 8);
+          ldmatrix_x4_trans_at(vb, v_lane + stage * (BN * LDS * kBytes) + kc * (16 * LDS * kBytes) + dp * 16 * kBytes);
           mma_16816<T>(o[2 * dp], a, vb[0], vb[1]);
           mma_16816<T>(o[2 * dp + 1], a, vb[2], vb[3]);
         }
@@ -640,9 +698,11 @@ __global__ void __launch_bounds__(TileConfig<T, DP>::kThreads, TileConfig<T, DP>
     if (wn == 0 && t == 0) {
       const int64_t si = static_cast<int64_t>(bh) * p.Nq + i;
       p.lse[si] = rs.lse;
-      if (p.entropy) p.entropy[si] = rs.entropy;
-      if (p.distance) p.distance[si] = rs.distance;
-      if (p.label_mass) p.label_mass[si] = rs.label_mass;
+      // (the flags, known at compile time in the lean variants, let the compiler drop the
+      // accumulators of statistics a variant does not compute from the main loop)
+      if (want_entropy) p.entropy[si] = rs.entropy;
+      if (want_distance) p.distance[si] = rs.distance;
+      if (want_label_mass) p.label_mass[si] = rs.label_mass;
     }
     T* const dst = static_cast<T*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + i * p.out_stride[2];
     const float* const rep = p.replacement ? p.replacement + b * p.replacement_stride[0] +

@@ -209,6 +209,17 @@ def kernel_label(function: str) -> str:
     return " ".join(str(x) for x in describe_kernel(function) if x != "")
 
 
+def resource_usage(path: Optional[str] = None, tool: Optional[str] = None) -> dict:
+    """{(arch, function): (registers, stack, shared, local bytes)} of every kernel of the extension at
+    ``path`` (default: the built diffcirc._C), without disassembling any; SassUnavailable when it
+    holds no CUDA machine code."""
+    path = path or extension_path()
+    resources = parse_resources(_run(tool or find_cuobjdump(), ["-res-usage"], path))
+    if not resources:
+        raise SassUnavailable(f"{path} holds no CUDA machine code (built without CUDA?)")
+    return resources
+
+
 def report(path: Optional[str] = None, tool: Optional[str] = None, kernels: Optional[str] = None) -> list:
     """One row per (arch, kernel, dtype, head dim) of the extension at ``path`` (default: the built
     diffcirc._C), sorted; SassUnavailable when it holds no CUDA machine code.
@@ -217,9 +228,7 @@ def report(path: Optional[str] = None, tool: Optional[str] = None, kernels: Opti
     "attention_fwd_kernel (plain|entropy) bf16 64"); only the matching kernels are disassembled (all: ~1M lines)."""
     path = path or extension_path()
     tool = tool or find_cuobjdump()
-    resources = parse_resources(_run(tool, ["-res-usage"], path))
-    if not resources:
-        raise SassUnavailable(f"{path} holds no CUDA machine code (built without CUDA?)")
+    resources = resource_usage(path, tool)
     names = sorted({f for _, f in resources})
     if kernels is not None:
         names = [f for f in names if re.search(kernels, kernel_label(f))]

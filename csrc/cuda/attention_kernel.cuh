@@ -17,8 +17,15 @@
 // Masking and non-finite logits follow the CPU kernel: a masked key or a -inf logit has weight 0,
 // a fully masked row gives out = 0, lse = -inf and statistics 0, and a row that meets a NaN or
 // +inf logit of an unmasked key (from NaN / inf inputs) gives NaN in out, lse and every statistic
-// (row_state_poison); a masked key never poisons, whatever its logit. Detecting that costs one
-// compare per logit while the row max is taken; the flag then travels inside the max itself.
+// (row_state_poison); a masked key never poisons, whatever its logit. Masked keys become exactly
+// -inf before anything else sees them (a bit select); poison is then read from each tile's
+// results, no test per logit: a +inf tile max (a +inf logit) or a NaN sum (a NaN logit's p is NaN).
+//
+// Variants (Variant, attention_params.h): the per-score work a call does not need is compiled out.
+// plain, entropy and masked are the lean ones, p = 2^{s * scale log2(e) - m log2(e)} (one FFMA
+// and one EX2 per score) over raw scores s; full tiles without a mask test nothing per score
+// (only the last, partial tile masks its padding), and K / V stream through running pointers.
+// full keeps every run-time choice (any statistic, mask, unaligned rows, any scale).
 //
 // Register layout (the m16n8 accumulator): lane = 4 g + t holds, for each 8-column tile n,
 // rows g and g + 8 at columns 8 n + 2 t and 8 n + 2 t + 1. The four lanes of a quad (same g)
@@ -53,15 +60,6 @@ __device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
 }
 
-// 16-byte asynchronous global -> shared copy; both addresses 16-byte aligned and in bounds.
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_u32(smem)), "l"(gmem) : "memory");
-#else
-  *static_cast<uint4*>(smem) = *static_cast<const uint4*>(gmem);
-#endif
-}
-
 __device__ __forceinline__ void cp_async_commit() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.commit_group;\n" ::: "memory");
@@ -76,18 +74,8 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
-// Four 8x8 b16 matrices; lane l gives the address of row l % 8 of matrix l / 8.
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(smem)));
-#else
-  __trap();
-#endif
-}
-
-// The same two at a shared-memory byte address (smem_u32), for addresses kept in registers.
+// Four 8x8 b16 matrices; lane l gives the shared-memory byte address (smem_u32) of row l % 8 of
+// matrix l / 8. The address form lets the forward kernel keep its addresses in registers.
 __device__ __forceinline__ void ldmatrix_x4_at(uint32_t (&r)[4], uint32_t addr) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
@@ -98,6 +86,9 @@ __device__ __forceinline__ void ldmatrix_x4_at(uint32_t (&r)[4], uint32_t addr) 
 #endif
 }
 
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) { ldmatrix_x4_at(r, smem_u32(smem)); }
+
+// The same, each matrix transposed (V's k16 x n8 operands from its row-major tile).
 __device__ __forceinline__ void ldmatrix_x4_trans_at(uint32_t (&r)[4], uint32_t addr) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
@@ -113,16 +104,6 @@ __device__ __forceinline__ void ldmatrix_x4_trans_at(uint32_t (&r)[4], uint32_t 
 __device__ __forceinline__ uint32_t opaque(uint32_t x) {
   asm volatile("" : "+r"(x));
   return x;
-}
-
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(smem)));
-#else
-  __trap();
-#endif
 }
 
 // d += a (16x16, row-major) * b (16x8, column-major), fp32 accumulate.

@@ -72,8 +72,9 @@ constexpr int head_dim_bucket(int d) {
 // 16 rows and DP / warps_n output columns, and streams key tiles of block_n rows of K and V
 // through a two-stage shared-memory ring. Shared memory holds the Q tile, the K/V ring (rows
 // padded by 16 bytes so ldmatrix and the float4 reads hit distinct banks) and, per stage and key,
-// the mask bias, grid centre and label. Every shape fits 99 KiB, the opt-in limit of the smallest
-// sm_8x/sm_12x parts (sm_80 has 163 KiB, sm_90 227 KiB), so one binary serves all of them.
+// the mask's keep word, grid centre and label. Every shape fits 99 KiB, the opt-in limit of the
+// smallest sm_8x/sm_12x parts (sm_80 has 163 KiB, sm_90 227 KiB), so one binary serves all of them;
+// at half precision up to DP = 128 (56 and 69 KiB) two blocks fit an sm_80 or sm_90 SM.
 //
 //             fp16 / bf16 (tensor cores)       fp32 (SIMT FMA)
 //   DP        warps_m warps_n block_n          warps_m warps_n block_n

@@ -564,7 +564,9 @@ __global__ void __launch_bounds__(TileConfig<T, DP>::kThreads, TileConfig<T, DP>
       // +inf score, or a finite one whose logit overflows, which happens exactly when the max's does).
       const float m_tile = mb * to_logit;
       const float m_new = fmaxf(st[ri].m, m_tile);
-      // safe max: while every key so far had weight 0, m_new = -inf and p = 2^{-inf - 0} = 0
+      // safe max: while every key so far had weight 0, m_new = -inf and p = 2^{-inf - 0} = 0. (A
+      // finite max logit beyond FLT_MAX / log2(e), 2.4e38, would overflow here: such rows are not
+      // computed as the CPU kernel does.)
       const float m_log2 = (m_new == -INFINITY ? 0.f : m_new) * kLog2e;
 
       float sum_p = 0.f, sum_pz = 0.f, sum_pd = 0.f, sum_pl = 0.f;

@@ -127,9 +127,9 @@ struct GroupMassConfig {
 
 // Which per-element work a forward kernel compiles in. The lean variants (plain, entropy, masked)
 // take the fast path of the main loop: 16-byte aligned rows copied with cp.async only, the row max
-// taken over the raw scores with scale * log2(e) folded into the exponent (needs scale > 0),
-// no per-element test on a full tile (only the last, partial one masks its padding keys), and
-// poison read from each tile's block results. kFull keeps everything chosen at run time: any
+// taken over the raw scores with scale * log2(e) folded into the exponent (needs scale > 0), and
+// poison read from each tile's block results; without a key mask, full key tiles test nothing per
+// element (only the last, partial tile masks its padding keys). kFull keeps everything chosen at run time: any
 // statistic (entropy, distance, label mass, from the AttentionParams flags), the key mask,
 // unaligned rows, and any scale (the scores are scaled before the max). select_variant picks one.
 enum class Variant : int { kPlain = 0, kEntropy = 1, kMasked = 2, kFull = 3 };
@@ -137,9 +137,10 @@ enum class Variant : int { kPlain = 0, kEntropy = 1, kMasked = 2, kFull = 3 };
 #define DIFFCIRC_FOR_EACH_VARIANT(X, T, DP) \
   X(T, DP, Variant::kPlain) X(T, DP, Variant::kEntropy) X(T, DP, Variant::kMasked) X(T, DP, Variant::kFull)
 
-// The leanest variant that computes everything p asks for. Host code; scale > 0 excludes NaN.
+// The leanest variant that computes everything p asks for. Host code; scale > 0 excludes NaN, and
+// the bound keeps scale * log2(e) finite.
 inline Variant select_variant(const AttentionParams& p) {
-  const bool lean = p.q_vec && p.k_vec && p.v_vec && p.scale > 0.f && p.scale <= 3.4028235e38f &&
+  const bool lean = p.q_vec && p.k_vec && p.v_vec && p.scale > 0.f && p.scale <= 1e38f &&
                     !p.want_distance && !p.want_label_mass;
   if (!lean) return Variant::kFull;
   if (p.key_mask) return p.want_entropy ? Variant::kFull : Variant::kMasked;

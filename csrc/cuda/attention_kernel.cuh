@@ -723,7 +723,8 @@ __global__ void __launch_bounds__(TileConfig<T, DP>::kThreads, TileConfig<T, DP>
 // outside [0, n_groups) are never touched, so neither their logits (garbage in padding) nor their ids
 // can reach the output.
 template <typename T, int DP>
-__global__ void __launch_bounds__(GroupMassConfig<T, DP>::kThreads, 1) key_group_mass_kernel(const AttentionParams p) {
+__global__ void __launch_bounds__(GroupMassConfig<T, DP>::kThreads, GroupMassConfig<T, DP>::kMinBlocksPerSm)
+    key_group_mass_kernel(const AttentionParams p) {
   using namespace detail;
   using Cfg = GroupMassConfig<T, DP>;
   constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, LDS = Cfg::kLds, THREADS = Cfg::kThreads;

@@ -119,6 +119,8 @@ struct GroupMassConfig {
   static constexpr int kBlockM = 16 * kWarps;
   static constexpr int kBlockN = Fwd::kBlockN;
   static constexpr int kThreads = 32 * kWarps;
+  // three blocks per SM at half precision and DP = 128, where 80 registers a thread suffice
+  static constexpr int kMinBlocksPerSm = !Fwd::kF32 && DP == 128 ? 3 : 1;
   static constexpr int kLds = Fwd::kLds;
   static constexpr int kSmemBytes =
       (kBlockM + kBlockN) * kLds * static_cast<int>(sizeof(T)) + kBlockN * static_cast<int>(sizeof(int));

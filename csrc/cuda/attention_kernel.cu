@@ -1,7 +1,8 @@
 // CUDA backend of the fused attention op: the shared argument checks, the outputs, the choice of
 // head-dim bucket and dtype, the launch on the current stream, and (at the bottom) its
 // registration. The kernel itself is in attention_kernel.cuh, compiled once per head-dim bucket
-// (attention_hdim<DP>.cu).
+// (attention_hdim<DP>.cu) in a few variants (Variant, attention_params.h): the leanest one that
+// computes what the call asks for is launched.
 //
 // Nothing is allocated besides the outputs: the key-padding mask, labels, key groups, head_scale and
 // head_replacement are read in place through their strides, and grid centres are computed in the
@@ -10,6 +11,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <map>
+#include <mutex>
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -34,6 +37,24 @@ bool rows_are_16b_aligned(const at::Tensor& t, int64_t n_cols) {
   return true;
 }
 
+// What the launch checks of a device, read once per device (each read is a driver call).
+struct DeviceLimits {
+  int major = 0, minor = 0, max_smem_optin = 0;
+};
+
+const DeviceLimits& device_limits(int device) {
+  static std::mutex mutex;
+  static std::map<int, DeviceLimits> cache;  // a std::map: references to its entries stay valid
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto found = cache.find(device);
+  if (found != cache.end()) return found->second;
+  DeviceLimits limits;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limits.major, cudaDevAttrComputeCapabilityMajor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limits.minor, cudaDevAttrComputeCapabilityMinor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limits.max_smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return cache.emplace(device, limits).first->second;
+}
+
 template <typename T, int DP>
 void launch(const AttentionParams& p) {
   using Cfg = TileConfig<T, DP>;
@@ -41,19 +62,23 @@ void launch(const AttentionParams& p) {
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "attention: too many query tiles (", blocks,
               ") for one launch; split the batch");
   const int device = c10::cuda::current_device();
-  int major = 0, minor = 0, max_smem = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  TORCH_CHECK(major >= 8, "diffcirc's CUDA attention kernel needs compute capability 8.0 or newer, got ", major, ".",
-              minor);
-  TORCH_CHECK(Cfg::kSmemBytes <= max_smem, "attention: head-dim bucket ", DP, " needs ", Cfg::kSmemBytes,
-              " bytes of shared memory per block, this GPU allows ", max_smem);
+  const DeviceLimits& limits = device_limits(device);
+  TORCH_CHECK(limits.major >= 8, "diffcirc's CUDA attention kernel needs compute capability 8.0 or newer, got ",
+              limits.major, ".", limits.minor);
+  TORCH_CHECK(Cfg::kSmemBytes <= limits.max_smem_optin, "attention: head-dim bucket ", DP, " needs ", Cfg::kSmemBytes,
+              " bytes of shared memory per block, this GPU allows ", limits.max_smem_optin);
   using GroupCfg = GroupMassConfig<T, DP>;
-  TORCH_CHECK(p.key_group_mass == nullptr || GroupCfg::kSmemBytes <= max_smem, "attention: key_group_mass for head-dim "
-              "bucket ", DP, " needs ", GroupCfg::kSmemBytes, " bytes of shared memory per block, this GPU allows ",
-              max_smem);
-  const cudaError_t err = launch_attention<T, DP>(p, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(p.key_group_mass == nullptr || GroupCfg::kSmemBytes <= limits.max_smem_optin, "attention: key_group_mass "
+              "for head-dim bucket ", DP, " needs ", GroupCfg::kSmemBytes, " bytes of shared memory per block, this GPU "
+              "allows ", limits.max_smem_optin);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  cudaError_t err = cudaSuccess;
+  switch (select_variant(p)) {
+    case Variant::kPlain: err = launch_attention<T, DP, Variant::kPlain>(p, stream, device); break;
+    case Variant::kEntropy: err = launch_attention<T, DP, Variant::kEntropy>(p, stream, device); break;
+    case Variant::kMasked: err = launch_attention<T, DP, Variant::kMasked>(p, stream, device); break;
+    case Variant::kFull: err = launch_attention<T, DP, Variant::kFull>(p, stream, device); break;
+  }
   C10_CUDA_CHECK(err);
 }
 

@@ -17,8 +17,15 @@
 // Masking and non-finite logits follow the CPU kernel: a masked key or a -inf logit has weight 0,
 // a fully masked row gives out = 0, lse = -inf and statistics 0, and a row that meets a NaN or
 // +inf logit of an unmasked key (from NaN / inf inputs) gives NaN in out, lse and every statistic
-// (row_state_poison); a masked key never poisons, whatever its logit. Detecting that costs one
-// compare per logit while the row max is taken; the flag then travels inside the max itself.
+// (row_state_poison); a masked key never poisons, whatever its logit. Masked keys become exactly
+// -inf before anything else sees them (a bit select); poison is then read from each tile's
+// results, no test per logit: a +inf tile max (a +inf logit) or a NaN sum (a NaN logit's p is NaN).
+//
+// Variants (Variant, attention_params.h): the per-score work a call does not need is compiled out.
+// plain, entropy and masked are the lean ones, p = 2^{s * scale log2(e) - m log2(e)} (one FFMA
+// and one EX2 per score) over raw scores s; full tiles without a mask test nothing per score
+// (only the last, partial tile masks its padding), and K / V stream through running pointers.
+// full keeps every run-time choice (any statistic, mask, unaligned rows, any scale).
 //
 // Register layout (the m16n8 accumulator): lane = 4 g + t holds, for each 8-column tile n,
 // rows g and g + 8 at columns 8 n + 2 t and 8 n + 2 t + 1. The four lanes of a quad (same g)
@@ -37,6 +44,7 @@
 // runs.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 
@@ -50,15 +58,6 @@ constexpr unsigned kFullMask = 0xffffffffu;
 
 __device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
-}
-
-// 16-byte asynchronous global -> shared copy; both addresses 16-byte aligned and in bounds.
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_u32(smem)), "l"(gmem) : "memory");
-#else
-  *static_cast<uint4*>(smem) = *static_cast<const uint4*>(gmem);
-#endif
 }
 
 __device__ __forceinline__ void cp_async_commit() {
@@ -75,25 +74,36 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
-// Four 8x8 b16 matrices; lane l gives the address of row l % 8 of matrix l / 8.
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
+// Four 8x8 b16 matrices; lane l gives the shared-memory byte address (smem_u32) of row l % 8 of
+// matrix l / 8. The address form lets the forward kernel keep its addresses in registers.
+__device__ __forceinline__ void ldmatrix_x4_at(uint32_t (&r)[4], uint32_t addr) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(smem)));
+               : "r"(addr));
 #else
   __trap();
 #endif
 }
 
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) { ldmatrix_x4_at(r, smem_u32(smem)); }
+
+// The same, each matrix transposed (V's k16 x n8 operands from its row-major tile).
+__device__ __forceinline__ void ldmatrix_x4_trans_at(uint32_t (&r)[4], uint32_t addr) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(smem)));
+               : "r"(addr));
 #else
   __trap();
 #endif
+}
+
+// x, opaque to the compiler: a value computed once stays in its register instead of being
+// recomputed from the thread index inside a loop that is short of registers.
+__device__ __forceinline__ uint32_t opaque(uint32_t x) {
+  asm volatile("" : "+r"(x));
+  return x;
 }
 
 // d += a (16x16, row-major) * b (16x8, column-major), fp32 accumulate.
@@ -145,25 +155,51 @@ __device__ __forceinline__ void store_pair(T* dst, float a, float b) {
   else *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(a, b);
 }
 
-// Copies rows [row0, row0 + ROWS) x columns [0, DP) of a row-major global matrix (row stride ld,
-// n_rows rows, n_cols valid columns) into shared memory (row stride LDS). Rows past n_rows and
-// columns past n_cols are zero-filled with plain stores, so every cp.async reads in bounds. With
-// vec false the copy is synchronous, element by element (unaligned views).
+// 16-byte asynchronous copy, or 16 zero bytes when !valid (src-size 0: nothing is read; gmem must
+// still be an address inside the tensor).
+__device__ __forceinline__ void cp_async_16_or_zero(void* smem, const void* gmem, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)), "l"(gmem),
+               "r"(valid ? 16 : 0)
+               : "memory");
+#else
+  *static_cast<uint4*>(smem) = valid ? *static_cast<const uint4*>(gmem) : make_uint4(0u, 0u, 0u, 0u);
+#endif
+}
+
+// Copies the first ROWS rows x columns [0, DP) of a row-major global matrix that starts at src
+// (the tile's first row; row stride ld; rows rows and n_cols columns are real) into shared memory
+// (row stride LDS). Rows past `rows` and columns past n_cols are zero-filled by the same cp.async
+// (every copy reads in bounds, and the zeros land with the copy group). With vec false the copy
+// is synchronous, element by element (unaligned views; only the kFull variant has that path).
 template <typename T, int DP, int LDS, int ROWS, int THREADS>
-__device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t ld, int row0, int n_rows, int n_cols,
-                                          bool vec, int tid) {
+__device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t ld, int rows, int n_cols, bool vec,
+                                          int tid) {
   constexpr int kVec = 16 / static_cast<int>(sizeof(T));
   constexpr int kChunks = DP / kVec;
   if (vec) {
-    constexpr int kTotal = ROWS * kChunks;
+    if constexpr (THREADS % kChunks == 0) {
+      // each thread copies the same column chunk c of rows r0, r0 + kStep, ...: one address per
+      // thread and tile (r0 * ld + c does not change from tile to tile), stepped by kStep rows
+      constexpr int kStep = THREADS / kChunks;
+      const int r0 = tid / kChunks, c = (tid % kChunks) * kVec;
+      const T* const first = src + (static_cast<int64_t>(r0) * ld + c);
 #pragma unroll
-    for (int base = 0; base < kTotal; base += THREADS) {
-      const int idx = base + tid;
-      if (kTotal % THREADS != 0 && idx >= kTotal) break;
-      const int r = idx / kChunks, c = (idx % kChunks) * kVec;
-      T* d = dst + r * LDS + c;
-      if (row0 + r < n_rows && c < n_cols) cp_async_16(d, src + static_cast<int64_t>(row0 + r) * ld + c);
-      else *reinterpret_cast<uint4*>(d) = make_uint4(0u, 0u, 0u, 0u);
+      for (int r = 0; r < ROWS; r += kStep) {
+        if (ROWS % kStep != 0 && r0 + r >= ROWS) break;
+        const bool valid = r0 + r < rows && c < n_cols;
+        cp_async_16_or_zero(dst + (r0 + r) * LDS + c, valid ? first + r * ld : src, valid);
+      }
+    } else {
+      constexpr int kTotal = ROWS * kChunks;
+#pragma unroll
+      for (int base = 0; base < kTotal; base += THREADS) {
+        const int idx = base + tid;
+        if (kTotal % THREADS != 0 && idx >= kTotal) break;
+        const int r = idx / kChunks, c = (idx % kChunks) * kVec;
+        const bool valid = r < rows && c < n_cols;
+        cp_async_16_or_zero(dst + r * LDS + c, valid ? src + static_cast<int64_t>(r) * ld + c : src, valid);
+      }
     }
   } else {
     using Bits = std::conditional_t<sizeof(T) == 2, uint16_t, uint32_t>;
@@ -171,10 +207,45 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t ld, int 
     Bits* d = reinterpret_cast<Bits*>(dst);
     for (int idx = tid; idx < ROWS * DP; idx += THREADS) {
       const int r = idx / DP, c = idx % DP;
-      d[r * LDS + c] = (row0 + r < n_rows && c < n_cols) ? s[static_cast<int64_t>(row0 + r) * ld + c] : Bits(0);
+      d[r * LDS + c] = (r < rows && c < n_cols) ? s[static_cast<int64_t>(r) * ld + c] : Bits(0);
     }
   }
 }
+
+// One thread's part of the cp.async copies of successive ROWS x DP tiles of a row-major matrix
+// (16-byte rows, THREADS a multiple of the DP / kVec chunks of a row): the same column chunk c of
+// rows r0, r0 + kStep, ... of every tile. Its global address is kept as a running pointer,
+// advanced one tile per copy, rather than recomputed from the tile index (a 64-bit multiply).
+template <typename T, int DP, int LDS, int ROWS, int THREADS>
+struct TileStream {
+  static constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+  static constexpr int kChunks = DP / kVec;
+  static constexpr bool kApplies = THREADS % kChunks == 0;
+  static constexpr int kStep = kApplies ? THREADS / kChunks : 1;
+  const T* next;  // row r0 of the next tile, column c
+  const T* base;  // row 0: a valid address for the zero-filling copies
+  int64_t ld;
+  int r0, dst_offset;
+  bool col_valid;
+
+  __device__ __forceinline__ TileStream(const T* src, int64_t ld_, int n_cols, int tid)
+      : base(src), ld(ld_), r0(tid / kChunks) {
+    const int c = (tid % kChunks) * kVec;
+    next = src + (static_cast<int64_t>(r0) * ld + c);
+    dst_offset = r0 * LDS + c;
+    col_valid = c < n_cols;
+  }
+  // Copies the next tile, of which `rows` rows are real (the others become zeros), into dst.
+  __device__ __forceinline__ void copy_next(T* dst, int rows) {
+#pragma unroll
+    for (int r = 0; r < ROWS; r += kStep) {
+      if (ROWS % kStep != 0 && r0 + r >= ROWS) break;
+      const bool valid = col_valid && r0 + r < rows;
+      cp_async_16_or_zero(dst + dst_offset + r * LDS, valid ? next + r * ld : base, valid);
+    }
+    next += ROWS * ld;
+  }
+};
 
 // Centre (row, col) in [0, 1]^2 of token n of an (h, w) row-major grid, with the same float
 // arithmetic as grid_centres() in csrc/attention.cpp (correctly rounded division despite fast math).
@@ -189,9 +260,38 @@ struct RowQuery {
   int label;
 };
 
+// Per-key side data of a key tile, fetched into registers while the tile before it is computed
+// and stored into its ring stage at the end of that tile (mask variants only).
+struct KeySide {
+  uint32_t keep;  // ~0u: an unmasked key of [0, Nk); 0u: masked or padding
+  float x, y;     // grid centre (distance)
+  int label;      // (label mass)
+};
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+// kMinShiftedLogit (row_state.h) in log2 units: the clamp of the entropy sum's z, so that a key of
+// weight 0 (z = -inf) adds 0 * kMinShiftedLogit2 = 0 rather than 0 * (-inf).
+constexpr float kMinShiftedLogit2 = kMinShiftedLogit * kLog2e;
+
+// 2^x with subnormal results flushed to 0 (one MUFU.EX2): 2^x for x < -126, i.e. e^z for z below
+// kExpUnderflow, is exactly 0, as row_state.h asks of every kernel; 2^-inf = 0, 2^NaN = NaN.
+__device__ __forceinline__ float exp2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// x where keep is ~0u, exactly -inf where it is 0u: one bit select (LOP3), whatever x holds, so a
+// masked key's NaN or inf score never reaches the row max or sum.
+__device__ __forceinline__ float keep_or_neg_inf(float x, uint32_t keep) {
+  return __uint_as_float((__float_as_uint(x) & keep) | (0xff800000u & ~keep));
+}
+
 // S = Q K^T for one warp's 16 query rows against a key tile of 8 NT keys, both in shared memory
 // (row stride LDS): s[n][2 ri + e] = row (g + 8 ri), key (8 n + 2 t + e). q_s points at the warp's
-// first query row; d is the real head dim (k-steps past it only meet zero padding and are skipped).
+// first query row; d is the real head dim (fp32 skips the 4-column steps past it, which only meet
+// zero padding).
 template <typename T, int DP, int LDS, int NT>
 __device__ __forceinline__ void warp_scores(float (&s)[NT][4], const T* q_s, const T* k_s, int d, int lane) {
   const int g = lane >> 2, t = lane & 3;
@@ -217,19 +317,18 @@ __device__ __forceinline__ void warp_scores(float (&s)[NT][4], const T* q_s, con
         }
     }
   } else {
-    const int d_steps16 = (d + 15) / 16;
+    // every k-step of the bucket, also past d: those columns of Q and K are zero in shared memory
+    // (load_tile), so they add exact zeros, and the loop has no branch (FlashAttention-2 pads alike)
 #pragma unroll
     for (int kk = 0; kk < DP / 16; ++kk) {
-      if (kk < d_steps16) {
-        uint32_t a[4];
-        ldmatrix_x4(a, q_s + (lane & 15) * LDS + kk * 16 + (lane >> 4) * 8);
+      uint32_t a[4];
+      ldmatrix_x4(a, q_s + (lane & 15) * LDS + kk * 16 + (lane >> 4) * 8);
 #pragma unroll
-        for (int np = 0; np < NT / 2; ++np) {
-          uint32_t kb[4];
-          ldmatrix_x4(kb, k_s + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * LDS + kk * 16 + ((lane >> 3) & 1) * 8);
-          mma_16816<T>(s[2 * np], a, kb[0], kb[1]);
-          mma_16816<T>(s[2 * np + 1], a, kb[2], kb[3]);
-        }
+      for (int np = 0; np < NT / 2; ++np) {
+        uint32_t kb[4];
+        ldmatrix_x4(kb, k_s + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * LDS + kk * 16 + ((lane >> 3) & 1) * 8);
+        mma_16816<T>(s[2 * np], a, kb[0], kb[1]);
+        mma_16816<T>(s[2 * np + 1], a, kb[2], kb[3]);
       }
     }
   }
@@ -237,22 +336,34 @@ __device__ __forceinline__ void warp_scores(float (&s)[NT][4], const T* q_s, con
 
 }  // namespace detail
 
-template <typename T, int DP>
-__global__ void __launch_bounds__(TileConfig<T, DP>::kThreads, 1) attention_fwd_kernel(const AttentionParams p) {
+// What a variant compiles in (Variant, attention_params.h).
+template <Variant V>
+struct VariantTraits {
+  static constexpr bool kFull = V == Variant::kFull;
+  static constexpr bool kEntropy = V == Variant::kEntropy || kFull;  // kFull: when p.want_entropy
+  static constexpr bool kMask = V == Variant::kMasked || kFull;       // per-key keep words in shared memory
+};
+
+template <typename T, int DP, Variant V>
+__global__ void __launch_bounds__(TileConfig<T, DP>::kThreads, TileConfig<T, DP>::kMinBlocksPerSm)
+    attention_fwd_kernel(const AttentionParams p) {
   using namespace detail;
   using Cfg = TileConfig<T, DP>;
+  using Var = VariantTraits<V>;
   constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, LDS = Cfg::kLds, THREADS = Cfg::kThreads;
   constexpr int WN = Cfg::kWarpsN;
   constexpr int NT = BN / 8;    // 8-key column tiles of S per warp
   constexpr int DVW = DP / WN;  // output columns per warp
   constexpr int NO = DVW / 8;   // 8-column tiles of O per warp
+  constexpr int kBytes = static_cast<int>(sizeof(T));
+  static_assert(BN <= THREADS, "one thread per key fetches a tile's side data");
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* const sQ = reinterpret_cast<T*>(smem_raw);  // [BM][LDS]
   T* const sK = sQ + BM * LDS;                   // [stage][BN][LDS]
   T* const sV = sK + Cfg::kStages * BN * LDS;    // [stage][BN][LDS]
-  float* const sBias = reinterpret_cast<float*>(sV + Cfg::kStages * BN * LDS);  // [stage][BN] 0 or -inf
-  float* const sKx = sBias + Cfg::kStages * BN;                                  // [stage][BN] key grid centre
+  uint32_t* const sKeep = reinterpret_cast<uint32_t*>(sV + Cfg::kStages * BN * LDS);  // [stage][BN] KeySide::keep
+  float* const sKx = reinterpret_cast<float*>(sKeep + Cfg::kStages * BN);            // [stage][BN] key grid centre
   float* const sKy = sKx + Cfg::kStages * BN;
   int* const sKl = reinterpret_cast<int*>(sKy + Cfg::kStages * BN);  // [stage][BN] key label
 
@@ -265,49 +376,91 @@ __global__ void __launch_bounds__(TileConfig<T, DP>::kThreads, 1) attention_fwd_
   const int wm = warp / WN, wn = warp % WN;
   const int g = lane >> 2, t = lane & 3;
 
+  // The lean variants are launched with 16-byte rows, scale > 0 and no distance or label mass only
+  // (select_variant); kFull reads every choice from p.
+  const bool q_vec = !Var::kFull || p.q_vec, k_vec = !Var::kFull || p.k_vec, v_vec = !Var::kFull || p.v_vec;
+  const bool want_entropy = Var::kEntropy && (!Var::kFull || p.want_entropy);
+  const bool want_distance = Var::kFull && p.want_distance;
+  const bool want_label_mass = Var::kFull && p.want_label_mass;
+  // The lean variants keep raw scores s (the max of s times scale > 0 is the max of the logits) and
+  // take p = 2^{s scale log2(e) - m log2(e)}, one FFMA and one EX2 per score; kFull scales each
+  // score first, rounded as the CPU kernel's s * scale (so that any scale, and an overflow to +inf,
+  // behave as there), and takes p = 2^{x log2(e) - m log2(e)}.
+  const float to_logit = Var::kFull ? 1.f : p.scale;  // score -> logit
+  const float to_log2 = to_logit * kLog2e;              // score -> logit in log2 units
+
   const T* const qp = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
   const T* const kp = static_cast<const T*>(p.k) + b * p.k_stride[0] + h * p.k_stride[1];
   const T* const vp = static_cast<const T*>(p.v) + b * p.v_stride[0] + h * p.v_stride[1];
   const int n_ktiles = (p.Nk + BN - 1) / BN;
 
-  // K and V rows of key tile `tile` and its per-key side data into ring stage `stage`.
+  // K and V rows of key tile `tile` into ring stage `stage` (cp.async, zero-filled past Nk). Tiles
+  // are loaded in order, 0, 1, ...: the lean variants stream them through running pointers.
+  using Stream = TileStream<T, DP, LDS, BN, THREADS>;
+  constexpr bool kStreamed = !Var::kFull && Stream::kApplies;
+  Stream k_stream(kp, p.k_stride[2], p.D, tid), v_stream(vp, p.v_stride[2], p.Dv, tid);
   auto load_kv = [&](int tile, int stage) {
     const int j0 = tile * BN;
-    load_tile<T, DP, LDS, BN, THREADS>(sK + stage * BN * LDS, kp, p.k_stride[2], j0, p.Nk, p.D, p.k_vec, tid);
-    load_tile<T, DP, LDS, BN, THREADS>(sV + stage * BN * LDS, vp, p.v_stride[2], j0, p.Nk, p.Dv, p.v_vec, tid);
-    for (int jj = tid; jj < BN; jj += THREADS) {
-      const int j = j0 + jj;
-      const bool in_range = j < p.Nk;
-      bool keep = in_range;
-      if (in_range && p.key_mask) keep = p.key_mask[b * p.mask_stride[0] + j * p.mask_stride[1]] != 0;
-      sBias[stage * BN + jj] = keep ? 0.f : -INFINITY;
-      if (p.want_distance) {
-        const float2 c = in_range ? grid_centre(j, p.grid_hk, p.grid_wk) : make_float2(0.f, 0.f);
-        sKx[stage * BN + jj] = c.x;
-        sKy[stage * BN + jj] = c.y;
+    if constexpr (kStreamed) {
+      k_stream.copy_next(sK + stage * BN * LDS, p.Nk - j0);
+      v_stream.copy_next(sV + stage * BN * LDS, p.Nk - j0);
+    } else {
+      load_tile<T, DP, LDS, BN, THREADS>(sK + stage * BN * LDS, kp + j0 * p.k_stride[2], p.k_stride[2], p.Nk - j0,
+                                         p.D, k_vec, tid);
+      load_tile<T, DP, LDS, BN, THREADS>(sV + stage * BN * LDS, vp + j0 * p.v_stride[2], p.v_stride[2], p.Nk - j0,
+                                         p.Dv, v_vec, tid);
+    }
+  };
+  // Side data of key tile * BN + tid (threads tid < BN): plain global loads into registers, which
+  // the tile's maths covers before store_side needs them.
+  auto fetch_side = [&](int tile) {
+    KeySide ks{0u, 0.f, 0.f, 0};
+    const int j = tile * BN + tid;
+    if (tid < BN && j < p.Nk) {
+      ks.keep = (!p.key_mask || p.key_mask[b * p.mask_stride[0] + j * p.mask_stride[1]] != 0) ? ~0u : 0u;
+      if (want_distance) {
+        const float2 c = grid_centre(j, p.grid_hk, p.grid_wk);
+        ks.x = c.x;
+        ks.y = c.y;
       }
-      if (p.want_label_mass)
-        sKl[stage * BN + jj] = in_range ? p.k_label[b * p.k_label_stride[0] + j * p.k_label_stride[1]] : 0;
+      if (want_label_mass) ks.label = p.k_label[b * p.k_label_stride[0] + j * p.k_label_stride[1]];
+    }
+    return ks;
+  };
+  auto store_side = [&](const KeySide& ks, int stage) {
+    if (tid < BN) {
+      sKeep[stage * BN + tid] = ks.keep;
+      if (want_distance) {
+        sKx[stage * BN + tid] = ks.x;
+        sKy[stage * BN + tid] = ks.y;
+      }
+      if (want_label_mass) sKl[stage * BN + tid] = ks.label;
     }
   };
 
-  // Prologue: Q tile and key tile 0 form the first copy group.
-  load_tile<T, DP, LDS, BM, THREADS>(sQ, qp, p.q_stride[2], q0, p.Nq, p.D, p.q_vec, tid);
-  if (n_ktiles > 0) load_kv(0, 0);
+  // Prologue: Q tile and key tile 0 form the first copy group; tile 0's side data goes straight
+  // to stage 0 (the loop's first barrier publishes it).
+  load_tile<T, DP, LDS, BM, THREADS>(sQ, qp + q0 * p.q_stride[2], p.q_stride[2], p.Nq - q0, p.D, q_vec, tid);
+  if (n_ktiles > 0) {
+    load_kv(0, 0);
+    if constexpr (Var::kMask) store_side(fetch_side(0), 0);
+  }
   cp_async_commit();
 
   // Rows g and g + 8 of this warp's 16.
   const int row_base = q0 + wm * 16 + g;
   RowState st[2] = {row_state_init(), row_state_init()};
-  RowQuery rq[2];
+  RowQuery rq[2] = {{0.f, 0.f, 0}, {0.f, 0.f, 0}};
+  if constexpr (Var::kFull) {
 #pragma unroll
-  for (int ri = 0; ri < 2; ++ri) {
-    const int i = row_base + 8 * ri;
-    const bool valid = i < p.Nq;
-    const float2 c = (p.want_distance && valid) ? grid_centre(i, p.grid_hq, p.grid_wq) : make_float2(0.f, 0.f);
-    rq[ri].x = c.x;
-    rq[ri].y = c.y;
-    rq[ri].label = (p.want_label_mass && valid) ? p.q_label[b * p.q_label_stride[0] + i * p.q_label_stride[1]] : 0;
+    for (int ri = 0; ri < 2; ++ri) {
+      const int i = row_base + 8 * ri;
+      const bool valid = i < p.Nq;
+      const float2 c = (want_distance && valid) ? grid_centre(i, p.grid_hq, p.grid_wq) : make_float2(0.f, 0.f);
+      rq[ri].x = c.x;
+      rq[ri].y = c.y;
+      rq[ri].label = (want_label_mass && valid) ? p.q_label[b * p.q_label_stride[0] + i * p.q_label_stride[1]] : 0;
+    }
   }
   float o[NO][4];
 #pragma unroll
@@ -316,58 +469,105 @@ __global__ void __launch_bounds__(TileConfig<T, DP>::kThreads, 1) attention_fwd_
     for (int e = 0; e < 4; ++e) o[n][e] = 0.f;
 
   const int col0 = wn * DVW;  // first output column of this warp
+  // This lane's ldmatrix addresses (bytes, stage 0, k-step 0) into the warp's Q rows (lane l: row
+  // l % 16, columns 8 (l / 16) + ...), K (row l % 8 + 8 (l / 16), columns 8 ((l / 8) % 2) + ...) and
+  // V (row l % 16, columns col0 + 8 (l / 16) + ...), as warp_scores and the PV loop below form them.
+  [[maybe_unused]] const uint32_t q_lane = opaque(smem_u32(sQ + (wm * 16 + (lane & 15)) * LDS + (lane >> 4) * 8));
+  [[maybe_unused]] const uint32_t k_lane =
+      opaque(smem_u32(sK + ((lane & 7) + ((lane >> 4) << 3)) * LDS + ((lane >> 3) & 1) * 8));
+  [[maybe_unused]] const uint32_t v_lane = opaque(smem_u32(sV + (lane & 15) * LDS + col0 + (lane >> 4) * 8));
 
-  for (int it = 0; it < n_ktiles; ++it) {
+  // One key tile. `checked` (a compile-time bool) masks keys that are not part of the row: with a
+  // key mask every tile, without one only the last tile when BN does not divide Nk; the other,
+  // full tiles run the loop below with no per-score test at all.
+  auto key_tile = [&](const int it, auto checked) {
     const int stage = it & 1;
-    if (it + 1 < n_ktiles) load_kv(it + 1, stage ^ 1);  // that stage was released by the barrier ending it - 1
+    const bool more = it + 1 < n_ktiles;
+    [[maybe_unused]] KeySide next{0u, 0.f, 0.f, 0};
+    if constexpr (Var::kMask)
+      if (more) next = fetch_side(it + 1);
+    if (more) load_kv(it + 1, stage ^ 1);  // that stage was released by the barrier ending it - 1
     cp_async_commit();
     cp_async_wait<1>();  // this thread's copies of tile `it` (and Q) have landed
-    __syncthreads();     // ... and everyone else's
+    __syncthreads();     // ... and everyone else's, and tile `it`'s side data
 
-    const T* const k_s = sK + stage * BN * LDS;
-    const T* const v_s = sV + stage * BN * LDS;
-    const float* const bias = sBias + stage * BN;
+    [[maybe_unused]] const T* const k_s = sK + stage * BN * LDS;  // (fp32; the tensor-core path reads k_lane)
+    [[maybe_unused]] const T* const v_s = sV + stage * BN * LDS;
 
     // ---- S = Q K^T: s[n][2 ri + e] = row (g + 8 ri), key (8 n + 2 t + e) of this tile
     float s[NT][4];
-    warp_scores<T, DP, LDS, NT>(s, sQ + wm * 16 * LDS, k_s, p.D, lane);
-
-    // ---- online softmax and statistics; s becomes p = e^{scale s + bias - m}
-    // Keys j0 + jj with jj >= kv_valid are tile padding (zero K rows): never part of the row, and
-    // never poison it, whatever q holds.
-    const int kv_valid = p.Nk - it * BN;
-    float alpha[2];
-#pragma unroll
-    for (int ri = 0; ri < 2; ++ri) {
-      float mb = -INFINITY;
-      bool bad = false;
+    if constexpr (Cfg::kF32) {
+      warp_scores<T, DP, LDS, NT>(s, sQ + wm * 16 * LDS, k_s, p.D, lane);
+    } else {
+      // warp_scores' tensor-core loop, from the lane addresses computed before the loop plus
+      // immediate offsets (bytes): k-step kk, 16-key pair np, ring stage
 #pragma unroll
       for (int n = 0; n < NT; ++n)
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int jj = 8 * n + 2 * t + e;
-          // The logit before the mask bias, rounded as the CPU kernel's s * scale (an unfused multiply,
-          // so an overflow to +inf is seen as such). A NaN or +inf logit of a real, unmasked key
-          // poisons the row, as on the CPU; -inf stays a key of weight 0. A masked key (bias -inf)
-          // never influences its row: it becomes exactly -inf whatever its logit (garbage in a
-          // padded k row may be NaN or inf), so neither the max nor p sees a NaN.
-          float x = __fmul_rn(s[n][2 * ri + e], p.scale);
-          const bool attend = jj < kv_valid && bias[jj] > -INFINITY;
-          bad |= attend && !(x < INFINITY);
-          x = attend ? x + bias[jj] : -INFINITY;
-          s[n][2 * ri + e] = x;
-          mb = fmaxf(mb, x);
+        for (int e = 0; e < 4; ++e) s[n][e] = 0.f;
+      const uint32_t k_addr = k_lane + stage * (BN * LDS * kBytes);
+#pragma unroll
+      for (int kk = 0; kk < DP / 16; ++kk) {
+        uint32_t a[4];
+        ldmatrix_x4_at(a, q_lane + kk * 16 * kBytes);
+#pragma unroll
+        for (int np = 0; np < NT / 2; ++np) {
+          uint32_t kb[4];
+          ldmatrix_x4_at(kb, k_addr + np * (16 * LDS * kBytes) + kk * 16 * kBytes);
+          mma_16816<T>(s[2 * np], a, kb[0], kb[1]);
+          mma_16816<T>(s[2 * np + 1], a, kb[2], kb[3]);
         }
-      // Poison rides on the max: a clean row's logits are finite or -inf, so a block max of +inf
-      // can only mean poison, and the quad's max reduction spreads it without extra shuffles.
-      if (bad) mb = INFINITY;
+      }
+    }
+
+    // ---- keys that are not part of the row get score -inf (weight 0, never poison): masked keys
+    // and padding past Nk through their keep words, or, without a mask, the padding of the last
+    // tile only; a full unmasked tile takes no per-score test.
+    if constexpr (Var::kFull) {
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[n][e] = __fmul_rn(s[n][e], p.scale);
+    }
+    if constexpr (Var::kMask) {
+      static_assert(decltype(checked)::value, "a key mask checks every tile");
+      const uint32_t* const keep = sKeep + stage * BN;
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        const uint2 kw = *reinterpret_cast<const uint2*>(keep + 8 * n + 2 * t);
+#pragma unroll
+        for (int ri = 0; ri < 2; ++ri) {
+          s[n][2 * ri] = keep_or_neg_inf(s[n][2 * ri], kw.x);
+          s[n][2 * ri + 1] = keep_or_neg_inf(s[n][2 * ri + 1], kw.y);
+        }
+      }
+    } else if constexpr (decltype(checked)::value) {
+      const int kv_valid = p.Nk - it * BN;  // < BN: the last tile, padded past Nk
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (8 * n + 2 * t + (e & 1) >= kv_valid) s[n][e] = -INFINITY;
+    }
+
+    // ---- online softmax and statistics; s becomes p = e^{logit - m}
+    float alpha[2];
+#pragma unroll
+    for (int ri = 0; ri < 2; ++ri) {
+      // fmaxf skips NaN: a NaN score leaves the max alone, and its p, NaN, makes the sum NaN below
+      float mb = -INFINITY;
+#pragma unroll
+      for (int n = 0; n < NT; ++n) mb = fmaxf(mb, fmaxf(s[n][2 * ri], s[n][2 * ri + 1]));
       mb = fmaxf(mb, __shfl_xor_sync(kFullMask, mb, 1));
       mb = fmaxf(mb, __shfl_xor_sync(kFullMask, mb, 2));
-      const bool poisoned = mb == INFINITY;
-      const float m_new = fmaxf(st[ri].m, mb);
-      // false while every key so far was masked (p = 0, O stays 0) or when this tile poisons the row
-      const bool live = !poisoned && m_new != -INFINITY;
-      alpha[ri] = live ? row_state_rescale(st[ri], m_new) : 1.f;
+      // The tile's max logit. +inf can only come from poison: a +inf logit of an attended key (a
+      // +inf score, or a finite one whose logit overflows, which happens exactly when the max's does).
+      const float m_tile = mb * to_logit;
+      const float m_new = fmaxf(st[ri].m, m_tile);
+      // safe max: while every key so far had weight 0, m_new = -inf and p = 2^{-inf - 0} = 0. (A
+      // finite max logit beyond FLT_MAX / log2(e), 2.4e38, would overflow here: such rows are not
+      // computed as the CPU kernel does.)
+      const float m_log2 = (m_new == -INFINITY ? 0.f : m_new) * kLog2e;
 
       float sum_p = 0.f, sum_pz = 0.f, sum_pd = 0.f, sum_pl = 0.f;
 #pragma unroll
@@ -375,40 +575,40 @@ __global__ void __launch_bounds__(TileConfig<T, DP>::kThreads, 1) attention_fwd_
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int jj = 8 * n + 2 * t + e;
-          float pv = 0.f;
-          if (live) {
-            const float z = shifted_logit(s[n][2 * ri + e], m_new);
-            pv = z > kExpUnderflow ? __expf(z) : 0.f;  // kExpUnderflow: row_state.h
-            sum_p += pv;
-            sum_pz = fmaf(pv, z, sum_pz);
-            if (p.want_distance) {
-              const float dx = sKx[stage * BN + jj] - rq[ri].x, dy = sKy[stage * BN + jj] - rq[ri].y;
-              sum_pd = fmaf(pv, __fsqrt_rn(fmaf(dx, dx, dy * dy)), sum_pd);
-            }
-            if (p.want_label_mass && sKl[stage * BN + jj] == rq[ri].label) sum_pl += pv;
+          const float z = fmaf(s[n][2 * ri + e], to_log2, -m_log2);  // logit - m, log2 units
+          const float pv = exp2_ftz(z);
+          sum_p += pv;
+          if (want_entropy) sum_pz = fmaf(pv, fmaxf(z, kMinShiftedLogit2), sum_pz);
+          if (want_distance) {
+            const float dx = sKx[stage * BN + jj] - rq[ri].x, dy = sKy[stage * BN + jj] - rq[ri].y;
+            sum_pd = fmaf(pv, __fsqrt_rn(fmaf(dx, dx, dy * dy)), sum_pd);
           }
+          if (want_label_mass && sKl[stage * BN + jj] == rq[ri].label) sum_pl += pv;
           s[n][2 * ri + e] = pv;
         }
-      // the quad's partial sums; the butterfly leaves bit-identical totals in all four lanes. Every
-      // lane runs these shuffles (rows of one warp may differ in live / poisoned, so no early exit).
+      // the quad's partial sums; the butterfly leaves bit-identical totals in all four lanes
       sum_p += __shfl_xor_sync(kFullMask, sum_p, 1);
       sum_p += __shfl_xor_sync(kFullMask, sum_p, 2);
-      if (p.want_entropy) {
+      if (want_entropy) {
         sum_pz += __shfl_xor_sync(kFullMask, sum_pz, 1);
         sum_pz += __shfl_xor_sync(kFullMask, sum_pz, 2);
       }
-      if (p.want_distance) {
+      if (want_distance) {
         sum_pd += __shfl_xor_sync(kFullMask, sum_pd, 1);
         sum_pd += __shfl_xor_sync(kFullMask, sum_pd, 2);
       }
-      if (p.want_label_mass) {
+      if (want_label_mass) {
         sum_pl += __shfl_xor_sync(kFullMask, sum_pl, 1);
         sum_pl += __shfl_xor_sync(kFullMask, sum_pl, 2);
       }
-      // A poisoned state stays NaN through later rescales and adds (csrc/row_state.h), and its
-      // NaN 1 / l makes out NaN in the epilogue whatever head_scale and the replacement are.
+      // Poison from the tile's results, not per score: a +inf max, or a NaN sum (a NaN logit of an
+      // attended key; weight-0 keys give p = 0 exactly and a clean row's p are finite). A poisoned
+      // state stays NaN through later rescales and adds (csrc/row_state.h), and its NaN 1 / l makes
+      // out NaN in the epilogue whatever head_scale, the replacement and O (then garbage) are.
+      const bool poisoned = m_tile == INFINITY || sum_p != sum_p;
+      alpha[ri] = row_state_rescale(st[ri], m_new);
       if (poisoned) row_state_poison(st[ri]);
-      else if (live) row_state_add(st[ri], sum_p, p.want_entropy ? sum_pz : 0.f, sum_pd, sum_pl);
+      else row_state_add(st[ri], sum_p, sum_pz * kLn2, sum_pd, sum_pl);
     }
 
     // ---- O = alpha O + P V
@@ -446,17 +646,28 @@ __global__ void __launch_bounds__(TileConfig<T, DP>::kThreads, 1) attention_fwd_
                                pack2<T>(s[2 * kc + 1][0], s[2 * kc + 1][1]),
                                pack2<T>(s[2 * kc + 1][2], s[2 * kc + 1][3])};
 #pragma unroll
-        for (int dp = 0; dp < NO / 2; ++dp) {
-          if (col0 + 16 * dp < p.Dv) {
-            uint32_t vb[4];
-            ldmatrix_x4_trans(vb, v_s + (kc * 16 + (lane & 15)) * LDS + col0 + dp * 16 + (lane >> 4) * 8);
-            mma_16816<T>(o[2 * dp], a, vb[0], vb[1]);
-            mma_16816<T>(o[2 * dp + 1], a, vb[2], vb[3]);
-          }
+        for (int dp = 0; dp < NO / 2; ++dp) {  // all columns: V's past Dv are zero, and never stored
+          uint32_t vb[4];
+          ldmatrix_x4_trans_at(vb, v_lane + stage * (BN * LDS * kBytes) + kc * (16 * LDS * kBytes) + dp * 16 * kBytes);
+          mma_16816<T>(o[2 * dp], a, vb[0], vb[1]);
+          mma_16816<T>(o[2 * dp + 1], a, vb[2], vb[3]);
         }
       }
     }
+    // tile it + 1's side data into the other stage, which no one reads during this tile (its last
+    // reader, tile it - 1, ended at the barrier before this tile); the barrier below publishes it
+    if constexpr (Var::kMask)
+      if (more) store_side(next, stage ^ 1);
     __syncthreads();  // everyone is done with this stage before it is refilled
+  };
+  using Checked = std::true_type;
+  using Unchecked = std::false_type;
+  if constexpr (Var::kMask) {
+    for (int it = 0; it < n_ktiles; ++it) key_tile(it, Checked{});
+  } else {
+    const int n_full = p.Nk / BN;  // tiles of BN real keys
+    for (int it = 0; it < n_full; ++it) key_tile(it, Unchecked{});
+    if (n_full < n_ktiles) key_tile(n_full, Checked{});
   }
   cp_async_wait<0>();
 
@@ -470,9 +681,11 @@ __global__ void __launch_bounds__(TileConfig<T, DP>::kThreads, 1) attention_fwd_
     if (wn == 0 && t == 0) {
       const int64_t si = static_cast<int64_t>(bh) * p.Nq + i;
       p.lse[si] = rs.lse;
-      if (p.entropy) p.entropy[si] = rs.entropy;
-      if (p.distance) p.distance[si] = rs.distance;
-      if (p.label_mass) p.label_mass[si] = rs.label_mass;
+      // (the flags, known at compile time in the lean variants, let the compiler drop the
+      // accumulators of statistics a variant does not compute from the main loop)
+      if (want_entropy) p.entropy[si] = rs.entropy;
+      if (want_distance) p.distance[si] = rs.distance;
+      if (want_label_mass) p.label_mass[si] = rs.label_mass;
     }
     T* const dst = static_cast<T*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + i * p.out_stride[2];
     const float* const rep = p.replacement ? p.replacement + b * p.replacement_stride[0] +
@@ -510,7 +723,8 @@ __global__ void __launch_bounds__(TileConfig<T, DP>::kThreads, 1) attention_fwd_
 // outside [0, n_groups) are never touched, so neither their logits (garbage in padding) nor their ids
 // can reach the output.
 template <typename T, int DP>
-__global__ void __launch_bounds__(GroupMassConfig<T, DP>::kThreads, 1) key_group_mass_kernel(const AttentionParams p) {
+__global__ void __launch_bounds__(GroupMassConfig<T, DP>::kThreads, GroupMassConfig<T, DP>::kMinBlocksPerSm)
+    key_group_mass_kernel(const AttentionParams p) {
   using namespace detail;
   using Cfg = GroupMassConfig<T, DP>;
   constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, LDS = Cfg::kLds, THREADS = Cfg::kThreads;
@@ -532,7 +746,7 @@ __global__ void __launch_bounds__(GroupMassConfig<T, DP>::kThreads, 1) key_group
 
   const T* const qp = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
   const T* const kp = static_cast<const T*>(p.k) + b * p.k_stride[0] + h * p.k_stride[1];
-  load_tile<T, DP, LDS, BM, THREADS>(sQ, qp, p.q_stride[2], q0, p.Nq, p.D, p.q_vec, tid);
+  load_tile<T, DP, LDS, BM, THREADS>(sQ, qp + q0 * p.q_stride[2], p.q_stride[2], p.Nq - q0, p.D, p.q_vec, tid);
   cp_async_commit();
 
   // Rows g and g + 8 of this warp's 16: their final lse and their G sums.
@@ -568,7 +782,7 @@ __global__ void __launch_bounds__(GroupMassConfig<T, DP>::kThreads, 1) key_group
     }
     if (!__syncthreads_or(any)) continue;  // no grouped key in this tile (the same answer in every thread)
 
-    load_tile<T, DP, LDS, BN, THREADS>(sK, kp, p.k_stride[2], j0, p.Nk, p.D, p.k_vec, tid);
+    load_tile<T, DP, LDS, BN, THREADS>(sK, kp + j0 * p.k_stride[2], p.k_stride[2], p.Nk - j0, p.D, p.k_vec, tid);
     cp_async_commit();
     cp_async_wait<0>();  // this thread's copies of K (and, the first time, of Q) have landed
     __syncthreads();     // ... and everyone else's
@@ -593,11 +807,27 @@ __global__ void __launch_bounds__(GroupMassConfig<T, DP>::kThreads, 1) key_group
   cp_async_wait<0>();  // a block that met no grouped key still has its Q copy in flight
 }
 
-template <typename T, int DP>
-cudaError_t launch_attention(const AttentionParams& p, cudaStream_t stream) {
+// Raises `kernel`'s dynamic shared-memory limit to `bytes` (and asks for the largest shared-memory
+// carveout, so that two blocks fit where their registers allow) once per device: function
+// attributes are per device, and setting them costs a driver call. `done` is the kernel's own set
+// of configured devices (devices past 63 are configured on every launch).
+template <typename Kernel>
+cudaError_t configure_once(Kernel kernel, int bytes, int device, std::atomic<uint64_t>& done) {
+  const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
+  if (bit && (done.load(std::memory_order_acquire) & bit)) return cudaSuccess;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err == cudaSuccess)
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
+  if (err == cudaSuccess) done.fetch_or(bit, std::memory_order_release);  // racing first calls both set it: harmless
+  return err;
+}
+
+template <typename T, int DP, Variant V>
+cudaError_t launch_attention(const AttentionParams& p, cudaStream_t stream, int device) {
   using Cfg = TileConfig<T, DP>;
-  auto kernel = attention_fwd_kernel<T, DP>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
+  auto kernel = attention_fwd_kernel<T, DP, V>;
+  static std::atomic<uint64_t> configured{0};
+  cudaError_t err = configure_once(kernel, Cfg::kSmemBytes, device, configured);
   if (err != cudaSuccess) return err;
   const int64_t blocks = static_cast<int64_t>((p.Nq + Cfg::kBlockM - 1) / Cfg::kBlockM) * p.B * p.H;
   kernel<<<static_cast<unsigned>(blocks), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
@@ -606,16 +836,19 @@ cudaError_t launch_attention(const AttentionParams& p, cudaStream_t stream) {
 
   using GCfg = GroupMassConfig<T, DP>;
   auto group_kernel = key_group_mass_kernel<T, DP>;
-  err = cudaFuncSetAttribute(group_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, GCfg::kSmemBytes);
+  static std::atomic<uint64_t> group_configured{0};  // one per (T, DP, V), each setting the same kernel: harmless
+  err = configure_once(group_kernel, GCfg::kSmemBytes, device, group_configured);
   if (err != cudaSuccess) return err;
   const int64_t group_blocks = static_cast<int64_t>((p.Nq + GCfg::kBlockM - 1) / GCfg::kBlockM) * p.B * p.H;
   group_kernel<<<static_cast<unsigned>(group_blocks), GCfg::kThreads, GCfg::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 }
 
-#define DIFFCIRC_INSTANTIATE_ATTENTION_BUCKET(DP)                                         \
-  template cudaError_t launch_attention<float, DP>(const AttentionParams&, cudaStream_t); \
-  template cudaError_t launch_attention<__half, DP>(const AttentionParams&, cudaStream_t); \
-  template cudaError_t launch_attention<__nv_bfloat16, DP>(const AttentionParams&, cudaStream_t);
+#define DIFFCIRC_INSTANTIATE_ATTENTION_VARIANT(T, DP, V) \
+  template cudaError_t launch_attention<T, DP, V>(const AttentionParams&, cudaStream_t, int);
+#define DIFFCIRC_INSTANTIATE_ATTENTION_BUCKET(DP)                                \
+  DIFFCIRC_FOR_EACH_VARIANT(DIFFCIRC_INSTANTIATE_ATTENTION_VARIANT, float, DP)  \
+  DIFFCIRC_FOR_EACH_VARIANT(DIFFCIRC_INSTANTIATE_ATTENTION_VARIANT, __half, DP) \
+  DIFFCIRC_FOR_EACH_VARIANT(DIFFCIRC_INSTANTIATE_ATTENTION_VARIANT, __nv_bfloat16, DP)
 
 }  // namespace diffcirc::cuda

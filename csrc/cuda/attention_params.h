@@ -72,8 +72,9 @@ constexpr int head_dim_bucket(int d) {
 // 16 rows and DP / warps_n output columns, and streams key tiles of block_n rows of K and V
 // through a two-stage shared-memory ring. Shared memory holds the Q tile, the K/V ring (rows
 // padded by 16 bytes so ldmatrix and the float4 reads hit distinct banks) and, per stage and key,
-// the mask bias, grid centre and label. Every shape fits 99 KiB, the opt-in limit of the smallest
-// sm_8x/sm_12x parts (sm_80 has 163 KiB, sm_90 227 KiB), so one binary serves all of them.
+// the mask's keep word, grid centre and label. Every shape fits 99 KiB, the opt-in limit of the
+// smallest sm_8x/sm_12x parts (sm_80 has 163 KiB, sm_90 227 KiB), so one binary serves all of them;
+// at half precision up to DP = 128 (56 and 69 KiB) two blocks fit an sm_80 or sm_90 SM.
 //
 //             fp16 / bf16 (tensor cores)       fp32 (SIMT FMA)
 //   DP        warps_m warps_n block_n          warps_m warps_n block_n
@@ -99,6 +100,9 @@ struct TileConfig {
   static constexpr int kVec = 16 / static_cast<int>(sizeof(T));  // elements per 16-byte copy
   static constexpr int kLds = DP + kVec;                          // shared-memory row stride (elements)
   static constexpr int kStages = 2;
+  // Blocks per SM the register budget is held to (__launch_bounds__): two at half precision up to
+  // DP = 128, so that one block's barrier waits are covered by the other's maths.
+  static constexpr int kMinBlocksPerSm = !kF32 && DP <= 128 ? 2 : 1;
   static constexpr int kSmemBytes = (kBlockM + 2 * kStages * kBlockN) * kLds * static_cast<int>(sizeof(T)) +
                                     kStages * kBlockN * 4 * static_cast<int>(sizeof(float));
   static_assert(kF32 || kBlockN % 16 == 0, "tensor-core tiles need key tiles of 16");
@@ -115,22 +119,49 @@ struct GroupMassConfig {
   static constexpr int kBlockM = 16 * kWarps;
   static constexpr int kBlockN = Fwd::kBlockN;
   static constexpr int kThreads = 32 * kWarps;
+  // three blocks per SM at half precision and DP = 128, where 80 registers a thread suffice
+  static constexpr int kMinBlocksPerSm = !Fwd::kF32 && DP == 128 ? 3 : 1;
   static constexpr int kLds = Fwd::kLds;
   static constexpr int kSmemBytes =
       (kBlockM + kBlockN) * kLds * static_cast<int>(sizeof(T)) + kBlockN * static_cast<int>(sizeof(int));
   static_assert(kSmemBytes <= 99 * 1024, "tile does not fit the 99 KiB shared-memory budget");
 };
 
-// Launches the forward kernel for dtype T (float, __half, __nv_bfloat16) and bucket DP on stream;
-// then, with key_group_mass, its second pass; returns the launch error, if any. Defined in
-// attention_kernel.cuh, instantiated per bucket.
-template <typename T, int DP>
-cudaError_t launch_attention(const AttentionParams& p, cudaStream_t stream);
+// Which per-element work a forward kernel compiles in. The lean variants (plain, entropy, masked)
+// take the fast path of the main loop: 16-byte aligned rows copied with cp.async only, the row max
+// taken over the raw scores with scale * log2(e) folded into the exponent (needs scale > 0), and
+// poison read from each tile's block results; without a key mask, full key tiles test nothing per
+// element (only the last, partial tile masks its padding keys). kFull keeps everything chosen at run time: any
+// statistic (entropy, distance, label mass, from the AttentionParams flags), the key mask,
+// unaligned rows, and any scale (the scores are scaled before the max). select_variant picks one.
+enum class Variant : int { kPlain = 0, kEntropy = 1, kMasked = 2, kFull = 3 };
 
-#define DIFFCIRC_DECLARE_ATTENTION_BUCKET(DP)                                                   \
-  extern template cudaError_t launch_attention<float, DP>(const AttentionParams&, cudaStream_t); \
-  extern template cudaError_t launch_attention<__half, DP>(const AttentionParams&, cudaStream_t); \
-  extern template cudaError_t launch_attention<__nv_bfloat16, DP>(const AttentionParams&, cudaStream_t);
+#define DIFFCIRC_FOR_EACH_VARIANT(X, T, DP) \
+  X(T, DP, Variant::kPlain) X(T, DP, Variant::kEntropy) X(T, DP, Variant::kMasked) X(T, DP, Variant::kFull)
+
+// The leanest variant that computes everything p asks for. Host code; scale > 0 excludes NaN, and
+// the bound keeps scale * log2(e) finite.
+inline Variant select_variant(const AttentionParams& p) {
+  const bool lean = p.q_vec && p.k_vec && p.v_vec && p.scale > 0.f && p.scale <= 1e38f &&
+                    !p.want_distance && !p.want_label_mass;
+  if (!lean) return Variant::kFull;
+  if (p.key_mask) return p.want_entropy ? Variant::kFull : Variant::kMasked;
+  return p.want_entropy ? Variant::kEntropy : Variant::kPlain;
+}
+
+// Launches the forward kernel of variant V for dtype T (float, __half, __nv_bfloat16) and bucket
+// DP on stream (on `device`, the current one); then, with key_group_mass, its second pass; returns
+// the launch error, if any. Kernel attributes are set once per device. Defined in
+// attention_kernel.cuh, instantiated per bucket.
+template <typename T, int DP, Variant V>
+cudaError_t launch_attention(const AttentionParams& p, cudaStream_t stream, int device);
+
+#define DIFFCIRC_DECLARE_ATTENTION_VARIANT(T, DP, V) \
+  extern template cudaError_t launch_attention<T, DP, V>(const AttentionParams&, cudaStream_t, int);
+#define DIFFCIRC_DECLARE_ATTENTION_BUCKET(DP)                                \
+  DIFFCIRC_FOR_EACH_VARIANT(DIFFCIRC_DECLARE_ATTENTION_VARIANT, float, DP)  \
+  DIFFCIRC_FOR_EACH_VARIANT(DIFFCIRC_DECLARE_ATTENTION_VARIANT, __half, DP) \
+  DIFFCIRC_FOR_EACH_VARIANT(DIFFCIRC_DECLARE_ATTENTION_VARIANT, __nv_bfloat16, DP)
 
 DIFFCIRC_FOR_EACH_HEAD_DIM_BUCKET(DIFFCIRC_DECLARE_ATTENTION_BUCKET)
 

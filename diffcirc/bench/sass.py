@@ -38,8 +38,9 @@ _RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 _INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _SECTION = re.compile(r"^\.nv\.info\.(\S+)")
 _MAX_THREADS = re.compile(r"Value:\s+0x([0-9a-f]+) 0x([0-9a-f]+) 0x([0-9a-f]+)")
-_KERNEL_NAME = re.compile(r"_ZN8diffcirc4cuda\d+(\w+?_kernel)I(\w+?)Li(\d+)E")
+_KERNEL_NAME = re.compile(r"_ZN8diffcirc4cuda\d+(\w+?_kernel)I(\w+?)Li(\d+)E(?:LNS0_7VariantE(\d+)E)?")
 _DTYPES = {"13__nv_bfloat16": "bf16", "6__half": "f16", "f": "f32"}
+_VARIANTS = {"0": "plain", "1": "entropy", "2": "masked", "3": "full"}  # enum Variant, csrc/cuda/attention_params.h
 
 
 class SassUnavailable(RuntimeError):
@@ -192,28 +193,45 @@ def ctas_per_sm(registers: int, threads: int) -> int:
 
 
 def describe_kernel(function: str) -> tuple:
-    """(kernel, dtype, head-dim bucket) of a mangled diffcirc kernel name, e.g.
-    ("attention_fwd_kernel", "bf16", 128); (function, "", 0) for another name."""
+    """(kernel, variant, dtype, head-dim bucket) of a mangled diffcirc kernel name, e.g.
+    ("attention_fwd_kernel", "plain", "bf16", 128); the variant is "" for a kernel without one
+    (key_group_mass_kernel); (function, "", "", 0) for another name."""
     m = _KERNEL_NAME.search(function)
     if not m:
-        return function, "", 0
-    return m.group(1), _DTYPES.get(m.group(2), m.group(2)), int(m.group(3))
+        return function, "", "", 0
+    variant = _VARIANTS.get(m.group(4), m.group(4)) if m.group(4) is not None else ""
+    return m.group(1), variant, _DTYPES.get(m.group(2), m.group(2)), int(m.group(3))
+
+
+def kernel_label(function: str) -> str:
+    """"<kernel> <variant> <dtype> <head dim>" (no variant for a kernel without one), what
+    ``report(kernels=...)`` searches: "attention_fwd_kernel plain bf16 64", "key_group_mass_kernel f16 128"."""
+    return " ".join(str(x) for x in describe_kernel(function) if x != "")
+
+
+def resource_usage(path: Optional[str] = None, tool: Optional[str] = None) -> dict:
+    """{(arch, function): (registers, stack, shared, local bytes)} of every kernel of the extension at
+    ``path`` (default: the built diffcirc._C), without disassembling any; SassUnavailable when it
+    holds no CUDA machine code."""
+    path = path or extension_path()
+    resources = parse_resources(_run(tool or find_cuobjdump(), ["-res-usage"], path))
+    if not resources:
+        raise SassUnavailable(f"{path} holds no CUDA machine code (built without CUDA?)")
+    return resources
 
 
 def report(path: Optional[str] = None, tool: Optional[str] = None, kernels: Optional[str] = None) -> list:
     """One row per (arch, kernel, dtype, head dim) of the extension at ``path`` (default: the built
     diffcirc._C), sorted; SassUnavailable when it holds no CUDA machine code.
 
-    kernels: a regular expression searched in "<kernel> <dtype> <head dim>" (e.g.
-    "attention_fwd_kernel bf16 64"); only the matching kernels are disassembled (all: ~1M lines)."""
+    kernels: a regular expression searched in kernel_label (e.g.
+    "attention_fwd_kernel (plain|entropy) bf16 64"); only the matching kernels are disassembled (all: ~1M lines)."""
     path = path or extension_path()
     tool = tool or find_cuobjdump()
-    resources = parse_resources(_run(tool, ["-res-usage"], path))
-    if not resources:
-        raise SassUnavailable(f"{path} holds no CUDA machine code (built without CUDA?)")
+    resources = resource_usage(path, tool)
     names = sorted({f for _, f in resources})
     if kernels is not None:
-        names = [f for f in names if re.search(kernels, " ".join(map(str, describe_kernel(f))))]
+        names = [f for f in names if re.search(kernels, kernel_label(f))]
         if not names:
             raise SassUnavailable(f"no kernel of {path} matches {kernels!r}")
         code = parse_sass(_run(tool, ["-sass", "-fun", ",".join(names)], path))
@@ -222,12 +240,12 @@ def report(path: Optional[str] = None, tool: Optional[str] = None, kernels: Opti
     threads = parse_max_threads(_run(tool, ["-elf"], path))
     rows = []
     for (arch, function), instructions in code.items():
-        kernel, dtype, head_dim = describe_kernel(function)
+        kernel, variant, dtype, head_dim = describe_kernel(function)
         regs, stack, shared, local = resources.get((arch, function), (0, 0, 0, 0))
         n_threads = threads.get((arch, function))
         loop = main_loop(instructions)
         rows.append({
-            "arch": arch, "kernel": kernel, "dtype": dtype, "head_dim": head_dim, "registers": regs,
+            "arch": arch, "kernel": kernel, "variant": variant, "dtype": dtype, "head_dim": head_dim, "registers": regs,
             "spill_bytes": local, "stack_bytes": stack, "static_shared_bytes": shared, "threads": n_threads,
             "ctas_per_sm_by_registers": ctas_per_sm(regs, n_threads) if n_threads else None,
             "instructions": len(instructions),
@@ -235,15 +253,15 @@ def report(path: Optional[str] = None, tool: Optional[str] = None, kernels: Opti
             "per_hmma": round(loop.per_hmma, 2) if loop else None,
             "compute_per_hmma": round(loop.compute_per_hmma, 2) if loop and loop.compute_per_hmma else None,
         })
-    return sorted(rows, key=lambda r: (r["arch"], r["kernel"], r["head_dim"], r["dtype"]))
+    return sorted(rows, key=lambda r: (r["arch"], r["kernel"], r["head_dim"], r["dtype"], r["variant"]))
 
 
-HEADER = (f"{'arch':6} {'kernel':22} {'dtype':5} {'D':>4} {'regs':>5} {'spill':>6} {'threads':>7} "
+HEADER = (f"{'arch':6} {'kernel':22} {'variant':7} {'dtype':5} {'D':>4} {'regs':>5} {'spill':>6} {'threads':>7} "
           f"{'CTAs/SM':>7} {'HMMA':>5} {'instr/HMMA':>10} {'compute/HMMA':>12}")
 
 
 def format_row(r: dict) -> str:
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-    return (f"{r['arch']:6} {r['kernel']:22} {r['dtype']:5} {r['head_dim']:>4} {r['registers']:>5} "
+    return (f"{r['arch']:6} {r['kernel']:22} {r['variant']:7} {r['dtype']:5} {r['head_dim']:>4} {r['registers']:>5} "
             f"{r['spill_bytes']:>6} {fmt(r['threads'], '>7')} {fmt(r['ctas_per_sm_by_registers'], '>7')} "
             f"{r['loop_hmma']:>5} {fmt(r['per_hmma'], '>10.2f')} {fmt(r['compute_per_hmma'], '>12.2f')}")

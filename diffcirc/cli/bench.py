@@ -157,9 +157,10 @@ def _joint_parser(sub):
 def _sass_parser(sub):
     p = sub.add_parser("sass", help="a static report of the CUDA kernels' machine code (registers, spills, CTAs per "
                                     "SM, SASS instructions per HMMA), read with cuobjdump: no GPU needed")
-    p.add_argument("--extension", metavar="PATH", help="a built diffcirc._C (default: the one imported)")
-    p.add_argument("--kernels", metavar="REGEX", help='only the kernels whose "<kernel> <dtype> <head dim>" matches, '
-                                                      'e.g. "fwd.*bf16 (64|128)$" (default: all)')
+    p.add_argument("--extension", metavar="PATH", help="a built diffcirc._C, or an object file nvcc compiled from one "
+                                                       "head-dim bucket (default: the diffcirc._C imported)")
+    p.add_argument("--kernels", metavar="REGEX", help='only the kernels whose "<kernel> <variant> <dtype> <head dim>" '
+                                                      'matches, e.g. "fwd.* plain bf16 (64|128)$" (default: all)')
     p.add_argument("--out", default=os.path.join("runs", "bench", "sass"), help="directory for results.json, results.csv")
     p.set_defaults(func=run_sass_command)
 

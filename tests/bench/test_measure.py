@@ -24,6 +24,45 @@ def test_time_call_warms_up_then_times_each_repeat():
     assert min(slow) >= 0.02  # seconds, and the sleep is inside every timed call
 
 
+class _FakeCuda:
+    """torch.cuda's events and synchronize as a log of what the timer asks for, in order."""
+
+    def __init__(self, monkeypatch):
+        self.log = []
+        fake = self
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                assert enable_timing
+                self.at = None
+
+            def record(self):
+                self.at = len(fake.log)
+                fake.log.append("record")
+
+            def synchronize(self):
+                fake.log.append("sync")
+
+            def elapsed_time(self, end):  # ms: the log entries between the two records
+                assert "sync" in fake.log[end.at:], "read before the events were waited for"
+                return float(end.at - self.at)
+
+        monkeypatch.setattr(torch.cuda, "Event", Event)
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: fake.log.append("sync"))
+
+    def call(self, arg=None):
+        self.log.append("call")
+
+
+def test_cuda_time_call_queues_the_timed_calls_back_to_back(monkeypatch):
+    cuda = _FakeCuda(monkeypatch)
+    times = measure.cuda_time_call(cuda.call, None, repeats=3, warmup=2)
+    # warm-up, a synchronize, one call queued ahead, then event / call / event three times with no
+    # wait among them (host overhead overlaps the GPU's work), and one synchronize at the end
+    assert cuda.log == ["call", "call", "sync", "call"] + ["record", "call", "record"] * 3 + ["sync"]
+    assert times == pytest.approx([2e-3] * 3)  # each sample spans its own call only
+
+
 def test_summarize_in_milliseconds():
     assert measure.summarize([0.003, 0.001, 0.002, 0.010]) == pytest.approx({"ms": 2.5, "ms_min": 1.0, "ms_max": 10.0})
 

@@ -10,7 +10,8 @@ from diffcirc.bench import sass
 from diffcirc.cli import main as cli_main
 from diffcirc.ops import extension
 
-FWD = "_ZN8diffcirc4cuda20attention_fwd_kernelI13__nv_bfloat16Li64EEEvNS0_15AttentionParamsE"
+FWD = "_ZN8diffcirc4cuda20attention_fwd_kernelI13__nv_bfloat16Li64ELNS0_7VariantE0EEEvNS0_15AttentionParamsE"
+FULL = "_ZN8diffcirc4cuda20attention_fwd_kernelIfLi512ELNS0_7VariantE3EEEvNS0_15AttentionParamsE"
 GROUP = "_ZN8diffcirc4cuda21key_group_mass_kernelI6__halfLi128EEEvNS0_15AttentionParamsE"
 
 
@@ -82,9 +83,12 @@ def test_resources_and_threads_are_read_per_arch_and_function():
 
 
 def test_kernel_names_are_demangled_to_kernel_dtype_and_bucket():
-    assert sass.describe_kernel(FWD) == ("attention_fwd_kernel", "bf16", 64)
-    assert sass.describe_kernel(GROUP) == ("key_group_mass_kernel", "f16", 128)
-    assert sass.describe_kernel("other") == ("other", "", 0)
+    assert sass.describe_kernel(FWD) == ("attention_fwd_kernel", "plain", "bf16", 64)
+    assert sass.describe_kernel(FULL) == ("attention_fwd_kernel", "full", "f32", 512)
+    assert sass.describe_kernel(GROUP) == ("key_group_mass_kernel", "", "f16", 128)
+    assert sass.describe_kernel("other") == ("other", "", "", 0)
+    assert sass.kernel_label(FWD) == "attention_fwd_kernel plain bf16 64"
+    assert sass.kernel_label(GROUP) == "key_group_mass_kernel f16 128"
 
 
 def test_report_of_the_built_extension(tmp_path, capsys):
@@ -95,7 +99,7 @@ def test_report_of_the_built_extension(tmp_path, capsys):
     except sass.SassUnavailable:
         pytest.skip("no cuobjdump on this machine (CUDA toolkit or triton)")
     # one head-dim bucket (the whole extension is ~1M lines of SASS)
-    rc = cli_main(["bench", "sass", "--kernels", "attention_fwd_kernel (f16|bf16) 64$", "--out", str(tmp_path)])
+    rc = cli_main(["bench", "sass", "--kernels", "attention_fwd_kernel plain (f16|bf16) 64$", "--out", str(tmp_path)])
     if not archs:  # a CPU-only build: said, not a traceback
         assert rc == 2 and "holds no CUDA machine code" in capsys.readouterr().err
         return
@@ -103,8 +107,8 @@ def test_report_of_the_built_extension(tmp_path, capsys):
     rows = json.loads((tmp_path / "results.json").read_text())["results"]
     compiled = {f"sm_{a.replace('.', '').replace('+PTX', '')}" for a in archs}
     assert {r["arch"] for r in rows} == compiled, tool
-    assert sorted((r["kernel"], r["dtype"], r["head_dim"]) for r in rows) == sorted(
-        ("attention_fwd_kernel", dtype, 64) for dtype in ("f16", "bf16") for _ in compiled)
+    assert sorted((r["kernel"], r["variant"], r["dtype"], r["head_dim"]) for r in rows) == sorted(
+        ("attention_fwd_kernel", "plain", dtype, 64) for dtype in ("f16", "bf16") for _ in compiled)
     for r in rows:  # a half-precision forward runs its main loop on the tensor cores
         assert r["loop_hmma"] > 0 and r["per_hmma"] > 1 and r["registers"] > 0 and r["threads"]
 
@@ -112,5 +116,43 @@ def test_report_of_the_built_extension(tmp_path, capsys):
 def test_a_filter_that_matches_no_kernel_is_said(tmp_path, capsys, monkeypatch):
     listing = "arch = sm_90\nResource usage:\n Function " + FWD + ":\n  REG:10 STACK:0 SHARED:0 LOCAL:0\n"
     monkeypatch.setattr(sass, "_run", lambda tool, flags, path: listing)
-    with pytest.raises(sass.SassUnavailable, match="no kernel of ext.so matches 'attention_fwd_kernel f32'"):
-        sass.report("ext.so", "cuobjdump", kernels="attention_fwd_kernel f32")
+    with pytest.raises(sass.SassUnavailable, match="no kernel of ext.so matches 'attention_fwd_kernel full f32'"):
+        sass.report("ext.so", "cuobjdump", kernels="attention_fwd_kernel full f32")
+
+
+# Issue 16's bounds on the forward kernel's machine code, at head dims 64 and 128, f16 and bf16, on
+# sm_80 and sm_90: the plain variant's main loop at most 6 SASS instructions per HMMA, the entropy
+# variant's at most 8 (FlashAttention-2 keeps near 4); two blocks per SM by the register file for
+# half precision up to head dim 128 (their shared memory, 56 and 69 KiB a block, fits twice in
+# sm_80's 164 KiB and sm_90's 228 KiB); no spills in any forward kernel up to head dim 256.
+BOUNDED_ARCHS = ("sm_80", "sm_90")
+MAX_PER_HMMA = {"plain": 6.0, "entropy": 8.0}
+
+
+def assert_forward_machine_code_bounds(path, tool):
+    """Fails where the forward kernels of the extension (or object file) at path break the bounds above."""
+    resources = sass.resource_usage(path, tool)
+    archs = sorted({arch for arch, _ in resources} & set(BOUNDED_ARCHS))
+    assert archs, f"{path} holds neither sm_80 nor sm_90 code"
+    spilled = [(arch, sass.kernel_label(f), res[3]) for (arch, f), res in resources.items()
+               if sass.describe_kernel(f)[0] == "attention_fwd_kernel" and 0 < sass.describe_kernel(f)[3] <= 256
+               and res[3] > 0]
+    assert not spilled, spilled
+    rows = sass.report(path, tool, kernels="attention_fwd_kernel (plain|entropy) b?f16 (64|128)$")
+    seen = {(r["arch"], r["variant"], r["dtype"], r["head_dim"]) for r in rows if r["arch"] in archs}
+    assert seen == {(a, v, d, hd) for a in archs for v in MAX_PER_HMMA for d in ("f16", "bf16") for hd in (64, 128)}
+    for r in (r for r in rows if r["arch"] in archs):
+        where = (r["arch"], r["variant"], r["dtype"], r["head_dim"])
+        assert r["loop_hmma"] > 0 and r["per_hmma"] <= MAX_PER_HMMA[r["variant"]], (where, r["per_hmma"])
+        assert r["ctas_per_sm_by_registers"] >= 2, (where, r["registers"], r["threads"])
+
+
+def test_forward_machine_code_within_the_issue_bounds():
+    ext = extension.load()
+    if ext is None or not list(ext.cuda_archs()):
+        pytest.skip("the extension was built without CUDA")
+    try:
+        tool = sass.find_cuobjdump()
+    except sass.SassUnavailable:
+        pytest.skip("no cuobjdump on this machine (CUDA toolkit or triton)")
+    assert_forward_machine_code_bounds(sass.extension_path(), tool)

@@ -351,6 +351,100 @@ def test_tasks_split_over_several_threads_agree_with_reference(dtype, kernel, se
 # ---- only the CUDA kernel ---------------------------------------------------------------------
 
 
+# The CUDA forward kernel's variants (csrc/cuda/attention_params.h, select_variant), each chosen by
+# what a call asks for, and its two kinds of key tile: full tiles without any per-score test and the
+# checked ones (the last, partial tile; every tile under a key mask). The tile is 64 keys at head
+# dims 32 and 64, 32 at 96 and 128: Nk = 256 is full tiles only, 300 ends in a partial tile, 40 is
+# one partial tile. These run on every kernel path (the CPU ones as well).
+VARIANT_CALLS = {
+    "plain": dict(stats=("lse",)),
+    "entropy": dict(stats=("lse", "entropy")),
+    "masked": dict(stats=("lse",), masked=True),
+    "full": dict(stats=("lse", "entropy"), masked=True),  # a mask with a statistic: the run-time variant
+}
+
+
+def _variant_kwargs(name, B, Nk, device):
+    call = dict(VARIANT_CALLS[name])
+    kw = dict(stats=call["stats"])
+    if call.get("masked"):
+        mask = torch.rand(B, Nk, device=device) > 0.3
+        mask[:, 0] = True
+        mask[-1, :] = False  # one batch element fully masked: out 0, lse -inf
+        kw["key_padding_mask"] = mask
+    return kw
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("Nk", [256, 300, 40], ids=["full-tiles", "partial-last-tile", "one-partial-tile"])
+@pytest.mark.parametrize("variant", VARIANT_CALLS)
+def test_kernel_variants_and_key_tiles_match_the_reference(variant, Nk, D, dtype, kernel):
+    q, k, v = (rand(2, 2, n, D, dtype=dtype, device=kernel) for n in (100, Nk, Nk))
+    kw = _variant_kwargs(variant, 2, Nk, kernel)
+    r = attention(q, k, v, **kw)
+    ref = reference_attention(q, k, v, **kw)
+    if "key_padding_mask" in kw:  # (plain PyTorch, the yardstick of assert_out_close, takes no mask)
+        assert torch.all(r.out[-1] == 0) and torch.all(torch.isneginf(r.lse[-1]))
+        assert (r.out.double() - ref.out).abs().max().item() <= out_tol(dtype)
+    else:
+        assert_out_close(r.out, ref, q, k, v, dtype)
+    assert_stats_close(r, ref, dtype, kw["stats"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("variant", ["plain", "entropy"])
+def test_lean_variants_find_poison_from_tile_maxima_and_sums(dtype, variant, kernel):
+    # non_finite_case without the statistics that need the run-time variant: a NaN query (its p, and
+    # so its tile's sum, are NaN), a +inf key in a full tile (the tile max is +inf) and a NaN key in
+    # the partial last tile; the poisoned rows are NaN in out and in every statistic asked for, the
+    # others finite and equal to the reference
+    q, k, v, _, bad = non_finite_case(dtype, kernel)
+    kw = dict(stats=VARIANT_CALLS[variant]["stats"])
+    r = attention(q, k, v, **kw)
+    ref = reference_attention(q, k, v, **kw)
+    assert torch.equal(torch.isnan(ref.out).any(-1), bad)
+    for name in ("out", *kw["stats"]):
+        got = getattr(r, name)
+        assert torch.isnan(got[bad]).all(), name
+        assert torch.isfinite(got[~bad]).all(), name
+    assert (r.out[~bad].double() - ref.out[~bad]).abs().max().item() <= out_tol(dtype)
+    for name in kw["stats"]:
+        assert torch.allclose(getattr(r, name)[~bad].double(), getattr(ref, name)[~bad], atol=1e-3, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_masked_variant_never_poisons_from_masked_keys(dtype, kernel):
+    # masked_non_finite_case with the mask and lse only (the masked variant): NaN and +inf keys under
+    # the mask, in a full and in the partial tile, leave their rows finite; an unmasked NaN key still
+    # poisons; a row whose every logit is -inf is a fully masked row
+    q, k, v, kw = masked_non_finite_case(dtype, kernel)
+    kw = dict(key_padding_mask=kw["key_padding_mask"], stats=("lse",))
+    r = attention(q, k, v, **kw)
+    ref = reference_attention(q, k, v, **kw)
+    assert torch.isnan(r.out[1, 0]).all() and torch.isnan(r.lse[1, 0]).all() and torch.isnan(r.out[0, 0, 3]).all()
+    assert torch.isneginf(r.lse[0, 0, 7]) and torch.all(r.out[0, 0, 7] == 0)
+    assert torch.isfinite(r.out[1, 1]).all() and torch.isfinite(r.lse[1, 1]).all()
+    assert (r.out[1, 1].double() - ref.out[1, 1]).abs().max().item() <= out_tol(dtype)
+    assert torch.allclose(r.lse[1, 1].double(), ref.lse[1, 1], atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("case", ["negative-scale", "zero-scale", "unaligned-rows"])
+def test_calls_outside_the_lean_variants_match_the_reference(case, dtype, kernel):
+    # scale <= 0 (the max of the raw scores is not the max of the logits) and rows that are not
+    # 16-byte aligned take the run-time variant, with lse alone asked for
+    q, k, v = (rand(1, 2, n, 64, dtype=dtype, device=kernel) for n in (70, 300, 300))
+    scale = {"negative-scale": -0.2, "zero-scale": 0.0}.get(case)
+    if case == "unaligned-rows":  # views starting one element into rows of 65: 2-byte aligned only
+        q, k, v = (F.pad(x, (1, 0))[..., 1:] for x in (q, k, v))
+        assert q.data_ptr() % 16 != 0 and q.stride(2) == 65
+    r = attention(q, k, v, scale=scale, stats=("lse",))
+    ref = reference_attention(q, k, v, scale=scale, stats=("lse",))
+    assert_out_close(r.out, ref, q, k, v, dtype, scale=scale)
+    assert_stats_close(r, ref, dtype, ("lse",))
+
+
 def _to(x, device):
     """x (a tensor, a tuple of them, or anything else) on device."""
     if isinstance(x, tuple):

@@ -14,12 +14,14 @@ DESCRIPTIONS = {
 }
 SHARE_NAMES = {"matched": "explained", "exposure": "relative"}
 DEFINITION = ("r_S = H(natural) / H(synthetic), r_C = H(natural) / H(control), means over images. A matched "
-              "control (framing, spectrum) is the synthetic set with one property of the natural set: explained = "
-              "(r_S \u2212 r_C) / (r_S \u2212 1), the share of the ratio's distance from 1 that matching the property "
-              "removes (1: all of it, 0: none). The seen control is natural images the model was trained on: relative "
-              "= (r_C \u2212 1) / (r_S \u2212 1), the seen/unseen difference beside the natural/synthetic one. "
+              "control (framing, spectrum) is the synthetic set with one property of the natural set, image by "
+              "image, and r_S is taken over its synthetic sources alone: explained = (r_S \u2212 r_C) / "
+              "(r_S \u2212 1), the share of the ratio's distance from 1 that matching the property removes (1: all "
+              "of it, 0: none). The seen control is natural images the model was trained on: relative = "
+              "(r_C \u2212 1) / (r_S \u2212 1), the seen/unseen difference beside the natural/synthetic one. "
               "Cohen's d: natural minus control image means over their pooled sd. Intervals: 95% bootstrap over "
-              "images; shares are left out (\u2014) where r_S's own interval holds 1.")
+              "images (a matched control image and its source drawn together); shares are left out (\u2014) where "
+              "r_S's own interval holds 1.")
 
 
 def _d(r: dict) -> str:
@@ -33,7 +35,7 @@ def _share(r: dict, kind: str) -> str:
     return DASH if text == DASH else f"{SHARE_NAMES.get(kind, 'share')} {text}"
 
 
-POOLED_HEADERS = ["control", "n", "H(nat) / H(control) [95% CI]", "Cohen's d [95% CI]", "permutation p",
+POOLED_HEADERS = ["control", "n control / synthetic", "H(nat) / H(control) [95% CI]", "Cohen's d [95% CI]", "permutation p",
                   "H(nat) / H(syn)", "share of the ratio [95% CI]"]
 TIMESTEP_HEADERS = ["timestep", "H(nat) / H(syn)", "control", "H(nat) / H(control)", "Cohen's d", "share"]
 
@@ -43,7 +45,7 @@ def pooled_rows(controls: Optional[dict]) -> list:
     rows = []
     for name, c in ((controls or {}).get("by_control") or {}).items():
         r = c["pooled"]
-        rows.append([name, r.get("n_control"), fmt_ci(r), _d(r), fmt_p_of(r), fmt_ci(r.get("synthetic_ratio")),
+        rows.append([name, f"{r.get('n_control')} / {r.get('n_synthetic')}", fmt_ci(r), _d(r), fmt_p_of(r), fmt_ci(r.get("synthetic_ratio")),
                      _share(r, c["kind"])])
     return rows
 

@@ -72,28 +72,44 @@ def test_an_effect_of_the_faces_themselves_is_not_explained_by_framing(toy_sets)
     assert got["ci_high"] < 1  # framed like the natural faces, the control is still as far from them
 
 
-def test_cohens_d_and_the_intervals_against_float64_numpy_and_scipy():
+@pytest.mark.parametrize("kind", [metrics.MATCHED, metrics.EXPOSURE])
+def test_cohens_d_and_the_intervals_against_float64_numpy_and_scipy(kind):
+    """A matched control is paired with its synthetic sources (the same ids, resampled together),
+    an exposure control stands beside every synthetic image (resampled apart)."""
     rng = np.random.default_rng(7)
     nat, syn, ctl = rng.normal(3.0, 0.1, 20), rng.normal(3.2, 0.1, 30), rng.normal(3.05, 0.12, 25)
-    got = _summary({"natural": {100: nat}, "synthetic": {100: syn}, "framing": {100: ctl}}, n_resamples=4000)["pooled"]
+    ctl[:] = syn[:25] - 0.15 + rng.normal(0, 0.03, 25)  # a control image follows its source
+    per_image = pd.concat([_frame("synthetic", {100: syn}), _frame("natural", {100: nat})], ignore_index=True)
+    got = metrics.matched_controls(per_image, _frame("c", {100: ctl}), {"c": kind}, n_resamples=4000,
+                                   seed=1)["c"]["pooled"]
+    compared = syn[:25] if kind == metrics.MATCHED else syn
+    assert got["n_synthetic"] == compared.size and got["n_control"] == 25
     pooled = math.sqrt(((nat.size - 1) * nat.var(ddof=1) + (ctl.size - 1) * ctl.var(ddof=1)) / (nat.size + ctl.size - 2))
     assert got["cohens_d"] == pytest.approx((nat.mean() - ctl.mean()) / pooled, rel=1e-12)
     assert got["value"] == pytest.approx(nat.mean() / ctl.mean(), rel=1e-12)
-    assert got["share"]["value"] == pytest.approx((nat.mean() / syn.mean() - nat.mean() / ctl.mean())
-                                                  / (nat.mean() / syn.mean() - 1), rel=1e-12)
+    r_s, r_c = nat.mean() / compared.mean(), nat.mean() / ctl.mean()
+    assert got["synthetic_ratio"]["value"] == pytest.approx(r_s, rel=1e-12)
+    assert got["share"]["value"] == pytest.approx((r_s - r_c) / (r_s - 1) if kind == metrics.MATCHED
+                                                  else (r_c - 1) / (r_s - 1), rel=1e-12)
 
     def cohens_d(a, b, axis=-1):
         va, vb = a.var(axis=axis, ddof=1), b.var(axis=axis, ddof=1)
         return (a.mean(axis) - b.mean(axis)) / np.sqrt(((a.shape[axis] - 1) * va + (b.shape[axis] - 1) * vb)
                                                         / (a.shape[axis] + b.shape[axis] - 2))
 
-    def share(n, s, c, axis=-1):
-        r_s, r_c = n.mean(axis) / s.mean(axis), n.mean(axis) / c.mean(axis)
-        return (r_s - r_c) / (r_s - 1)
+    def share(n, s_mean, c_mean):
+        r_s, r_c = n / s_mean, n / c_mean
+        return (r_s - r_c) / (r_s - 1) if kind == metrics.MATCHED else (r_c - 1) / (r_s - 1)
 
-    for (lo, hi), data, fn in [((got["cohens_d_ci_low"], got["cohens_d_ci_high"]), (nat, ctl), cohens_d),
-                               ((got["share"]["ci_low"], got["share"]["ci_high"]), (nat, syn, ctl), share)]:
-        ref = st.bootstrap(data, fn, n_resamples=20000, method="percentile", rng=np.random.default_rng(0))
+    if kind == metrics.MATCHED:  # resample natural images, and pair indices
+        data = (nat, np.arange(25))
+        share_of = lambda n, k, axis=-1: share(n.mean(axis), syn[k].mean(axis), ctl[k].mean(axis))  # noqa: E731
+    else:
+        data = (nat, syn, ctl)
+        share_of = lambda n, s, c, axis=-1: share(n.mean(axis), s.mean(axis), c.mean(axis))  # noqa: E731
+    for (lo, hi), sample, fn in [((got["cohens_d_ci_low"], got["cohens_d_ci_high"]), (nat, ctl), cohens_d),
+                                 ((got["share"]["ci_low"], got["share"]["ci_high"]), data, share_of)]:
+        ref = st.bootstrap(sample, fn, n_resamples=20000, method="percentile", rng=np.random.default_rng(0))
         width = ref.confidence_interval.high - ref.confidence_interval.low
         assert lo == pytest.approx(ref.confidence_interval.low, abs=0.1 * width)
         assert hi == pytest.approx(ref.confidence_interval.high, abs=0.1 * width)

@@ -45,7 +45,7 @@ random-weights control):
   ...}]}}, each row with the natural/control ratio test
   (value, ci_low, ci_high, p_value, p_floor, cohens_d, cohens_d_ci_low, cohens_d_ci_high),
   synthetic_ratio {value, ci_low, ci_high} and share {value, ci_low, ci_high} (explained for a
-  matched control, relative for the exposure one), n_control; framing [{set, x, y, width, height,
+  matched control, relative for the exposure one), n_control, n_synthetic; framing [{set, x, y, width, height,
   size}] (the face boxes, ``controls.framing_set``; null without the framing control); null without
   controls_per_image
 - random_control: {complexity_ratio, entropy, entropy_divergence, roles (role summary)}

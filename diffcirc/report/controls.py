@@ -65,7 +65,6 @@ def timestep_rows(controls: Optional[dict]) -> list:
 
 FRAMING_HEADERS = ["set", "centre x", "centre y", "eye distance", "eyes to mouth", "size"]
 FRAMING_SETS = {"natural": "natural (estimated from its mean image)", "synthetic": "synthetic (generator geometry)",
-                "synthetic_estimated": "synthetic (estimated as the natural set)",
                 "framing_estimated": "framing control (estimated as the natural set)"}
 
 

@@ -135,8 +135,9 @@ def _controls_section(s: dict) -> Optional[Section]:
         items.append(Table(control_tables.FRAMING_HEADERS, framing,
                            "Face boxes in fractions of the frame: centre halfway between the eyes' midpoint and the "
                            "mouth, eye distance, eyes-to-mouth distance, size = sqrt of their product. The framing "
-                           "control is cropped so that each face's generator box becomes the natural one; the "
-                           "estimated rows run the natural set's estimator on each set's mean image."))
+                           "control is cropped so that each face's generator box becomes the natural one; its estimated "
+                           "row runs the natural set's estimator on the framed images' mean (the eyes are reliable "
+                           "there, the mouth less so: a grey synthetic mouth is not darker than every skin tone)."))
     return Section("Matched-stimulus controls of the complexity ratio", items)
 
 

@@ -11,7 +11,9 @@ set's images built from the study's own images (the image operations are ``data.
     seen      n natural images of the training split (LFW: the bundled model's training faces,
               unflipped; CelebA: its train partition), beside the held-out natural set.
 
-n is ``control_n``, default the natural set's size. The derived sets (framing, spectrum) keep their
+n is ``control_n``, at most and by default the synthetic set's size (the seen set: fewer where the
+training split has fewer, 80 for LFW): a derived set then holds every synthetic image, and its
+comparison's synthetic ratio is the study's own complexity ratio. The derived sets (framing, spectrum) keep their
 source image's id, and so its noise: a control image differs from its synthetic source in the
 matched property alone. ``metrics.matched_controls`` turns their traces into the summary's numbers.
 """
@@ -24,7 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..data import load_dataset
+from ..data import LFWFaces, load_dataset
 from ..data.controls import (FaceBox, channel_moments, estimate_face_box, match_moments, match_spectrum,
                              radial_amplitude, reframe, synthetic_face_box)
 from .metrics import CONTROL_KINDS
@@ -77,10 +79,12 @@ def spectrum_set(images, natural_images) -> torch.Tensor:
 
 
 def seen_dataset(config, size: int, n: int):
-    """The natural training images of the seen control (LFW without the training flips)."""
-    kind, _, path = config.natural.partition(":")
-    spec = "lfw-train" if kind.startswith("lfw") else config.natural
-    return load_dataset(spec, size=size, n=n, seed=config.seed, split="train")
+    """The first n (at most all) natural training images of the seen control: LFW's 80 training
+    faces without their training flips, or CelebA's train partition."""
+    if config.natural.partition(":")[0].startswith("lfw"):
+        faces = LFWFaces(split="train", size=size, flip=False)
+        return torch.utils.data.Subset(faces, range(min(n, len(faces))))
+    return load_dataset(config.natural, size=size, n=n, seed=config.seed, split="train")
 
 
 __all__ = ["CONTROLS", "SEEN_INDEX", "ControlSet", "available", "framing_set", "seen_dataset",

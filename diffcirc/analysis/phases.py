@@ -264,7 +264,7 @@ class Experiment:
         table (empty without the framing control)). Every rank builds the same sets."""
         names = control_sets.available(self.c)
         syn, nat = self.data["synthetic"], self.data["natural"]
-        n = min(self.c.control_n or len(nat.ids), len(syn.ids))
+        n = min(self.c.control_n or len(syn.ids), len(syn.ids))
         sets, framing = {}, pd.DataFrame(columns=["set", "x", "y", "width", "height", "size"])
         src = syn.ids[:n]
         for name in names:

@@ -90,7 +90,7 @@ def register(subparsers):
                 "(synthetic faces cropped to the natural set's face box), spectrum (synthetic images with the "
                 "natural radial amplitude spectrum and channel moments), seen (natural training images); "
                 "none for no controls (default: " + " ".join(d["controls"]) + ")")
-    option("control_n", type=positive(int), help="images per control set (default: as many as the natural set)")
+    option("control_n", type=positive(int), help="images per control set, at most the synthetic set's (default: as many as it has)")
     option("batch_size", type=positive(int), help="images per traced forward pass at most (default %(default)s)")
     option("vae_batch_size", type=positive(int), help="images per VAE encoder pass of a latent model at most "
                                                        "(default %(default)s)")

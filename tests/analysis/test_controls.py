@@ -124,11 +124,13 @@ def test_framing_and_seen_need_aligned_natural_faces_with_a_training_split(natur
     assert controls.available(AnalysisConfig(natural=natural, controls=())) == ()
 
 
-def test_seen_images_are_lfw_training_faces_unflipped():
-    seen = controls.seen_dataset(AnalysisConfig(), SIZE, 20)
+@pytest.mark.parametrize("n", [20, 100])
+def test_seen_images_are_lfw_training_faces_unflipped(n):
+    seen = controls.seen_dataset(AnalysisConfig(), SIZE, n)
     train = set(lfw_split_indices("train"))
     sources = [seen[i]["source"] for i in range(len(seen))]
-    assert len(sources) == 20 and all(s.startswith("lfw:") and not s.endswith(":flip") for s in sources)
+    assert len(sources) == min(n, LFW_TRAIN_COUNT) and all(s.startswith("lfw:") and not s.endswith(":flip")
+                                                           for s in sources)
     assert {int(s.split(":")[1]) for s in sources} <= train and len(train) == LFW_TRAIN_COUNT
 
 

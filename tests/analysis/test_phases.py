@@ -195,16 +195,17 @@ def test_a_derived_control_is_traced_with_its_sources_noise(tiny_experiment, mon
     assert not (abs(framing - synthetic.sort_values(keys)["mean"].to_numpy()) < 1e-6).all()  # a real crop differs
 
 
-def test_control_sets_hold_as_many_images_as_the_natural_set_unless_told(tiny_experiment):
+def test_control_sets_hold_as_many_images_as_the_synthetic_set_unless_told(tiny_experiment):
     exp = tiny_experiment
-    sets, framing = exp.control_data()
-    assert {name: (len(d.ids), d.index) for name, d in sets.items()} == {"framing": (2, 0), "spectrum": (2, 0),
-                                                                         "seen": (2, 2)}
-    assert set(framing["set"]) >= {"natural", "synthetic"}
-    given = exp.c
+    given, natural_ids = exp.c, exp.data["natural"].ids
     try:
+        exp.data["natural"].ids = natural_ids[:1]  # a smaller natural set does not shrink the controls
+        sets, framing = exp.control_data()
+        assert {name: (len(d.ids), d.index) for name, d in sets.items()} == {"framing": (2, 0), "spectrum": (2, 0),
+                                                                             "seen": (2, 2)}
+        assert set(framing["set"]) >= {"natural", "synthetic"}
         exp.c = dataclasses.replace(given, control_n=1, controls=("seen",))
         sets, framing = exp.control_data()
+        assert list(sets) == ["seen"] and len(sets["seen"].ids) == 1 and framing.empty
     finally:
-        exp.c = given
-    assert list(sets) == ["seen"] and len(sets["seen"].ids) == 1 and framing.empty
+        exp.c, exp.data["natural"].ids = given, natural_ids

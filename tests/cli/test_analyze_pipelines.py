@@ -36,7 +36,7 @@ T_ABLATE = 600
 OPTIONS = ["--synthetic", str(N), "--natural", "lfw", "--natural-n", str(N), "--timesteps", str(T_ABLATE),
            "--ablation-timesteps", str(T_ABLATE), "--ablation-images", str(N), "--role-control-reps", "1",
            "--size", str(tp.IMAGE_SIZE), "--threads", "1"]
-ENCODED = 2 * N + 3 * N  # both datasets, and the three control sets of as many images as the natural set
+ENCODED = 2 * N + 3 * N  # both datasets, and the three control sets of as many images as the synthetic set
 TABLES = ("layers", "aggregates", "histograms", "per_image", "image_histograms", "maps", "controls_per_image",
           "features_maps", "ablations", "attribution", "role_ablations", "circuit")
 

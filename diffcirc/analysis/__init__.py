@@ -7,11 +7,12 @@ meta.json; summaries and reports are made from the saved folder.
     summary = summarise(out)                                              # summary.json
 
 config       AnalysisConfig (every default of the study, once), default timesteps, noise per image
-phases       Experiment: trace, features, ablations, attribution, role ablations, circuit -> tables
+phases       Experiment: trace, controls, features, ablations, attribution, role ablations, circuit -> tables
 driver       run_analysis: the phases as resumable work units, then meta.json
 units        the manifest of finished work units of a folder
 folder_lock  one run per output folder (an exclusive lock naming its holder's pid)
 distributed  the processes of a torchrun launch and the collectives the phases need
+controls     the matched-stimulus control sets (framing, spectrum, seen) built from the study's images
 image_maps   edge / texture maps of images and role-relevant errors of predicted x0
 metrics      entropy profiles, complexity ratio, entropy divergence, degradation, attribution agreement
 roles        head features, the eight role rules and their random-weights checks, layer-matched

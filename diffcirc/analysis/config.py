@@ -63,6 +63,8 @@ class AnalysisConfig:
     ig_steps: int = 8                     # integrated-gradient steps of the attribution over the gates (0: none)
     sample_maps: int = 4                  # images per dataset whose per-query maps are kept
     random_control: bool = True
+    controls: tuple = ("framing", "spectrum", "seen")  # matched-stimulus control sets traced (``controls``)
+    control_n: int | None = None          # images per control set, at most (and by default) the synthetic set's
     batch_size: int = 64
     vae_batch_size: int = 8               # images per VAE encoder pass (latent models; at full resolution)
     max_batch: int = 64                   # batch elements per forward pass of batched conditions (on a CPU larger passes gain nothing)

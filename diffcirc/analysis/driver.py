@@ -26,6 +26,7 @@ import torch
 from .. import __version__
 from ..files import write_image, write_json, write_table
 from .config import AnalysisConfig
+from .controls import available as available_controls
 from .distributed import Ranks
 from .folder_lock import hold_folder
 from .phases import Experiment
@@ -42,6 +43,7 @@ class Phase(NamedTuple):
 PHASES = (
     Phase("trace", Experiment.trace, ("layers", "aggregates", "histograms", "per_image", "image_histograms", "maps"),
           ()),
+    Phase("controls", Experiment.controls, ("controls_per_image", "controls_framing"), ()),
     Phase("features", Experiment.map_features, ("features_maps",), ("trace",)),
     Phase("ablations", Experiment.ablations, ("ablations",), ()),
     Phase("attribution", Experiment.attribution, ("attribution",), ()),
@@ -139,6 +141,7 @@ def meta(config: AnalysisConfig, exp: Experiment, processes: int, wall_time_s: f
         "noise": [{"timestep": int(t), **exp.noising.describe(t)} for t in resolved.timesteps],
         "data": {name: {"spec": config.synthetic_spec if name == "synthetic" else config.natural,
                         "n": len(d.ids), "image_size": exp.size} for name, d in exp.data.items()},
+        "controls": list(available_controls(config)),
         "layers": len(exp.session.layers),
         "heads": len(exp.heads),
         "timesteps": list(resolved.timesteps),

@@ -22,6 +22,19 @@ Definitions (entropy in nats throughout):
   and timesteps of H(natural) over the same for synthetic when every image has every cell).
   Interval: bootstrap over images, both datasets resampled independently; p-value: permutation
   of dataset labels over images (two-sided, statistic: the ratio).
+- Matched-stimulus controls (``matched_controls``): a control set C is traced like the natural (N)
+  and synthetic (S) sets; per timestep and pooled, r_S = H(N) / H(S) (the complexity ratio) and
+  r_C = H(N) / H(C), both means over images. A *matched* control is the synthetic set with one
+  property taken from the natural set (framing, spectrum and moments): explained =
+  (r_S - r_C) / (r_S - 1), the share of the ratio's distance from 1 that matching the property
+  removes (1: all of it, 0: none, < 0: matching widens the gap, > 1: it overshoots). An *exposure*
+  control is a natural set the model was trained on: relative = (r_C - 1) / (r_S - 1), how large
+  the seen/unseen difference is beside the natural/synthetic one. A matched control's images are
+  derived from synthetic images (its first n), and r_S is taken over those sources alone, so that
+  the two ratios differ in the matched property only. Intervals: percentile bootstrap over
+  images, the natural images drawn once per resample for both ratios; a matched control image
+  and its source drawn together (one unit), an exposure control's images and the synthetic ones
+  independently. Where r_S's own interval holds 1 neither share is defined (NaN).
 - Degradation of an ablation: 100 x (mean L_ablated - mean L_clean) / mean L_clean over the
   images (paired: same images, noise and timestep). Interval: paired bootstrap over images of
   that percent; p-value: paired sign-flip permutation test of the mean difference
@@ -48,7 +61,7 @@ from . import significance
 
 __all__ = [
     "complete_layers", "entropy_profile", "js_divergence", "entropy_divergence", "entropy_divergence_null",
-    "complexity_ratio", "complexity_ratio_point", "degradation", "degradation_range", "attribution_agreement",
+    "complexity_ratio", "complexity_ratio_point", "matched_controls", "degradation", "degradation_range", "attribution_agreement",
 ]
 
 HEAD = ["layer", "head"]
@@ -319,6 +332,100 @@ def complexity_ratio_point(aggregates: pd.DataFrame, model: str = "trained",
     if h_num.empty or h_den.empty or h_den.mean() == 0:
         return math.nan
     return float(h_num.mean() / h_den.mean())
+
+
+# --------------------------------------------------------------------------- matched controls
+
+MATCHED, EXPOSURE = "matched", "exposure"
+CONTROL_KINDS = {"framing": MATCHED, "spectrum": MATCHED, "seen": EXPOSURE}  # the sets of ``analysis.controls``
+
+
+def _share(kind: str, r_synthetic, r_control):
+    """explained (matched) or relative (exposure) of the module docstring, elementwise."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        gap = np.asarray(r_synthetic, np.float64) - 1.0
+        if kind == MATCHED:
+            return (np.asarray(r_synthetic, np.float64) - np.asarray(r_control, np.float64)) / gap
+        return (np.asarray(r_control, np.float64) - 1.0) / gap
+
+
+def control_share(natural, synthetic, control, kind: str = MATCHED, n_resamples: int = 2000,
+                  confidence: float = 0.95, seed: int = 0, paired: bool = False) -> dict:
+    """{value, ci_low, ci_high} of a control's share (``_share``: explained or relative) from the
+    per-image means (1-D arrays) of the three sets, with the bootstrap of the module docstring:
+    natural images resampled once per draw for both ratios; with ``paired`` the synthetic and
+    control arrays are aligned pairs (a control image and its synthetic source), resampled
+    together, else each on its own. NaN when a set is empty."""
+    n, s, c = (np.asarray(x, np.float64) for x in (natural, synthetic, control))
+    if paired:
+        if s.shape != c.shape:
+            raise ValueError(f"paired synthetic and control means need equal lengths, got {s.size} and {c.size}")
+        ok = np.isfinite(s) & np.isfinite(c)
+        s, c = s[ok], c[ok]
+    else:
+        s, c = s[np.isfinite(s)], c[np.isfinite(c)]
+    n = n[np.isfinite(n)]
+    if not (n.size and s.size and c.size):
+        return {"value": math.nan, "ci_low": math.nan, "ci_high": math.nan}
+    value = float(_share(kind, n.mean() / s.mean(), n.mean() / c.mean()))
+    rng = np.random.default_rng(seed)
+    mn = n[rng.integers(0, n.size, (n_resamples, n.size))].mean(1)
+    pick_s = rng.integers(0, s.size, (n_resamples, s.size))
+    pick_c = pick_s if paired else rng.integers(0, c.size, (n_resamples, c.size))
+    draws = _share(kind, mn / s[pick_s].mean(1), mn / c[pick_c].mean(1))
+    draws = draws[np.isfinite(draws)]
+    tail = 100 * (1 - confidence) / 2
+    lo, hi = (float(np.percentile(draws, q)) for q in (tail, 100 - tail)) if draws.size else (math.nan, math.nan)
+    return {"value": value, "ci_low": lo, "ci_high": hi}
+
+
+def matched_controls(per_image: pd.DataFrame, control_per_image: pd.DataFrame, kinds: dict, model: str = "trained",
+                     n_resamples: int = 2000, seed: int = 0, confidence: float = 0.95, stat: str = "entropy") -> dict:
+    """Each control set beside the complexity ratio (definitions in the module docstring).
+
+    per_image: the trace's per-image table (datasets "synthetic" and "natural"); control_per_image:
+    the same columns with one dataset per control; kinds: {control name: MATCHED or EXPOSURE}. A
+    matched control's images are derived from the synthetic images of the same ids: it is compared
+    with those synthetic images alone, pair by pair (``control_share(paired=True)``); an exposure
+    control with every synthetic image.
+    Returns {control: {kind, pooled, by_timestep}}: pooled and each by_timestep row hold the
+    natural/control ratio test (value, ci_low, ci_high, p_value, p_floor, cohens_d (natural minus
+    control image means over their pooled sd) and its interval, as ``complexity_ratio``),
+    synthetic_ratio (the natural/synthetic ratio on the synthetic images compared, value and
+    interval), share {value, ci_low, ci_high} (explained or relative; NaN where the synthetic
+    ratio's interval holds 1), n_control and n_synthetic."""
+    both = pd.concat([_select(per_image, model=model, stat=stat), _select(control_per_image, model=model, stat=stat)],
+                     ignore_index=True)
+    steps = sorted(both["timestep"].unique()) if "timestep" in both.columns else []
+
+    def means(name, timestep=None) -> pd.Series:
+        images = _image_means(both, model, stat, timestep)
+        return images.loc[images["dataset"] == name].set_index("image")["mean"].astype(np.float64).sort_index()
+
+    def compare(name, kind, timestep=None):
+        nat, syn, ctl = means("natural", timestep), means("synthetic", timestep), means(name, timestep)
+        paired = kind == MATCHED
+        if paired:  # each control image beside its own synthetic source
+            ids = ctl.index.intersection(syn.index)
+            syn, ctl = syn.loc[ids], ctl.loc[ids]
+        nat, syn, ctl = nat.to_numpy(), syn.to_numpy(), ctl.to_numpy()
+        row = _ratio_test(nat, ctl, n_resamples, seed, confidence)
+        synth = significance.ratio_of_means_ci(nat, syn, n_resamples=n_resamples, confidence=confidence, seed=seed)
+        row["synthetic_ratio"] = {"value": synth.value, "ci_low": synth.ci_low, "ci_high": synth.ci_high}
+        share = control_share(nat, syn, ctl, kind, n_resamples, confidence, seed, paired=paired)
+        if not (synth.ci_low > 1 or synth.ci_high < 1):  # no gap to explain, or one the interval cannot tell from 0
+            share = {k: math.nan for k in share}
+        row["share"] = share
+        row["n_control"], row["n_synthetic"] = int(ctl.size), int(syn.size)
+        return row
+
+    out = {}
+    for name, kind in kinds.items():
+        if not (control_per_image["dataset"] == name).any():
+            continue
+        out[name] = {"kind": kind, "pooled": compare(name, kind),
+                     "by_timestep": [{"timestep": int(t), **compare(name, kind, t)} for t in steps]}
+    return out
 
 
 # --------------------------------------------------------------------------- degradation

@@ -6,6 +6,9 @@ tables in ``experiment.tables`` (``diffcirc.analysis.driver`` saves them as resu
                  together: the unit of the divergence's permutation null), per-query maps of a few
                  sample images
                  (model = "trained" and the "random"-weights control of the same architecture)
+     controls    the same per-image entropy trace of the matched-stimulus control sets
+                 (``controls``: framing- and spectrum-matched synthetic faces, seen natural
+                 images), trained model only
   2. features    correlations of each head's entropy map with edge / texture maps of the image
   3. ablations   every single head zero- and mean-ablated at each ablation timestep (batched, each
                  condition resumed from the clean pass at the first stage it changes)
@@ -39,6 +42,7 @@ from ..processor import (Mean, Recorder, Session, Zero, head_attribution, integr
                          mean_head_outputs, run_conditions)
 from ..processor.grid import labels_to_grid
 from ..processor.stage_reuse import StageReuse, stage_units
+from . import controls as control_sets
 from . import image_maps
 from .circuit import (EVAL_COLUMNS, TRACE_COLUMNS, greedy_minimal_circuit, kept_heads, random_head_sets,
                       resample_weights, split_images)
@@ -97,7 +101,21 @@ class _Data:
         self.labels = torch.stack([torch.as_tensor(it["labels"]) for it in items]).long()
         self.ids = list(range(len(items)))
         self.sources = [it.get("source", "") for it in items]
+        self.attributes = [it.get("attributes", {}) for it in items]
         self.x0 = self.images
+
+    @classmethod
+    def of_control(cls, name: str, control: "control_sets.ControlSet") -> "_Data":
+        """A control set as a dataset: its images at rows 0..n-1 hold the given ids (a derived set
+        keeps its sources' ids, so their noise)."""
+        d = cls.__new__(cls)
+        d.name, d.index, d.ids, d.sources, d.attributes = name, control.index, list(control.ids), control.sources, []
+        d.images = torch.zeros(max(d.ids) + 1, *control.images.shape[1:])
+        d.images[d.ids] = control.images.float()
+        d.labels = torch.zeros(max(d.ids) + 1, *control.labels.shape[1:], dtype=torch.long)
+        d.labels[d.ids] = control.labels.long()
+        d.x0 = d.images
+        return d
 
     def batches(self, batch_size, n=None, ids=None):
         """(ids, x0, labels) batches of the first n images, or of these ids."""
@@ -149,23 +167,25 @@ class Experiment:
         if encode:
             self.encode_latents()
 
-    def encode_latents(self) -> None:
-        """Latent models: every dataset's x0 becomes its VAE latents (N, C, S/f, S/f). Each rank
-        encodes its share of the images (or reads them back from ``out/latents``), then every
-        rank receives all of them; a rank's failure stops every rank. Pixel models: nothing."""
+    def encode_latents(self, datasets: dict | None = None) -> None:
+        """Latent models: every dataset's x0 (``datasets``, default the study's two) becomes its VAE
+        latents (N, C, S/f, S/f). Each rank encodes its share of the images (or reads them back
+        from ``out/latents``), then every rank receives all of them; a rank's failure stops every
+        rank. Pixel models: nothing."""
         if self.cache is None:
             return
+        datasets = self.data if datasets is None else datasets
         shares, error = {}, None
         try:
-            for name, d in self.data.items():
+            for name, d in datasets.items():
                 mine = self.ranks.shard(d.ids)
                 shares[name] = (mine, self.cache.latents(d.images[mine], [d.sources[i] for i in mine]) if mine else None)
         except Exception as e:  # e.g. a full disk on one machine: no rank may wait in the gather below
             error = e
         self.ranks.check(error)
-        for name, d in self.data.items():
+        for name, d in datasets.items():
             pieces = [(ids, z) for ids, z in self.ranks.all_gather(shares[name]) if ids]
-            x0 = torch.empty(len(d.ids), *pieces[0][1].shape[1:])
+            x0 = torch.zeros(len(d.images), *pieces[0][1].shape[1:])
             for ids, z in pieces:
                 x0[ids] = z
             d.x0 = x0
@@ -208,14 +228,7 @@ class Experiment:
             for name, d in self.data.items():
                 rec = Recorder(stats=("entropy", "distance", "label_mass"), bins=self.c.bins, per_image=True,
                                maps={"images": samples[name], "stats": ["entropy"]}, image_histograms=("entropy",))
-                for t in self.c.timesteps:
-                    for ids, x0, labels in d.batches(per_pass, ids=shards[name]):
-                        x_t, _ = self.noisy(d, ids, x0, t)
-                        rec.set_tags(model=model_name, dataset=name, timestep=int(t), image_ids=ids)
-                        with torch.no_grad(), session.trace(rec, labels=labels.to(self.device)):
-                            self.forward(unet, x_t, t)
-                        bar.update(len(ids))
-                rec.all_reduce()
+                self.trace_dataset(session, unet, model_name, d, rec, shards[name], per_pass, bar)
                 aggregates.append(rec.to_frame())
                 histograms.append(rec.histograms())
                 per_image.append(rec.per_image_frame())
@@ -231,6 +244,62 @@ class Experiment:
             "per_image": pd.concat(per_image, ignore_index=True),
             "image_histograms": pd.concat(image_histograms, ignore_index=True),
             "maps": pd.concat(maps, ignore_index=True).rename(columns={"value": "entropy"}).drop(columns=["stat"]),
+        })
+
+    def trace_dataset(self, session: Session, unet, model_name: str, d: _Data, rec: Recorder, ids: list,
+                      per_pass: int, bar) -> None:
+        """Trace these ids of d (this rank's share) at every timestep into rec, then all-reduce it."""
+        for t in self.c.timesteps:
+            for batch, x0, labels in d.batches(per_pass, ids=ids):
+                x_t, _ = self.noisy(d, batch, x0, t)
+                rec.set_tags(model=model_name, dataset=d.name, timestep=int(t), image_ids=batch)
+                with torch.no_grad(), session.trace(rec, labels=labels.to(self.device)):
+                    self.forward(unet, x_t, t)
+                bar.update(len(batch))
+        rec.all_reduce()
+
+    # -- 1b. matched-stimulus controls -----------------------------------------------------------
+    def control_data(self) -> tuple:
+        """({control: _Data} of the controls this run traces (``controls.available``), the framing
+        table (empty without the framing control)). Every rank builds the same sets."""
+        names = control_sets.available(self.c)
+        syn, nat = self.data["synthetic"], self.data["natural"]
+        n = min(self.c.control_n or len(syn.ids), len(syn.ids))
+        sets, framing = {}, pd.DataFrame(columns=["set", "x", "y", "width", "height", "size"])
+        src = syn.ids[:n]
+        for name in names:
+            if name == "framing":
+                images, labels, sources, framing = control_sets.framing_set(
+                    syn.images[src], syn.labels[src], [syn.attributes[i] for i in src], [syn.sources[i] for i in src],
+                    nat.images)
+                control = control_sets.ControlSet(images, labels, src, syn.index, sources)
+            elif name == "spectrum":
+                images = control_sets.spectrum_set(syn.images[src], nat.images)
+                control = control_sets.ControlSet(images, syn.labels[src], src, syn.index,
+                                                  [f"spectrum:{syn.sources[i]}" for i in src])
+            else:  # seen
+                sets[name] = _Data(name, control_sets.SEEN_INDEX, control_sets.seen_dataset(self.c, self.size, n))
+                continue
+            sets[name] = _Data.of_control(name, control)
+        return sets, framing
+
+    def controls(self):
+        sets, framing = self.control_data()
+        self.encode_latents(sets)
+        shards = {name: self.ranks.shard(d.ids) for name, d in sets.items()}
+        bar = self.progress(total=sum(len(ids) for ids in shards.values()) * len(self.c.timesteps), desc="controls",
+                            unit="img")
+        per_image = []
+        per_pass = self.trace_batch(self.session, self.unet) if sets else 1
+        for name, d in sets.items():
+            rec = Recorder(stats=("entropy",), bins=self.c.bins, per_image=True)
+            self.trace_dataset(self.session, self.unet, "trained", d, rec, shards[name], per_pass, bar)
+            per_image.append(rec.per_image_frame())
+        bar.close()
+        self.tables.update({
+            "controls_per_image": pd.concat(per_image, ignore_index=True) if per_image else
+            pd.DataFrame(columns=["model", "dataset", "timestep", "image", "layer", "head", "stat", "mean"]),
+            "controls_framing": framing,
         })
 
     def trace_batch(self, session: Session, unet) -> int:

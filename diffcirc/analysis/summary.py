@@ -40,6 +40,14 @@ random-weights control):
   magnitude {rho, p_value, n} (|score| against |percent|), per_group [{dataset, timestep, rho,
   p_value, n, rho_magnitude, p_magnitude}], integrated {rho, p_value, n, magnitude} (the same with the
   integrated-gradient scores, null without a score_ig column)} (``metrics.attribution_agreement``)
+- controls: {by_control, framing}: by_control is ``metrics.matched_controls`` of the
+  controls_per_image table, {control: {kind (matched | exposure), pooled, by_timestep [{timestep,
+  ...}]}}, each row with the natural/control ratio test
+  (value, ci_low, ci_high, p_value, p_floor, cohens_d, cohens_d_ci_low, cohens_d_ci_high),
+  synthetic_ratio {value, ci_low, ci_high} and share {value, ci_low, ci_high} (explained for a
+  matched control, relative for the exposure one), n_control, n_synthetic; framing [{set, x, y, width, height,
+  size}] (the face boxes, ``controls.framing_set``; null without the framing control); null without
+  controls_per_image
 - random_control: {complexity_ratio, entropy, entropy_divergence, roles (role summary)}
 - meta (meta.json as written by the driver), tables (the tables found), settings
 """
@@ -63,7 +71,8 @@ from ..files import read_table, write_json
 __all__ = ["TABLES", "read_table", "read_meta", "summarise", "json_safe"]
 
 TABLES = ("aggregates", "histograms", "per_image", "image_histograms", "layers", "features_maps", "ablations",
-          "role_ablations", "circuit", "circuit_resamples", "circuit_eval", "attribution", "maps")
+          "role_ablations", "circuit", "circuit_resamples", "circuit_eval", "attribution", "controls_per_image",
+          "controls_framing", "maps")
 SUMMARY_FILE = "summary.json"
 
 
@@ -155,11 +164,20 @@ def _complexity(per_image, aggregates, n_resamples: int, seed: int, model: str, 
     return None
 
 
+def _controls(per_image, control_per_image, framing, n_resamples: int, seed: int) -> Optional[dict]:
+    if per_image is None or per_image.empty or control_per_image is None or control_per_image.empty:
+        return None
+    out = metrics.matched_controls(per_image, control_per_image, metrics.CONTROL_KINDS, n_resamples=n_resamples, seed=seed)
+    if not out:
+        return None
+    return {"by_control": out, "framing": framing if framing is not None and len(framing) else None}
+
+
 def summarise(out_dir, n_resamples: int = 2000, seed: int = 0, rules: Optional[RoleRules] = None,
               top: int = 10, write: bool = True) -> dict:
     """Build (and by default write as ``out_dir/summary.json``) the summary of a run.
 
-    Keys: complexity_ratio, entropy_divergence, entropy, roles, role_summary, role_validation,
+    Keys: complexity_ratio, controls, entropy_divergence, entropy, roles, role_summary, role_validation,
     degradation, circuit, attribution_spearman, random_control, meta, tables, settings (module
     docstring). ``n_resamples`` and ``seed`` drive every bootstrap
     and permutation test; ``top`` is the number of most-degrading heads listed.
@@ -180,6 +198,7 @@ def summarise(out_dir, n_resamples: int = 2000, seed: int = 0, rules: Optional[R
     if control_ratio is None and "random" in models:
         control_ratio = _complexity(None, agg, n_resamples, seed, "random", None)
 
+    summary["controls"] = _controls(t["per_image"], t["controls_per_image"], t["controls_framing"], n_resamples, seed)
     summary["entropy_divergence"] = _divergence(t["histograms"], agg, t["image_histograms"], "trained", n_resamples,
                                                 seed)
     summary["entropy"] = _entropy_overview(agg, layers, "trained") if has_agg else None

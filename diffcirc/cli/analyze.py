@@ -19,6 +19,21 @@ def _modes(text):
     return modes
 
 
+class _Controls(argparse.Action):
+    """--controls NAME [NAME ...] as a tuple of known control names; "none" alone: no controls."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from ..analysis.controls import CONTROLS
+
+        if values == ["none"]:
+            setattr(namespace, self.dest, ())
+            return
+        unknown = [v for v in values if v not in CONTROLS]
+        if unknown:
+            parser.error(f"{option_string}: unknown control {unknown[0]!r}; choose from {', '.join(CONTROLS)}, or none")
+        setattr(namespace, self.dest, tuple(dict.fromkeys(values)))
+
+
 def register(subparsers):
     p = subparsers.add_parser("analyze", help="run the circuit study and write tables, summary.json and a report",
                               description=__doc__.splitlines()[0])
@@ -70,6 +85,12 @@ def register(subparsers):
                                                    "%(default)s)")
     p.add_argument("--no-random-control", dest="random_control", action="store_false", default=d["random_control"],
                    help="skip the random-weights control model")
+    option("controls", nargs="+", action=_Controls, metavar="CONTROL",
+           help="matched-stimulus control sets traced beside the natural/synthetic complexity ratio: framing "
+                "(synthetic faces cropped to the natural set's face box), spectrum (synthetic images with the "
+                "natural radial amplitude spectrum and channel moments), seen (natural training images); "
+                "none for no controls (default: " + " ".join(d["controls"]) + ")")
+    option("control_n", type=positive(int), help="images per control set, at most the synthetic set's (default: as many as it has)")
     option("batch_size", type=positive(int), help="images per traced forward pass at most (default %(default)s)")
     option("vae_batch_size", type=positive(int), help="images per VAE encoder pass of a latent model at most "
                                                        "(default %(default)s)")

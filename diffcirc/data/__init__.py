@@ -1,5 +1,7 @@
 """Datasets for diffcirc: procedural synthetic faces with part labels, CelebA, image folders, and the
-offline natural images shipped in scikit-image (LFW faces, sample photographs).
+offline natural images shipped in scikit-image (LFW faces, sample photographs); ``controls`` holds
+the image operations behind the study's matched-stimulus controls (face-box crops, spectrum and
+moment matching).
 
 Every dataset yields dicts ``{"image": (3, S, S) float32 in [-1, 1], "labels": (S, S) int64,
 "attributes": dict, "source": str}``; ``collate`` batches them for a DataLoader.

@@ -233,3 +233,25 @@ def _paint(a: dict, size: int, colour: bool = True):
         if colour:
             image[mouth & _ellipse(fx, fy, mx, my, mw * 0.65, 0.08)] = np.array([0.25, 0.05, 0.07])
     return image, labels
+
+
+def face_landmarks(attrs: dict) -> dict:
+    """Where the generator puts a face's eye centres and mouth centre: {"left_eye", "right_eye",
+    "mouth": (x, y)} in the normalised image coordinates of ``_paint`` (x right, y down, [-1, 1]).
+
+    The same face-local positions ``_paint`` draws at (eyes at fy = -0.12 beside the yaw shift,
+    the mouth's ellipse centre at fy = 0.52; a smile's band curves around that point), mapped back
+    through the face's radii and roll."""
+    rx0, ry0 = FACE_SHAPES[attrs["face_shape"]]
+    rx, ry = rx0 * attrs["face_size"], ry0 * attrs["face_size"]
+    th = np.deg2rad(attrs["roll_deg"])
+    shift = 0.35 * attrs["yaw"]
+
+    def image_xy(fx, fy):
+        dx, dy = fx * rx, fy * ry  # undo the division by the radii, then the rotation
+        return (float(attrs["center_x"] + dx * np.cos(th) - dy * np.sin(th)),
+                float(attrs["center_y"] + dx * np.sin(th) + dy * np.cos(th)))
+
+    return {"left_eye": image_xy(shift - attrs["eye_spacing"], -0.12),
+            "right_eye": image_xy(shift + attrs["eye_spacing"], -0.12),
+            "mouth": image_xy(shift * 0.9, 0.52)}

@@ -18,6 +18,7 @@ from ..analysis import metrics
 from ..analysis.roles import ROLE_LABELS
 from ..analysis.summary import SUMMARY_FILE, read_table, summarise
 from ..files import write_text
+from . import controls as control_tables
 from . import figures, paper
 from .formatting import DASH, fmt, fmt_ci, fmt_p, fmt_p_eq, fmt_p_of, fmt_range, mean_sd, role_row
 
@@ -118,6 +119,28 @@ def _ratio_by_timestep(cr: Optional[dict], rc: Optional[dict]) -> list:
                   rows)]
 
 
+def _controls_section(s: dict) -> Optional[Section]:
+    """The matched-stimulus controls beside the complexity ratio: pooled, per timestep, and the face
+    boxes the framing control matched."""
+    controls = s.get("controls")
+    if not controls or not controls.get("by_control"):
+        return None
+    sets = "; ".join(f"{name}: {control_tables.DESCRIPTIONS.get(name, name)}" for name in controls["by_control"])
+    items = [Text(f"Control sets ({sets}), traced like the study's sets on the trained model. "
+                  + control_tables.DEFINITION),
+             Table(control_tables.POOLED_HEADERS, control_tables.pooled_rows(controls), "Pooled over timesteps."),
+             Table(control_tables.TIMESTEP_HEADERS, control_tables.timestep_rows(controls), "Per timestep.")]
+    framing = control_tables.framing_rows(controls)
+    if framing:
+        items.append(Table(control_tables.FRAMING_HEADERS, framing,
+                           "Face boxes in fractions of the frame: centre halfway between the eyes' midpoint and the "
+                           "mouth, eye distance, eyes-to-mouth distance, size = sqrt of their product. The framing "
+                           "control is cropped so that each face's generator box becomes the natural one; its estimated "
+                           "row runs the natural set's estimator on the framed images' mean (the eyes are reliable "
+                           "there, the mouth less so: a grey synthetic mouth is not darker than every skin tone)."))
+    return Section("Matched-stimulus controls of the complexity ratio", items)
+
+
 def _entropy_sections(out_dir: Path, s: dict, t: dict) -> list:
     out = []
     agg = t.get("aggregates")
@@ -140,6 +163,9 @@ def _entropy_sections(out_dir: Path, s: dict, t: dict) -> list:
                  f"Random-weights control: {fmt_ci(rc)}."),
             *_ratio_by_timestep(cr, rc),
         ]))
+    controls = _controls_section(s)
+    if controls is not None:
+        out.append(controls)
     div = s.get("entropy_divergence")
     rdiv = (s.get("random_control") or {}).get("entropy_divergence")
     fig = figures.divergence({"trained": div, "random": rdiv})

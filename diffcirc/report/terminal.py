@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Optional, TextIO
 
+from . import controls as control_tables
 from . import paper
 from .formatting import DASH, fmt, fmt_ci, fmt_p, fmt_p_of, fmt_range, mean_sd, role_row
 
@@ -46,6 +47,12 @@ def print_summary(summary: dict, file: Optional[TextIO] = None) -> None:
     ]
     print(f"paper: \"{paper.TITLE}\"", file=file)
     print(_table(["quantity", "paper (reported)", "ours: trained", "ours: random weights"], rows), file=file)
+    controls = s.get("controls")
+    if controls and controls.get("by_control"):
+        print(file=file)
+        print(_table(control_tables.POOLED_HEADERS, control_tables.pooled_rows(controls)), file=file)
+        print(file=file)
+        print(_table(control_tables.TIMESTEP_HEADERS, control_tables.timestep_rows(controls)), file=file)
     roles = s.get("role_summary")
     if roles:
         ctrl = rc.get("roles")

@@ -33,6 +33,8 @@ TABLES = {
     "circuit_eval": {"dataset", "split", "timestep", "condition", "rep", "n_removed", "image", "loss_clean",
                      "loss_ablated"},
     "features_maps": {"model", "dataset", "timestep", "layer", "head", "edge_corr", "texture_corr", "n_images"},
+    "controls_per_image": {"model", "dataset", "timestep", "image", "layer", "head", "stat", "mean"},
+    "controls_framing": {"set", "x", "y", "width", "height", "size"},
 }
 
 
@@ -113,8 +115,10 @@ def test_output_schema(run):
     for name in ("summary.json", "report.html", "report.md", "meta.json"):
         assert (run / name).exists()
     summary = json.loads((run / "summary.json").read_text())
-    for key in ("complexity_ratio", "entropy_divergence", "roles", "degradation", "circuit", "attribution_spearman", "meta"):
+    for key in ("complexity_ratio", "controls", "entropy_divergence", "roles", "degradation", "circuit",
+                "attribution_spearman", "meta"):
         assert key in summary
+    assert set(summary["controls"]["by_control"]) == {"framing", "spectrum", "seen"}
     assert {"value", "ci_low", "ci_high", "p_value"} <= set(summary["complexity_ratio"])
     assert summary["meta"]["wall_time_s"] > 0
 

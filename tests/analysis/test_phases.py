@@ -173,3 +173,39 @@ def test_each_rank_encodes_its_share_of_the_latents_and_receives_all(tmp_path, s
     for r in range(2):
         for name, d in alone.data.items():
             torch.testing.assert_close(ranks[r].data[name].x0, d.x0, rtol=1e-5, atol=1e-6)
+
+
+def test_a_derived_control_is_traced_with_its_sources_noise(tiny_experiment, monkeypatch):
+    """A spectrum 'control' that leaves the images as they are must trace exactly as its synthetic
+    sources do: the same images, ids and noise, through the same trace."""
+    import diffcirc.analysis.controls as control_sets
+
+    exp = tiny_experiment
+    monkeypatch.setattr(control_sets, "spectrum_set", lambda images, natural: images.clone())
+    exp.trace()
+    exp.controls()
+    keys = ["timestep", "image", "layer", "head", "stat"]
+    synthetic = exp.tables["per_image"].query("model == 'trained' and dataset == 'synthetic' and stat == 'entropy'")
+    control = exp.tables["controls_per_image"].query("dataset == 'spectrum'")
+    assert set(exp.tables["controls_per_image"]["dataset"]) == {"framing", "spectrum", "seen"}
+    assert len(control) == len(synthetic) > 0
+    pd.testing.assert_series_equal(*(t.sort_values(keys)["mean"].reset_index(drop=True) for t in (synthetic, control)),
+                                   rtol=1e-6)
+    framing = exp.tables["controls_per_image"].query("dataset == 'framing'").sort_values(keys)["mean"].to_numpy()
+    assert not (abs(framing - synthetic.sort_values(keys)["mean"].to_numpy()) < 1e-6).all()  # a real crop differs
+
+
+def test_control_sets_hold_as_many_images_as_the_synthetic_set_unless_told(tiny_experiment):
+    exp = tiny_experiment
+    given, natural_ids = exp.c, exp.data["natural"].ids
+    try:
+        exp.data["natural"].ids = natural_ids[:1]  # a smaller natural set does not shrink the controls
+        sets, framing = exp.control_data()
+        assert {name: (len(d.ids), d.index) for name, d in sets.items()} == {"framing": (2, 0), "spectrum": (2, 0),
+                                                                             "seen": (2, 2)}
+        assert set(framing["set"]) >= {"natural", "synthetic"}
+        exp.c = dataclasses.replace(given, control_n=1, controls=("seen",))
+        sets, framing = exp.control_data()
+        assert list(sets) == ["seen"] and len(sets["seen"].ids) == 1 and framing.empty
+    finally:
+        exp.c, exp.data["natural"].ids = given, natural_ids

@@ -31,6 +31,20 @@ def test_options_set_their_fields(tmp_path):
         batch_size=4, max_batch=8, max_memory=1024, seed=7, wait=True)
 
 
+@pytest.mark.parametrize("argv, controls", [([], ("framing", "spectrum", "seen")), (["--controls", "none"], ()),
+                                            (["--controls", "seen", "framing", "seen"], ("seen", "framing"))])
+def test_controls_option_names_the_control_sets(tmp_path, argv, controls):
+    assert config_of("--out", str(tmp_path), *argv).controls == controls
+    assert config_of("--out", str(tmp_path), "--control-n", "5").control_n == 5
+
+
+@pytest.mark.parametrize("argv", [["--controls", "blur"], ["--controls", "none", "seen"], ["--controls"]])
+def test_unknown_controls_are_refused(tmp_path, capsys, argv):
+    with pytest.raises(SystemExit) as exit_:
+        config_of("--out", str(tmp_path), *argv)
+    assert exit_.value.code == 2 and "--controls" in capsys.readouterr().err
+
+
 def test_pipeline_options_set_their_fields(tmp_path):
     config = config_of("--out", str(tmp_path), "--prompt", "a photo of a face", "--max-sequence-length", "77",
                        "--size", "512", "--vae-batch-size", "2", "--dtype", "bfloat16")

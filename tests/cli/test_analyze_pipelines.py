@@ -36,8 +36,9 @@ T_ABLATE = 600
 OPTIONS = ["--synthetic", str(N), "--natural", "lfw", "--natural-n", str(N), "--timesteps", str(T_ABLATE),
            "--ablation-timesteps", str(T_ABLATE), "--ablation-images", str(N), "--role-control-reps", "1",
            "--size", str(tp.IMAGE_SIZE), "--threads", "1"]
-TABLES = ("layers", "aggregates", "histograms", "per_image", "image_histograms", "maps", "features_maps", "ablations",
-          "attribution", "role_ablations", "circuit")
+ENCODED = 2 * N + 3 * N  # both datasets, and the three control sets of as many images as the synthetic set
+TABLES = ("layers", "aggregates", "histograms", "per_image", "image_histograms", "maps", "controls_per_image",
+          "features_maps", "ablations", "attribution", "role_ablations", "circuit")
 
 
 @pytest.fixture(scope="module")
@@ -129,8 +130,8 @@ def test_sd_pipeline_with_a_prompt(setup, sd_run):
     assert meta["family"] == "sd" and meta["image_size"] == tp.IMAGE_SIZE
     layers = pd.read_parquet(sd_run / "layers.parquet")
     assert (layers[layers.kind == "cross"].n_keys == tp.CLIP_LENGTH).all()  # the prompt's tokens are the keys
-    # the latents were encoded once, both datasets, into the run's folder
-    assert len(list((sd_run / "latents").rglob("*.safetensors"))) == 2 * N
+    # the latents were encoded once, both datasets and the control sets, into the run's folder
+    assert len(list((sd_run / "latents").rglob("*.safetensors"))) == ENCODED
     # oracle: the pipeline's own prompt encoding, VAE and scheduler, the UNet called as the pipeline calls it
     with torch.no_grad():
         x0 = pipe.vae.encode(_natural_images()).latent_dist.mean * pipe.vae.config.scaling_factor
@@ -325,8 +326,8 @@ def test_killed_run_resumes_to_identical_results(setup, sd_run, tmp_path, monkey
                                                 for p in driver.PHASES))
         with pytest.raises(KeyboardInterrupt):
             _tables_of(args)
-    assert set(json.loads((out / "manifest.json").read_text())["units"]) == {"trace", "features"}
-    assert len(list((out / "latents").rglob("*.safetensors"))) == 2 * N
+    assert set(json.loads((out / "manifest.json").read_text())["units"]) == {"trace", "controls", "features"}
+    assert len(list((out / "latents").rglob("*.safetensors"))) == ENCODED
     encoded = []
     encode = LatentCache.latents
     monkeypatch.setattr(LatentCache, "latents", lambda self, *a: (encoded.append(self), encode(self, *a))[1])
@@ -334,7 +335,8 @@ def test_killed_run_resumes_to_identical_results(setup, sd_run, tmp_path, monkey
     _tables_of(args)
     assert {name: (out / name).stat().st_mtime_ns for name in kept} == kept  # not computed twice
     assert encoded and all(cache.encoded == 0 for cache in encoded)  # every latent read back, none encoded again
-    for name in ("aggregates", "per_image", "ablations", "attribution", "role_ablations", "circuit"):
+    for name in ("aggregates", "per_image", "controls_per_image", "ablations", "attribution", "role_ablations",
+                 "circuit"):
         pd.testing.assert_frame_equal(pd.read_parquet(out / f"{name}.parquet"),
                                       pd.read_parquet(sd_run / f"{name}.parquet"), rtol=1e-6, obj=name)
 

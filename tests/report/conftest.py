@@ -124,3 +124,33 @@ def report_dir(tmp_path):
 def report_tables(tmp_path_factory):
     """The same folder, shared by a module's tests that only render into it."""
     return _report_folder(tmp_path_factory.mktemp("report"))
+
+
+def _control_row(value, lo, hi, d, d_lo, d_hi, synthetic, share, share_lo, share_hi, n=5, n_synthetic=5, p=0.0312):
+    return {"value": value, "ci_low": lo, "ci_high": hi, "p_value": p, "p_floor": 1 / 2001, "n_permutations": 2000,
+            "cohens_d": d, "cohens_d_ci_low": d_lo, "cohens_d_ci_high": d_hi,
+            "synthetic_ratio": {"value": synthetic, "ci_low": synthetic - 0.011, "ci_high": synthetic + 0.012},
+            "share": {"value": share, "ci_low": share_lo, "ci_high": share_hi}, "n_control": n,
+            "n_synthetic": n_synthetic}
+
+
+CONTROLS = {  # two controls of recognisable numbers: framing (matched) and seen (exposure)
+    "by_control": {
+        "framing": {"kind": "matched", "pooled": _control_row(0.981, 0.975, 0.987, -1.23, -1.9, -0.61, 0.952,
+                                                              0.604, 0.41, 0.77, p=1 / 2001),
+                    "by_timestep": [{"timestep": 100, **_control_row(0.962, 0.95, 0.97, -2.1, -2.8, -1.4, 0.921,
+                                                                     0.517, 0.33, 0.69)},
+                                    {"timestep": 900, **_control_row(0.999, 0.99, 1.01, 0.05, -0.6, 0.7, 0.998,
+                                                                     None, None, None)}]},
+        "seen": {"kind": "exposure", "pooled": _control_row(1.004, 0.99, 1.02, 0.11, -0.5, 0.74, 0.95, -0.083, -0.31,
+                                                            0.16, n_synthetic=7),
+                 "by_timestep": []}},
+    "framing": [{"set": "natural", "x": 0.4321, "y": 0.5432, "width": 0.2719, "height": 0.3991, "size": 0.3294}],
+}
+
+
+
+@pytest.fixture
+def hand_controls():
+    """A copy of CONTROLS, the summary's "controls" key written by hand."""
+    return copy.deepcopy(CONTROLS)

@@ -171,3 +171,23 @@ def test_empty_folder_renders_the_paper_beside_dashes(tmp_path):
     rows = md_tables(paths["md"].read_text())
     assert rows[PAPER_ROW][1:] == ["1.084", f"{DASH}; p = {DASH}", DASH]
     assert paths["figures"] == [] and (tmp_path / "summary.json").is_file()
+
+
+def test_controls_section_shows_each_control_beside_the_ratio(tmp_path, hand_summary, hand_controls):
+    hand_summary["controls"] = hand_controls
+    md = render(tmp_path, hand_summary)["md"].read_text()
+    section = md_section(md, "Matched-stimulus controls of the complexity ratio")
+    rows = md_tables(section)
+    assert rows["framing"][1:] == ["5 / 5", "0.981 [0.975, 0.987]", "-1.23 [-1.90, -0.61]",
+                                   "p \u2264 0.0005, the floor of 2000 permutations", "0.952 [0.941, 0.964]",
+                                   "explained 0.60 [0.41, 0.77]"]
+    assert rows["seen"][1:] == ["5 / 7", "1.004 [0.990, 1.020]", "0.11 [-0.50, 0.74]", "p = 0.0312",
+                                "0.950 [0.939, 0.962]", "relative -0.08 [-0.31, 0.16]"]
+    per_step = [r for r in md_rows(section) if r[0] in ("100", "900")]
+    assert per_step == [["100", "0.921 [0.910, 0.933]", "framing", "0.962 [0.950, 0.970]", "-2.10 [-2.80, -1.40]",
+                         "explained 0.52 [0.33, 0.69]"],
+                        ["900", "0.998 [0.987, 1.010]", "framing", "0.999 [0.990, 1.010]", "0.05 [-0.60, 0.70]",
+                         DASH]]
+    assert rows["natural (estimated from its mean image)"][1:] == ["0.432", "0.543", "0.272", "0.399", "0.329"]
+    hand_summary["controls"] = None
+    assert "Matched-stimulus controls" not in render(tmp_path, hand_summary)["md"].read_text()

@@ -46,3 +46,16 @@ def test_changed_summary_changes_the_printout(hand_summary):
     assert _row(out, "complexity ratio nat/syn").split()[:7] == ["1.084", "0.913", "[0.871,", "0.950]", "p", "=",
                                                                  "0.5000"]
     assert "87.7" not in out and "1.237" not in out and "wall time: 3.0 s" in out
+
+
+def test_controls_are_printed_pooled_and_per_timestep(hand_summary, hand_controls):
+    hand_summary["controls"] = hand_controls
+    out = _printed(hand_summary)
+    assert _row(out, "framing ").split() == ["5", "/", "5", "0.981", "[0.975,", "0.987]", "-1.23", "[-1.90,", "-0.61]",
+                                            "p", "\u2264", "0.0005,", "the", "floor", "of", "2000", "permutations",
+                                            "0.952", "[0.941,", "0.964]", "explained", "0.60", "[0.41,", "0.77]"]
+    assert _row(out, "100 ").split() == ["0.921", "[0.910,", "0.933]", "framing", "0.962", "[0.950,", "0.970]", "-2.10",
+                                         "[-2.80,", "-1.40]", "explained", "0.52", "[0.33,", "0.69]"]
+    assert "relative -0.08 [-0.31, 0.16]" in _row(out, "seen ")
+    hand_summary["controls"] = None
+    assert "explained" not in _printed(hand_summary)

@@ -22,6 +22,7 @@
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -41,11 +42,30 @@ namespace {
 constexpr int64_t kQueryBlock = 128;  // rows per task
 constexpr int64_t kKeyBlock = 512;    // keys per tile: a 128 x 512 float tile is 256 KiB, L2-sized
 
-// Row stride of a tile holding `cols` columns: a multiple of 16 plus 16, so that its rows are never
-// a multiple of 4 KiB apart. At 512 float32 columns (2 KiB) the 16 rows an AMX tile or a vector
-// loop touches at once fall into two L1 sets and evict each other: the Q K^T product ran 5x slower
-// than the P V product of the same size.
-constexpr int64_t padded_row(int64_t cols) { return (cols + 15) / 16 * 16 + 16; }
+// Row stride (elements) of a tile or packed block holding `cols` columns: an odd multiple of 32,
+// so that rows of float32 (and bfloat16 pairs) start on 64-byte lines and the 16 or 32 rows an AMX
+// tile or a vector loop touches at once fall into as many L1 sets. At 512 float32 columns (2 KiB
+// apart) the Q K^T product's 16-row tiles fell into two sets and ran 5x slower than the P V product
+// of the same size; bfloat16 rows that straddle lines cost oneDNN's AMX loads up to 2x.
+constexpr int64_t padded_row(int64_t cols) {
+  const int64_t lines = (cols + 31) / 32;
+  return 32 * (lines | 1);
+}
+
+// Tiles and packed blocks start on 64-byte lines (see padded_row).
+template <typename T>
+struct LineAligned {
+  using value_type = T;
+  LineAligned() = default;
+  template <typename U>
+  LineAligned(const LineAligned<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t{64})); }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t{64}); }
+  template <typename U>
+  bool operator==(const LineAligned<U>&) const { return true; }
+};
+template <typename T>
+using Buffer = std::vector<T, LineAligned<T>>;
 
 // Copies a (rows, cols) block with row stride ld into a dense float32 buffer.
 template <typename T>
@@ -146,7 +166,7 @@ constexpr int64_t kPackBudgetBytes = int64_t{32} << 20;  // packed K and V of on
 struct PackedKV {
   int64_t bh0 = 0, n_kblocks = 0, k_block_elems = 0, v_block_elems = 0;
   int64_t k_ldb = 0, v_ldb = 0;  // pairs per row of a packed K^T / V block (padded_row)
-  std::vector<c10::BFloat16> k, v;
+  Buffer<c10::BFloat16> k, v;
   const c10::BFloat16* k_block(int64_t bh, int64_t jb) const {
     return k.data() + ((bh - bh0) * n_kblocks + jb) * k_block_elems;
   }
@@ -180,13 +200,14 @@ void pack_chunk(const Problem& pb, const c10::BFloat16* k, const c10::BFloat16* 
 
 // Per-thread tiles, reused across the thread's tasks.
 struct Tiles {
-  int64_t ld;    // row stride of the score / probability tiles (padded_row: even, for the bf16 packing)
+  int64_t ld;    // row stride of the score / probability tiles (padded_row: even, as the bf16 packing needs)
   int64_t ld_o;  // row stride of the output accumulator (padded_row)
-  std::vector<float> s, o, alpha;
+  Buffer<float> s, o;
+  std::vector<float> alpha;
   // p, kept apart from s: the fast row path (row_fast_avx512.h) may redo a row from its logits
-  std::vector<float> p_f32;
-  std::vector<c10::BFloat16> p_bf16;
-  std::vector<float> qw, kw, vw;  // widened blocks (GemmPath::kWiden)
+  Buffer<float> p_f32;
+  Buffer<c10::BFloat16> p_bf16;
+  Buffer<float> qw, kw, vw;  // widened blocks (GemmPath::kWiden)
   std::vector<RowState> state;
   std::vector<float> group_ref;  // key-group accumulators' reference max per row (row_state.h)
   std::vector<float> group_acc;  // (kQueryBlock, n_groups) accumulators when summed over heads

@@ -353,8 +353,8 @@ void run_task(const Problem& pb, GemmPath path, const T* q, const T* k, const T*
       brgemm_bf16_vnni(rows, pb.Dv, cols_even, t.p_bf16.data(), t.ld, packed.v_block(b * pb.H + h, jb),
                        packed.v_ldb, t.o.data(), t.ld_o, true);
     } else if (path == GemmPath::kF32) {
-      gemm_f32(false, false, rows, pb.Dv, cols, 1.f, t.p_f32.data(), t.ld, reinterpret_cast<const float*>(vj),
-               pb.v_stride[2], 1.f, t.o.data(), t.ld_o);
+      brgemm_f32(rows, pb.Dv, cols, t.p_f32.data(), t.ld, reinterpret_cast<const float*>(vj), pb.v_stride[2],
+                 t.o.data(), t.ld_o, true);
     } else {
       widen(vj, pb.v_stride[2], cols, pb.Dv, t.vw.data());
       gemm_f32(false, false, rows, pb.Dv, cols, 1.f, t.p_f32.data(), t.ld, t.vw.data(), pb.Dv, 1.f, t.o.data(),
@@ -392,7 +392,7 @@ void run(const Problem& pb, const T* q, const T* k, const T* v) {
         run_task<T>(pb, path, q, k, v, packed, bh / pb.H, bh % pb.H, i0, std::min(kQueryBlock, pb.Nq - i0), tiles,
                     process);
       }
-      if (path == GemmPath::kBf16Packed) brgemm_release();
+      if (path != GemmPath::kWiden) brgemm_release();
     });
   }
 }

@@ -57,7 +57,37 @@ void brgemm_bf16_vnni(int64_t m, int64_t n, int64_t k, const c10::BFloat16* a, i
   at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, a, b, c, /*is_vnni=*/true);
 }
 
-void brgemm_release() { at::native::cpublas::brgemm_release(/*is_vnni=*/true); }
+void brgemm_release() {
+  at::native::cpublas::brgemm_release(/*is_vnni=*/true);
+  if (has_brgemm_f32()) at::native::cpublas::brgemm_release(/*is_vnni=*/false);
+}
+
+namespace {
+bool probe_brgemm_f32() {
+  // [1 2; 3 4] x [5 6; 7 8] = [19 22; 43 50]
+  const float a[4] = {1.f, 2.f, 3.f, 4.f}, b[4] = {5.f, 6.f, 7.f, 8.f};
+  float c[4] = {0.f, 0.f, 0.f, 0.f};
+  try {
+    at::native::cpublas::brgemm(2, 2, 2, 2, 2, 2, false, a, b, c, /*is_vnni=*/false);
+    at::native::cpublas::brgemm_release(/*is_vnni=*/false);
+  } catch (const std::exception&) {
+    return false;
+  }
+  return c[0] == 19.f && c[1] == 22.f && c[2] == 43.f && c[3] == 50.f;
+}
+}  // namespace
+
+bool has_brgemm_f32() {
+  static const bool ok = probe_brgemm_f32();
+  return ok;
+}
+
+void brgemm_f32(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+                int64_t ldc, bool accumulate) {
+  if (m == 0 || n == 0) return;
+  if (!has_brgemm_f32()) return gemm_f32(false, false, m, n, k, 1.f, a, lda, b, ldb, accumulate ? 1.f : 0.f, c, ldc);
+  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, a, b, c, /*is_vnni=*/false);
+}
 
 bool has_brgemm_bf16() {
   static const bool ok = [] {

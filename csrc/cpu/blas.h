@@ -21,10 +21,16 @@ void gemm_f32(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float
 // K even; B packed pair-interleaved ("VNNI"): (K / 2, N, 2) with ldb >= N pairs per row, see pack_vnni_* below.
 void brgemm_bf16_vnni(int64_t m, int64_t n, int64_t k, const c10::BFloat16* a, int64_t lda, const c10::BFloat16* b,
                       int64_t ldb, float* c, int64_t ldc, bool accumulate);
-// Must be called by each thread after its last brgemm_bf16_vnni call.
+// oneDNN's float32 micro-kernel: C (M, N) (+)= A (M, K) B (K, N), all row-major with row strides
+// lda, ldb, ldc. Faster than the BLAS's sgemm on the P V product (no copies of B, a kernel for the
+// exact shape); where it is missing, gemm_f32.
+void brgemm_f32(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+                int64_t ldc, bool accumulate);
+// Must be called by each thread after its last brgemm_bf16_vnni call (and after its last brgemm_f32).
 void brgemm_release();
-// Whether brgemm_bf16_vnni works on this CPU (probed once on a tiny product).
+// Whether brgemm_bf16_vnni / brgemm_f32 work on this CPU (probed once on a tiny product).
 bool has_brgemm_bf16();
+bool has_brgemm_f32();
 
 // Packs K^T for scores = Q K^T: k rows (cols, d) with row stride ld, d even -> (d / 2, cols, 2),
 // ldb >= cols pairs per row of dst.

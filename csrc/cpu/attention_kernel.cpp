@@ -19,6 +19,7 @@
 // (GroupRun, built once per call): a prompt whose tokens are each a group, or whose words span
 // several tokens, costs a few vector adds per row and block rather than one scattered add per key.
 #include <algorithm>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <mutex>
@@ -72,6 +73,15 @@ template <typename T>
 void widen(const T* src, int64_t ld, int64_t rows, int64_t cols, float* dst) {
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < cols; ++c) dst[r * cols + c] = static_cast<float>(src[r * ld + c]);
+}
+
+// x rounded to bfloat16 (nearest even; NaN stays NaN) as c10::BFloat16 rounds it, without its
+// branch: the bits of a vector of them.
+inline uint16_t bf16_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return (u & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t{0x7FC0} : static_cast<uint16_t>(rounded);
 }
 
 // Read-only per-call inputs shared by all tasks.
@@ -262,7 +272,11 @@ void finish_rows(const Problem& pb, int64_t b, int64_t h, int64_t i0, int64_t ro
         dst[c] = static_cast<T>(hs * (o[c] * rs.inv_l) + (1.f - hs) * rep[c * pb.rep_stride[3]]);
     } else {
       const float f = hs * rs.inv_l;
-      for (int64_t c = 0; c < pb.Dv; ++c) dst[c] = static_cast<T>(o[c] * f);
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        for (int64_t c = 0; c < pb.Dv; ++c) dst[c].x = bf16_bits(o[c] * f);  // a loop the compiler vectorises
+      } else {
+        for (int64_t c = 0; c < pb.Dv; ++c) dst[c] = static_cast<T>(o[c] * f);
+      }
     }
   }
   if (pb.group_heads_summed) {
@@ -340,7 +354,7 @@ void run_task(const Problem& pb, GemmPath path, const T* q, const T* k, const T*
     process(a);
 
     for (int64_t r = 0; r < rows; ++r) {
-      if (t.alpha[r] == 1.f) continue;
+      if (t.alpha[r] == 1.f || t.alpha[r] == 0.f) continue;  // 0: no key had weight yet, the row is still 0
       float* o = t.o.data() + r * t.ld_o;
       for (int64_t c = 0; c < pb.Dv; ++c) o[c] *= t.alpha[r];
     }

@@ -3,7 +3,8 @@
 // For one query row the kernels stream over key blocks. With s_j the scaled logits and m the
 // running max, the state holds
 //   l    = sum_j e^{s_j - m}
-//   ent  = sum_j e^{s_j - m} (s_j - m)            (<= 0; entropy = ln l - ent / l, no cancellation)
+//   ent  = sum_j e^{s_j - m} (s_j - m)            (<= 0 when m is the max: entropy = ln l - ent / l
+//                                                  then has no cancellation; see m below)
 //   dist = sum_j e^{s_j - m} ||g_q - g_k(j)||
 //   lab  = sum_j e^{s_j - m} [label_k(j) == label_q]
 // Every statistic but entropy is a mass, acc / l: the probability-weighted sum of a per-key value.

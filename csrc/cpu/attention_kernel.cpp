@@ -357,7 +357,7 @@ void run_task(const Problem& pb, GemmPath path, const T* q, const T* k, const T*
     process(a);
 
     for (int64_t r = 0; r < rows; ++r) {
-      if (t.alpha[r] == 1.f || t.alpha[r] == 0.f) continue;  // 0: no key had weight yet, the row is still 0
+      if (t.alpha[r] == 1.f) continue;  // (0 also when e^{m_old - m_new} underflows: the row must go to 0)
       float* o = t.o.data() + r * t.ld_o;
       for (int64_t c = 0; c < pb.Dv; ++c) o[c] *= t.alpha[r];
     }
@@ -412,7 +412,7 @@ void run(const Problem& pb, const T* q, const T* k, const T* v) {
         run_task<T>(pb, path, q, k, v, packed, bh / pb.H, bh % pb.H, i0, std::min(kQueryBlock, pb.Nq - i0), tiles,
                     process);
       }
-      if (path != GemmPath::kWiden) brgemm_release();
+      if (path == GemmPath::kBf16Packed) brgemm_release();
     });
   }
 }

@@ -57,10 +57,7 @@ void brgemm_bf16_vnni(int64_t m, int64_t n, int64_t k, const c10::BFloat16* a, i
   at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, a, b, c, /*is_vnni=*/true);
 }
 
-void brgemm_release() {
-  at::native::cpublas::brgemm_release(/*is_vnni=*/true);
-  if (has_brgemm_f32()) at::native::cpublas::brgemm_release(/*is_vnni=*/false);
-}
+void brgemm_release() { at::native::cpublas::brgemm_release(/*is_vnni=*/true); }
 
 namespace {
 bool probe_brgemm_f32() {
@@ -69,7 +66,6 @@ bool probe_brgemm_f32() {
   float c[4] = {0.f, 0.f, 0.f, 0.f};
   try {
     at::native::cpublas::brgemm(2, 2, 2, 2, 2, 2, false, a, b, c, /*is_vnni=*/false);
-    at::native::cpublas::brgemm_release(/*is_vnni=*/false);
   } catch (const std::exception&) {
     return false;
   }

@@ -26,7 +26,7 @@ void brgemm_bf16_vnni(int64_t m, int64_t n, int64_t k, const c10::BFloat16* a, i
 // exact shape); where it is missing, gemm_f32.
 void brgemm_f32(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
                 int64_t ldc, bool accumulate);
-// Must be called by each thread after its last brgemm_bf16_vnni call (and after its last brgemm_f32).
+// Must be called by each thread after its last brgemm_bf16_vnni call (AMX tiles; brgemm_f32 holds none).
 void brgemm_release();
 // Whether brgemm_bf16_vnni / brgemm_f32 work on this CPU (probed once on a tiny product).
 bool has_brgemm_bf16();

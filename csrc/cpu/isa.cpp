@@ -70,7 +70,6 @@ namespace diffcirc::cpu {
 std::vector<std::string> cpu_features() {
   std::vector<std::string> found;
 #if defined(__x86_64__) || defined(_M_X64)
-  __builtin_cpu_init();
   unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
   __asm__("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(0), "c"(0));
   if (eax < 7) return found;  // no leaf 7: none of these
@@ -83,16 +82,18 @@ std::vector<std::string> cpu_features() {
     __asm__("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(7), "c"(1));
     eax1 = eax;
   }
-  // The OS saves AMX tile state only where XCR0 has XTILECFG and XTILEDATA (bits 17, 18).
+  // The OS saves AMX tile state only where XCR0 has XTILECFG and XTILEDATA (bits 17, 18),
   __asm__("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(1), "c"(0));
-  bool amx_enabled = false;
+  // and AVX-512 state (opmask, ZMM: bits 5-7) with SSE and AVX state (bits 1-2)
+  bool amx_enabled = false, avx512_enabled = false;
   if (ecx & (1u << 27)) {  // OSXSAVE: XGETBV is available
     unsigned lo = 0, hi = 0;
     __asm__("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
     amx_enabled = (lo & (3u << 17)) == (3u << 17);
+    avx512_enabled = (lo & 0xE6u) == 0xE6u;
   }
-  if (eax1 & (1u << 5)) found.emplace_back("avx512bf16");
-  if (edx0 & (1u << 23)) found.emplace_back("avx512fp16");
+  if (avx512_enabled && (eax1 & (1u << 5))) found.emplace_back("avx512bf16");
+  if (avx512_enabled && (edx0 & (1u << 23))) found.emplace_back("avx512fp16");
   if (amx_enabled && (edx0 & (1u << 24))) found.emplace_back("amx-tile");
   if (amx_enabled && (edx0 & (1u << 22))) found.emplace_back("amx-bf16");
   if (amx_enabled && (eax1 & (1u << 21))) found.emplace_back("amx-fp16");

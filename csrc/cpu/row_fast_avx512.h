@@ -19,7 +19,7 @@
 //
 // Requires before inclusion: DC_TARGET, simd_avx512.h, row_block_impl.h.
 
-#include <type_traits>
+#include <cmath>
 
 namespace {
 
@@ -27,7 +27,12 @@ constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kLn2 = 0.69314718055994531f;
 // A row's reference max is moved only when a block's max exceeds it by more than this (nats).
 constexpr float kLazyMaxGap = 8.0f;
-// kExpUnderflow in base 2 (about -126: e^z below it is exactly 0 on every path).
+// Rows whose reference max is larger in magnitude take the two-pass kernel: m log2 e and the folded
+// scale are each rounded once, which shifts z2 by up to |m| 1.7e-7 (0.17 here, the two-pass row's own
+// rounding of s * scale is of the same order), and past ~7e8 would zero a block's largest p.
+constexpr float kMaxReference = 1e6f;
+// kExpUnderflow in base 2 (about -126: e^z below it is exactly 0 on every path; here z is taken from
+// the row's reference max, which may trail its true max).
 constexpr float kExp2Underflow = diffcirc::kExpUnderflow * kLog2e;
 
 // 2^x, minimax polynomials of 2^f on [-1/2, 1/2] (relative error in float32: degree 5 2.3e-7,
@@ -93,7 +98,9 @@ struct PassAcc {
 template <bool ENTROPY, bool DIST, bool LAB, bool P_BF16, bool FULL>
 DC_TARGET inline void exp_step(const float* s, int64_t j, __mmask16 lanes, const PassInputs& in, void* p_row,
                                PassAcc& acc) {
-  constexpr int kDegree = P_BF16 ? 4 : 5;  // bfloat16 p keeps 8 bits: degree 4 is 1000x finer
+  // bfloat16 p keeps 8 bits, degree 4 is 700x finer (l and the statistics, summed from the float32 p,
+  // carry its 2.7e-6 relative error: bfloat16 inputs' own is 1000x larger)
+  constexpr int kDegree = P_BF16 ? 4 : 5;
   const __m512 x = FULL ? _mm512_loadu_ps(s + j) : _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), lanes, s + j);
   const __m512 z2 = _mm512_fmadd_ps(x, in.c, in.neg_m2);
   acc.max_z2 = _mm512_max_ps(z2, acc.max_z2);
@@ -148,18 +155,17 @@ DC_TARGET void fast_row(const BlockArgs& a, int64_t r) {
                        : static_cast<void*>(static_cast<float*>(a.p) + r * a.ld_p);
   if (st.l != st.l) return process_row<DIST, LAB, false>(a, r);  // poisoned before
   float m = st.m;
-  if (!(st.l > 0.f)) {  // no reference yet
-    const float mb = raw_row_max(a.s + r * a.ld_s, a.cols) * a.scale;  // = max of s * scale: rounding is monotonic
-    if (!(mb > -INFINITY && mb < INFINITY)) return process_row<DIST, LAB, false>(a, r);
-    m = mb;
-  }
+  const bool first = !(st.l > 0.f);  // no reference yet
+  if (first) m = raw_row_max(a.s + r * a.ld_s, a.cols) * a.scale;  // = max of s * scale: rounding is monotonic
+  if (!(std::fabs(m) < kMaxReference)) return process_row<DIST, LAB, false>(a, r);  // +-inf too
   PassSums sums = exp_pass<ENTROPY, DIST, LAB, P_BF16>(a, r, m, p_row);
   if (sums.max_z2 > kLazyMaxGap * kLog2e) {  // the block climbs past the reference: redo against its max
-    if (!(sums.max_z2 < INFINITY)) return process_row<DIST, LAB, false>(a, r);
     m += sums.max_z2 * kLn2;
+    if (!(std::fabs(m) < kMaxReference)) return process_row<DIST, LAB, false>(a, r);  // a +inf logit too
     sums = exp_pass<ENTROPY, DIST, LAB, P_BF16>(a, r, m, p_row);
   }
-  if (!(sums.sum_p < INFINITY) || sums.max_z2 > kLazyMaxGap * kLog2e)  // NaN logit, or a max that moved twice
+  // a NaN logit, a max that moved twice, or a first block whose own max lost its weight to rounding
+  if (!(sums.sum_p < INFINITY) || sums.max_z2 > kLazyMaxGap * kLog2e || (first && !(sums.sum_p > 0.f)))
     return process_row<DIST, LAB, false>(a, r);
   a.alpha[r] = m == st.m ? 1.f : diffcirc::row_state_rescale(st, m);
   diffcirc::row_state_add(st, sums.sum_p, ENTROPY ? sums.sum_pz2 * kLn2 : 0.f, sums.sum_pd, sums.sum_pl);
@@ -167,7 +173,7 @@ DC_TARGET void fast_row(const BlockArgs& a, int64_t r) {
 
 // Whether the fast path takes this tile (see the top of this file).
 inline bool fast_path_applies(const BlockArgs& a) {
-  return a.key_bias == nullptr && a.group_mass == nullptr && a.scale > 0.f && a.scale < INFINITY;
+  return a.key_bias == nullptr && a.group_mass == nullptr && a.scale > 0.f && a.scale * kLog2e < INFINITY;
 }
 
 template <bool ENTROPY, bool DIST, bool LAB, bool P_BF16>

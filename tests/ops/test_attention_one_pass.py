@@ -7,6 +7,8 @@ climbs by less (p above 1 is kept), falls, or meets NaN, +inf and -inf logits in
 every kernel path (the ``kernel`` fixture), the two-pass ones included: they must agree.
 """
 
+import math
+
 import pytest
 import torch
 
@@ -61,7 +63,9 @@ def check_against_reference(q, k, v, dtype, stats):
     [0.0, 7.9, 15.8, 23.7],    # just under the gap at every block, far above the first max in the end
     [60.0, 40.0, 20.0, 0.0],   # falls: every block after the first is far below the reference
     [-90.0, 0.0, -200.0, 3.0],  # p below float32's normal range, then a first max that is left behind
-], ids=["climb-far", "climb-within-gap", "climb-at-gap", "fall", "underflow"])
+    [0.0, 120.0, 0.0],         # a jump past float32's e^-104: the earlier blocks' weight (alpha) is exactly 0
+    [-200.0, 0.0],             # and from a first block far below
+], ids=["climb-far", "climb-within-gap", "climb-at-gap", "fall", "underflow", "alpha-underflows", "alpha-underflows-2"])
 def test_rows_whose_max_moves_between_key_blocks(offsets, dtype, stats, kernel):
     q, k, v = block_case(offsets, dtype, kernel)
     check_against_reference(q, k, v, dtype, stats)
@@ -87,6 +91,7 @@ def test_non_finite_logits_in_later_blocks(dtype, stats, kernel):
     k[0, 0, 600, 0] = float("nan")           # second block: every row of head (0, 0)
     k[0, 1, 1030, 0] = float("inf")          # third block (partial): +inf for every row (q[..., 0] = 1)
     k[1, 0, 5, 0] = float("inf")             # first block
+    k[1, 0, 7, 0] = float("nan")             # and a NaN beside it
     k[1, 1, :KEY_BLOCK, 0] = -float("inf")   # head (1, 1): the whole first block at logit -inf
     k[1, 1, 700:705, 0] = -float("inf")      # and some later keys
     q, k, v = q.to(kernel), k.to(kernel), v.to(kernel)
@@ -104,3 +109,19 @@ def test_non_finite_logits_in_later_blocks(dtype, stats, kernel):
     assert err <= out_tol(dtype), err
     for name in stats:
         torch.testing.assert_close(getattr(r, name)[1, 1].double(), getattr(ref, name)[1, 1], atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("scale,logit", [(3e38, -0.5), (1.0, 3e37), (1.0, -2e9)],
+                         ids=["scale-near-float-max", "logits-near-float-max", "logits-far-below-zero"])
+def test_extreme_scales_and_logits(scale, logit, kernel):
+    # equal logits of any magnitude give uniform attention: the mean of v, lse = logit * scale + ln Nk
+    Nk = 600
+    q = torch.ones(1, 2, 5, 1, device=kernel)
+    k = torch.full((1, 2, Nk, 1), logit, device=kernel)
+    v = torch.randn(1, 2, Nk, 8, generator=torch.Generator().manual_seed(0)).to(kernel)
+    r = attention(q, k, v, scale=scale, stats=("lse", "entropy"))
+    torch.testing.assert_close(r.out, v.mean(2, keepdim=True).expand(1, 2, 5, 8), atol=1e-5, rtol=1e-5)
+    assert torch.allclose(r.entropy, torch.full_like(r.entropy, math.log(Nk)), atol=1e-4)
+    want = logit * scale + math.log(Nk)
+    assert torch.allclose(r.lse.double(), torch.full(r.lse.shape, want, dtype=torch.float64, device=kernel),
+                          rtol=1e-6, atol=1e-4)

@@ -43,7 +43,8 @@ __all__ = ["Circuit", "greedy_minimal_circuit", "split_images", "resample_weight
            "size_curve", "random_baseline", "summarise_circuits", "TRACE_COLUMNS", "EVAL_COLUMNS"]
 
 TRACE_COLUMNS = ["step", "removed_layer", "removed_head", "kept", "degradation"]
-EVAL_COLUMNS = ["dataset", "split", "timestep", "condition", "mode", "rep", "n_removed", "image", "loss_clean", "loss_ablated"]
+EVAL_COLUMNS = ["dataset", "split", "timestep", "condition", "mode", "rep", "n_removed", "image", "loss_clean",
+                "loss_ablated"]
 
 # what each seeded draw is for: one stream per (seed, purpose, dataset), so that changing one draw
 # (the number of resamples, the ablation timesteps) never changes another

@@ -139,5 +139,5 @@ def noise_for(seed: int, dataset: int, images, t: int, shape) -> torch.Tensor:
     return torch.stack(out)
 
 
-__all__ = ["AnalysisConfig", "CIRCUIT_ABLATIONS", "DATASETS", "DEFAULT_TIMESTEP_COUNT", "DTYPES", "TimestepError", "check_timesteps",
-           "noise_for", "synthetic_spec_for"]
+__all__ = ["AnalysisConfig", "CIRCUIT_ABLATIONS", "DATASETS", "DEFAULT_TIMESTEP_COUNT", "DTYPES", "TimestepError",
+           "check_timesteps", "noise_for", "synthetic_spec_for"]

@@ -646,7 +646,8 @@ class Experiment:
                 for b, image in enumerate(ids):
                     rows.append(((step, c, b), {
                         "dataset": name, "split": ("selection", "heldout")[split], "timestep": int(t),
-                        "condition": condition, "mode": self.c.circuit_ablation, "rep": rep, "n_removed": len(removed[name]), "image": int(image),
+                        "condition": condition, "mode": self.c.circuit_ablation, "rep": rep,
+                        "n_removed": len(removed[name]), "image": int(image),
                         "loss_clean": float(loss[0, b]), "loss_ablated": float(loss[i, b])}))
         return pd.DataFrame(self.gathered(rows), columns=EVAL_COLUMNS)
 

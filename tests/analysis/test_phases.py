@@ -312,7 +312,8 @@ def test_mean_ablated_circuit_is_evaluated_with_the_selection_splits_means(circu
                 want = _direct_losses(ctx, session, x_held, eps_held, t,
                                       [Mean(layer, h, means=reference) for layer, h in chosen])
                 torch.testing.assert_close(got, want, rtol=rtol, atol=0, msg=f"{name} t={t} {condition} {rep}")
-                leak = _direct_losses(ctx, session, x_held, eps_held, t, [Mean(layer, h, means=own) for layer, h in chosen])
+                leak = _direct_losses(ctx, session, x_held, eps_held, t,
+                                      [Mean(layer, h, means=own) for layer, h in chosen])
                 assert float(((leak - want).abs() / want).max()) > 50 * rtol, (name, t, condition, rep)
                 checked[condition] += 1
     assert checked == {"circuit": 4, "random": 8}

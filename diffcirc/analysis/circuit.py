@@ -22,8 +22,10 @@ Tables (written by ``phases.Experiment.circuit``):
 - ``circuit_eval``: per-image losses of the circuit (its removed set ablated) on both splits at
   every ablation timestep, and of the random head sets of the same removed-set size on the
   held-out split: dataset, split ("selection" | "heldout"), timestep, condition ("circuit" |
-  "random"), rep (0 for the circuit, the random set's index), n_removed, image, loss_clean,
-  loss_ablated.
+  "random"), mode (how the removed heads were ablated: "zero", or "mean": each replaced by its mean
+  output per position over the selection split at that timestep, in sample on the selection rows
+  and held out on the held-out ones), rep (0 for the circuit, the random set's index), n_removed,
+  image, loss_clean, loss_ablated.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ __all__ = ["Circuit", "greedy_minimal_circuit", "split_images", "resample_weight
            "size_curve", "random_baseline", "summarise_circuits", "TRACE_COLUMNS", "EVAL_COLUMNS"]
 
 TRACE_COLUMNS = ["step", "removed_layer", "removed_head", "kept", "degradation"]
-EVAL_COLUMNS = ["dataset", "split", "timestep", "condition", "rep", "n_removed", "image", "loss_clean", "loss_ablated"]
+EVAL_COLUMNS = ["dataset", "split", "timestep", "condition", "mode", "rep", "n_removed", "image", "loss_clean",
+                "loss_ablated"]
 
 # what each seeded draw is for: one stream per (seed, purpose, dataset), so that changing one draw
 # (the number of resamples, the ablation timesteps) never changes another
@@ -209,6 +212,16 @@ def _evaluation_rows(eval_df: pd.DataFrame, selected_at: dict, n_resamples: int,
     return rows
 
 
+def _ablation_mode(eval_df: pd.DataFrame) -> str:
+    """The one ablation mode of a ``circuit_eval`` frame."""
+    if "mode" not in eval_df.columns:
+        return "zero"
+    modes = sorted(set(eval_df["mode"]))
+    if len(modes) != 1:
+        raise ValueError(f"circuit_eval mixes ablation modes {modes}: one run ablates its circuit one way")
+    return modes[0]
+
+
 def _resample_overlap(resamples_df: pd.DataFrame, circuits: dict) -> dict:
     """{dataset: {n, sizes, jaccard_mean, jaccard_min, jaccard_max}}: each resample's circuit
     against the circuit of the whole selection split."""
@@ -246,6 +259,8 @@ def summarise_circuits(circuit_df: Optional[pd.DataFrame], eval_df: Optional[pd.
       random_median, random_q05, random_q95, rank, p_value (``random_baseline`` against random
       removed sets of the same size on the same held-out images)
     - resamples: None without ``circuit_resamples``, else ``_resample_overlap``
+    - ablation: how the removed heads were ablated, ``circuit_eval``'s mode ("zero" | "mean"); "zero"
+      without a mode column (tables made before mean ablation existed), None without circuit_eval
     """
     if circuit_df is None or circuit_df.empty:
         return None
@@ -268,4 +283,5 @@ def summarise_circuits(circuit_df: Optional[pd.DataFrame], eval_df: Optional[pd.
     return {f"{syn}_size": s, f"{nat}_size": n, "ratio": ratio, "n_heads": tried, "final_degradation": final,
             "selection_timestep": selected_at, "overlap": overlap, "curve": curve,
             "evaluation": _evaluation_rows(eval_df, selected_at, n_resamples, seed) if has(eval_df) else None,
-            "resamples": _resample_overlap(resamples_df, circuits) if has(resamples_df) else None}
+            "resamples": _resample_overlap(resamples_df, circuits) if has(resamples_df) else None,
+            "ablation": _ablation_mode(eval_df) if has(eval_df) else None}

@@ -25,6 +25,7 @@ CONTROL_SEED_OFFSET = 1_000_003      # the random-weights control's seed is seed
 # fields that say where and how to run, not what is computed: a folder resumes whatever their values
 # (the VAE's batches among them: latents are cached per image whatever batch encoded them)
 NOT_FINGERPRINTED = ("out", "wait", "vae_batch_size")
+CIRCUIT_ABLATIONS = ("zero", "mean")  # mean: each removed head's mean output per position over the selection split
 DEFAULT_TIMESTEP_COUNT = 10  # trace timesteps when none are given: quantiles of the model's training grid
 
 
@@ -58,6 +59,7 @@ class AnalysisConfig:
     circuit_heldout_fraction: float = 0.5  # share of the ablation images held out from the circuit's selection
     circuit_random_sets: int = 29         # random head sets of the circuit's removed-set size (p floor 1/30)
     circuit_resamples: int = 2            # bootstrap resamples of the selection split, each searched again
+    circuit_ablation: str = "zero"        # how the circuit's removed heads are ablated: zero | mean (CIRCUIT_ABLATIONS)
     role_control_reps: int = 999          # layer-matched random head sets per role, at most (every one when fewer
                                           # exist); the rank p's floor is 1 / (sets + 1)
     ig_steps: int = 8                     # integrated-gradient steps of the attribution over the gates (0: none)
@@ -77,6 +79,8 @@ class AnalysisConfig:
     wait: bool = False                    # out held by another run: wait for it (True) or refuse at once
 
     def __post_init__(self):
+        if self.circuit_ablation not in CIRCUIT_ABLATIONS:
+            raise ValueError(f"circuit_ablation must be one of {CIRCUIT_ABLATIONS}, got {self.circuit_ablation!r}")
         if self.synthetic_spec is None:
             self.synthetic_spec = synthetic_spec_for(self.natural)
 
@@ -135,5 +139,5 @@ def noise_for(seed: int, dataset: int, images, t: int, shape) -> torch.Tensor:
     return torch.stack(out)
 
 
-__all__ = ["AnalysisConfig", "DATASETS", "DEFAULT_TIMESTEP_COUNT", "DTYPES", "TimestepError", "check_timesteps",
-           "noise_for", "synthetic_spec_for"]
+__all__ = ["AnalysisConfig", "CIRCUIT_ABLATIONS", "DATASETS", "DEFAULT_TIMESTEP_COUNT", "DTYPES", "TimestepError",
+           "check_timesteps", "noise_for", "synthetic_spec_for"]

@@ -17,7 +17,8 @@ tables in ``experiment.tables`` (``diffcirc.analysis.driver`` saves them as resu
   5. roles       role assignment, then role ablations against layer-matched random head sets
   6. circuit     greedy minimal circuit per dataset under a degradation threshold, selected on
                  one split of the ablation images and evaluated on the other at every ablation
-                 timestep, beside random head sets of the same size
+                 timestep, beside random head sets of the same size; removed heads zero- or
+                 mean-ablated (``circuit_ablation``), the means always from the selection split
 
 Under torchrun each phase shards its images, conditions or steps over the ranks
 (``distributed.Ranks``) and every rank ends the phase with the full tables.
@@ -164,6 +165,7 @@ class Experiment:
         self.session = Session(self.unet)
         self.heads = self.session.heads()
         self.tables: dict = {}
+        self._reference_means: dict = {}  # {(dataset, timestep): ``circuit_reference_means``}
         if encode:
             self.encode_latents()
 
@@ -531,7 +533,15 @@ class Experiment:
         """Select each dataset's circuit on its selection split at the circuit timestep (greedy, and
         again on each bootstrap resample of the split), then evaluate it on both splits at every
         ablation timestep against random head sets on the held-out split. Tables circuit,
-        circuit_resamples and circuit_eval (schemas in ``circuit``)."""
+        circuit_resamples and circuit_eval (schemas in ``circuit``).
+
+        Removed heads are ablated as ``circuit_ablation`` says: zeroed, or (mean) replaced by their
+        mean output per position over the dataset's selection split at the same timestep
+        (``circuit_reference_means``). The search runs on that split, so its means are in sample
+        (the held-out images are the only other reference, and reading them would leak the
+        evaluation images into the selection); the held-out evaluation of the circuit and of its
+        random sets uses the same selection means, a reference set disjoint from the images
+        evaluated."""
         t = self.c.resolved_circuit_timestep()
         splits = self.circuit_splits()
         units = [(index, name, r) for index, name in enumerate(DATASETS) for r in range(-1, self.c.circuit_resamples)]
@@ -539,7 +549,8 @@ class Experiment:
         for key, (index, name, r) in self.ranks.shard(enumerate(units)):
             selection = splits[name][0]
             if name not in searches:
-                searches[name] = _SelectionLosses(self, self.data[name], selection, t)
+                searches[name] = _SelectionLosses(self, self.data[name], selection, t,
+                                                  self.circuit_reference_means(name, t, selection))
             weights = np.ones(len(selection), dtype=np.int64) if r < 0 else \
                 resample_weights(len(selection), self.c.circuit_resamples, self.c.seed, index)[r]
             search = searches[name]
@@ -569,9 +580,11 @@ class Experiment:
     def circuit_order(self, name: str, t: int, ids: list, weights: np.ndarray):
         """The greedy candidate order: heads by their single zero-ablation loss on these selection
         images (count-weighted), least first, from the ablations table; None (the search measures
-        single effects itself) when the table lacks any of those (head, image) rows."""
+        single effects itself) when the table lacks any of those (head, image) rows, and under
+        mean circuit ablation (the table's mean rows use the whole ablation batch's means, held-out
+        images among them: the search measures single effects with the selection split's)."""
         abl = self.tables.get("ablations")
-        if abl is None or abl.empty:
+        if abl is None or abl.empty or self.c.circuit_ablation != "zero":
             return None
         single = abl[(abl.dataset == name) & (abl.timestep == t) & (abl["mode"] == "zero") & abl.image.isin(ids)]
         table = single.pivot_table(index=["layer", "head"], columns="image", values="loss_ablated", aggfunc="mean")
@@ -581,10 +594,33 @@ class Experiment:
         effect = dict(zip(self.heads, table.to_numpy(np.float64) @ weights))
         return sorted(self.heads, key=effect.get)
 
+    def circuit_reference_means(self, name: str, t: int, selection: list):
+        """None under zero ablation; under mean ablation {layer: (H, Nq, Dv)}, every head's output
+        averaged over dataset name's selection images (``selection``, its ``circuit_splits`` share)
+        noised to t with their own seeded noise (``noisy``), computed once per (dataset, t)."""
+        if self.c.circuit_ablation == "zero":
+            return None
+        if (name, t) not in self._reference_means:
+            d = self.data[name]
+            x_t, _ = self.noisy(d, selection, d.x0[selection], t)
+            self._reference_means[name, t] = mean_head_outputs(self.session, lambda x: self.forward(self.unet, x, t),
+                                                               [x_t])
+        return self._reference_means[name, t]
+
+    @staticmethod
+    def circuit_removal(heads, means) -> list:
+        """The interventions that remove these (layer, head)s: ``Zero`` each, or ``Mean`` each with
+        these reference means (``circuit_reference_means``; None: zero ablation)."""
+        if means is None:
+            return [Zero(layer, int(h)) for layer, h in heads]
+        return [Mean(layer, int(h), means=means) for layer, h in heads]
+
     def circuit_evaluation(self, circuit: pd.DataFrame, splits: dict) -> pd.DataFrame:
-        """``circuit_eval`` rows: each dataset's circuit (its removed heads zero-ablated) on its
-        selection and held-out images at every ablation timestep, and on the held-out images the
-        random sets of as many heads, drawn once per dataset (``random_head_sets``)."""
+        """``circuit_eval`` rows: each dataset's circuit (its removed heads ablated as
+        ``circuit_ablation`` says, mean ablation with the selection split's means at that timestep)
+        on its selection and held-out images at every ablation timestep, and on the held-out
+        images the random sets of as many heads, drawn once per dataset (``random_head_sets``) and
+        ablated with the same means."""
         steps = [(index, name, split, t) for index, name in enumerate(DATASETS) for split in (0, 1)
                  for t in self.c.resolved_ablation_timesteps()]
         removed, randoms = {}, {}
@@ -595,10 +631,11 @@ class Experiment:
                 if 0 < n < len(self.heads) else []  # no set of that size differs from the circuit's own
         rows = []
         for step, (index, name, split, t) in enumerate(self.progress(iterable=steps, desc="circuit eval", unit="step")):
-            conditions = [[], [Zero(layer, int(h)) for layer, h in removed[name]]]
+            means = self.circuit_reference_means(name, t, splits[name][0])
+            conditions = [[], self.circuit_removal(removed[name], means)]
             tags = [None, ("circuit", 0)]
             if split == 1:
-                conditions += [[Zero(*self.heads[i]) for i in pick] for pick in randoms[name]]
+                conditions += [self.circuit_removal([self.heads[i] for i in pick], means) for pick in randoms[name]]
                 tags += [("random", rep) for rep in range(len(randoms[name]))]
             d, ids = self.data[name], splits[name][split]
             x_t, eps = self.noisy(d, ids, d.x0[ids], t)
@@ -609,18 +646,21 @@ class Experiment:
                 for b, image in enumerate(ids):
                     rows.append(((step, c, b), {
                         "dataset": name, "split": ("selection", "heldout")[split], "timestep": int(t),
-                        "condition": condition, "rep": rep, "n_removed": len(removed[name]), "image": int(image),
+                        "condition": condition, "mode": self.c.circuit_ablation, "rep": rep,
+                        "n_removed": len(removed[name]), "image": int(image),
                         "loss_clean": float(loss[0, b]), "loss_ablated": float(loss[i, b])}))
         return pd.DataFrame(self.gathered(rows), columns=EVAL_COLUMNS)
 
 
 class _SelectionLosses:
     """Per-image losses (B,) of a dataset's selection split at the selection timestep with any set
-    of heads zero-ablated. Each set is run once (the resamples' searches share the sets their paths
-    have in common) and resumes from the clean pass at the first stage its removed heads change."""
+    of heads ablated: zeroed, or with ``means`` (``Experiment.circuit_reference_means``: the
+    split's own, in sample) mean-ablated. Each set is run once (the resamples' searches share the
+    sets their paths have in common; a resample weighs the split's images but keeps the split's
+    means) and resumes from the clean pass at the first stage its removed heads change."""
 
-    def __init__(self, exp: Experiment, d: _Data, ids: list, t: int):
-        self.exp, self.t = exp, t
+    def __init__(self, exp: Experiment, d: _Data, ids: list, t: int, means=None):
+        self.exp, self.t, self.means = exp, t, means
         self.x_t, self.eps = exp.noisy(d, ids, d.x0[ids], t)
         self.reuse = StageReuse(exp.session) if stage_units(exp.unet) else None
         with torch.no_grad(), exp.session.intervene([]), self.reuse.recording() if self.reuse else nullcontext():
@@ -633,7 +673,7 @@ class _SelectionLosses:
 
     def losses(self, removed: frozenset) -> np.ndarray:
         if removed not in self.cache:
-            with torch.no_grad(), self.exp.session.intervene([Zero(layer, h) for layer, h in sorted(removed)]), \
+            with torch.no_grad(), self.exp.session.intervene(self.exp.circuit_removal(sorted(removed), self.means)), \
                     self.reuse.resuming() if self.reuse else nullcontext():
                 self.cache[removed] = self._loss()
         return self.cache[removed]

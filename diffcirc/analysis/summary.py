@@ -35,7 +35,8 @@ random-weights control):
   threshold, from the trace), evaluation [{dataset, timestep, selected, n_removed, n_selection,
   n_heldout, selection_percent, heldout_percent, ci_low, ci_high, random_n, random_median,
   random_q05, random_q95, rank, p_value}] (null without circuit_eval), resamples {dataset: {n,
-  sizes, jaccard_mean, jaccard_min, jaccard_max}} (null without circuit_resamples)}
+  sizes, jaccard_mean, jaccard_min, jaccard_max}} (null without circuit_resamples), ablation (zero |
+  mean: how the removed heads were ablated; null without circuit_eval)}
 - attribution_spearman: {rho, p_value, n (signed agreement: -score against the degradation percent),
   magnitude {rho, p_value, n} (|score| against |percent|), per_group [{dataset, timestep, rho,
   p_value, n, rho_magnitude, p_magnitude}], integrated {rho, p_value, n, magnitude} (the same with the

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..analysis.config import DEFAULT_TIMESTEP_COUNT, DTYPES, AnalysisConfig
+from ..analysis.config import CIRCUIT_ABLATIONS, DEFAULT_TIMESTEP_COUNT, DTYPES, AnalysisConfig
 from ._checks import (byte_size, dataset_spec, device, model_name, non_negative, positive, reports_input_errors,
                       timesteps, writable_folder)
 from .report import write_report
@@ -77,6 +77,10 @@ def register(subparsers):
     option("circuit_resamples", type=non_negative(int),
            help="bootstrap resamples of the selection images, each searched again for the circuit's stability "
                 "(default %(default)s)")
+    option("circuit_ablation", choices=CIRCUIT_ABLATIONS,
+           help="how the heads outside the circuit are removed: zero, or mean (each head's mean output per position "
+                "over the selection images at the same timestep: in sample during the selection, held out when the "
+                "circuit and the random sets are evaluated on the held-out images; default %(default)s)")
     option("role_control_reps", type=positive(int),
            help="layer-matched random head sets per role, at most: every such set when there are fewer; the "
                 "one-sided rank p cannot go below 1 / (sets + 1) (default %(default)s)")

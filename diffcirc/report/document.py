@@ -321,11 +321,14 @@ def _circuit_section(s: dict) -> Optional[Section]:
         return None
     rows = [[ds, (c.get(f"{ds}_size")), (c.get("n_heads") or {}).get(ds), fmt((c.get("final_degradation") or {}).get(ds), 1)]
             for ds in ("synthetic", "natural")]
-    threshold = ((s.get("meta") or {}).get("config") or {}).get("circuit_threshold")
+    config = (s.get("meta") or {}).get("config") or {}
+    threshold = config.get("circuit_threshold")
+    mode = c.get("ablation") or config.get("circuit_ablation") or "zero"
     items = [
         Text("Greedy head pruning (least single-head effect first) while the degradation stays under the threshold"
              f"{'' if threshold is None else f' of {fmt(threshold, 1)}%'}, selected on one split of each dataset's "
-             f"ablation images at t = {_selection_timesteps(c)}. Size ratio natural / synthetic: {fmt(c.get('ratio'))}."),
+             f"ablation images at t = {_selection_timesteps(c)}, {_removal_text(mode, 'search')}. Size ratio "
+             f"natural / synthetic: {fmt(c.get('ratio'))}."),
         Table(["dataset", "heads kept", "heads tried", "degradation at last removal (%)"], rows),
     ]
     items += [Text(t) for t in (_overlap_text(c), _resamples_text(c.get("resamples"))) if t]
@@ -335,8 +338,20 @@ def _circuit_section(s: dict) -> Optional[Section]:
                           "at a lower threshold, the size where the line first reaches it bounds that run's circuit "
                           "size from above. Squares: the same circuit on the held-out images."))
     if c.get("evaluation"):
-        items += _circuit_evaluation(c["evaluation"])
+        items += _circuit_evaluation(c["evaluation"], mode)
     return Section("Minimal circuits", items)
+
+
+def _removal_text(mode: str, where: str) -> str:
+    """How the circuit's removed heads are ablated, in the search (where "search") or in the
+    evaluation (where "evaluation")."""
+    if mode != "mean":
+        return "removed heads zero-ablated" if where == "search" else "zero-ablated"
+    if where == "search":
+        return ("removed heads mean-ablated: each replaced by its mean output per position over the selection "
+                "images at that timestep (in sample: the search runs on those images)")
+    return ("mean-ablated (each replaced by its mean output per position over the selection images at that "
+            "timestep: a held-out reference for the held-out images and the random sets)")
 
 
 def _selection_timesteps(c: dict) -> str:
@@ -362,9 +377,9 @@ def _resamples_text(r: Optional[dict]) -> str:
             f"with the circuit of the whole split, mean (min–max): {'; '.join(parts)}.")
 
 
-def _circuit_evaluation(rows: list) -> list:
+def _circuit_evaluation(rows: list, mode: str = "zero") -> list:
     """The circuit's degradation in and out of sample at each ablation timestep, beside random head
-    sets of the same size on the same held-out images."""
+    sets of the same size on the same held-out images; mode: the circuit's ablation (zero | mean)."""
     table = [[r["dataset"], f"{r['timestep']}{' *' if r.get('selected') else ''}", r.get("n_removed"),
               f"{r.get('n_selection')} / {r.get('n_heldout')}", fmt(r.get("selection_percent"), 1),
               fmt_ci({"value": r.get("heldout_percent"), "ci_low": r.get("ci_low"), "ci_high": r.get("ci_high")}, 1),
@@ -373,8 +388,9 @@ def _circuit_evaluation(rows: list) -> list:
               f"{r['rank']} / {r['random_n'] + 1}" if r.get("rank") is not None else DASH, fmt_p(r.get("p_value"))]
              for r in rows]
     return [
-        Text("Held out: the heads outside each circuit zero-ablated on the selection images (in sample) and on the "
-             "held-out images (their own noise draws), at every ablation timestep (* the selection timestep), with "
+        Text(f"Held out: the heads outside each circuit {_removal_text(mode, 'evaluation')}"
+             " on the selection images (in sample) and on the held-out images (their own noise draws), at every "
+             "ablation timestep (* the selection timestep), with "
              "a 95% paired bootstrap CI over held-out images; beside it random sets of as many heads, drawn once "
              "from the seed, on the same held-out images. Rank: the circuit's place among them, least degrading "
              "first (ties against it); p = rank / (sets + 1), one-sided: how often random heads removed cost as "

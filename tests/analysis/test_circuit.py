@@ -163,7 +163,8 @@ class ToyModel:
             for k, heads in enumerate(sets):
                 condition, rep = ("circuit", 0) if k == 0 else ("random", k - 1)
                 for image, loss in zip(images, self.losses(heads, images)):
-                    rows.append((dataset, split, 500, condition, rep, len(removed), image, self.clean[image], loss))
+                    rows.append((dataset, split, 500, condition, "zero", rep, len(removed), image, self.clean[image],
+                                 loss))
         return pd.DataFrame(rows, columns=EVAL_COLUMNS)
 
 

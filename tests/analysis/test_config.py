@@ -70,3 +70,10 @@ def test_noise_is_seeded_per_image():
     assert not torch.equal(noise_for(0, 0, [5], 600, (3, 8, 8))[0], b[0])  # the dataset seeds it
     assert not torch.equal(noise_for(0, 1, [5], 100, (3, 8, 8))[0], b[0])  # and the timestep
     assert not torch.equal(noise_for(1, 1, [5], 600, (3, 8, 8))[0], b[0])  # and the seed
+
+
+def test_circuit_ablation_is_zero_unless_mean_and_nothing_else():
+    assert AnalysisConfig().circuit_ablation == "zero"
+    assert AnalysisConfig(circuit_ablation="mean").settings()["circuit_ablation"] == "mean"
+    with pytest.raises(ValueError, match="circuit_ablation"):
+        AnalysisConfig(circuit_ablation="resample")

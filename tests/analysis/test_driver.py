@@ -191,9 +191,10 @@ def test_unit_whose_inputs_changed_is_redone(run, copy_of_run):
     assert {k: after[k] for k in unchanged} == {k: before[k] for k in unchanged}
 
 
-def test_folder_of_another_configuration_is_refused(run, copy_of_run, capsys):
+@pytest.mark.parametrize("other", [["--seed", "1"], ["--circuit-ablation", "mean"]])
+def test_folder_of_another_configuration_is_refused(run, copy_of_run, capsys, other):
     before = _table_mtimes(copy_of_run)
-    assert cli([*analyze_args(run.parent / "tiny-unet"), "--seed", "1", "--out", str(copy_of_run)]) == 1
+    assert cli([*analyze_args(run.parent / "tiny-unet"), *other, "--out", str(copy_of_run)]) == 1
     assert "holds results of a different configuration" in capsys.readouterr().err
     assert _table_mtimes(copy_of_run) == before  # nothing overwritten
 

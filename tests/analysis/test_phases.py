@@ -209,3 +209,131 @@ def test_control_sets_hold_as_many_images_as_the_synthetic_set_unless_told(tiny_
         assert list(sets) == ["seen"] and len(sets["seen"].ids) == 1 and framing.empty
     finally:
         exp.c, exp.data["natural"].ids = given, natural_ids
+
+
+# -- the circuit under mean ablation -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def circuit_experiment(tmp_path_factory, single_thread):
+    """An Experiment on the tiny random UNet whose circuit phase selects on 2 of 4 images per
+    dataset and evaluates at two timesteps (the means must be each timestep's own), with 2 random
+    sets and no resamples; beside it the model loaded again, for the direct computations."""
+    from diffcirc.models import load
+
+    model_dir = save_analysis_unet(tmp_path_factory.mktemp("circuit-unet"))
+    config = AnalysisConfig(model=str(model_dir), synthetic=4, natural_n=4, timesteps=[300, 600],
+                            ablation_timesteps=[300, 600], circuit_timestep=600, ablation_images=4,
+                            circuit_random_sets=2, circuit_resamples=0, random_control=False)
+    unet, scheduler = load(str(model_dir))
+    return SimpleNamespace(exp=Experiment(config), unet=unet, scheduler=scheduler)
+
+
+def _direct(ctx, name: str, ids: list, t: int):
+    """(x_t, eps) of dataset name's images ids noised to t with the study's per-image noise, from
+    the scheduler's alphas and ``noise_for`` (not the Experiment's noising)."""
+    from diffcirc.analysis.config import DATASETS, noise_for
+
+    x0 = ctx.exp.data[name].images[ids]
+    eps = noise_for(0, DATASETS.index(name), ids, t, x0.shape[1:])
+    a = ctx.scheduler.alphas_cumprod[t].float()
+    return a.sqrt() * x0 + (1 - a).sqrt() * eps, eps
+
+
+def _direct_losses(ctx, session, x_t, eps, t, interventions) -> torch.Tensor:
+    """(B,) ε-MSE float64 of the reloaded model with these interventions installed."""
+    tt = torch.full((x_t.shape[0],), t, dtype=torch.long)
+    with torch.no_grad(), session.intervene(interventions):
+        eps_hat = ctx.unet(x_t, tt).sample
+    return (eps_hat - eps).square().flatten(1).mean(1).double()
+
+
+def _direct_means(ctx, session, x_t, t) -> dict:
+    from diffcirc.processor import mean_head_outputs
+
+    tt = torch.full((x_t.shape[0],), t, dtype=torch.long)
+    return mean_head_outputs(session, lambda x: ctx.unet(x, tt).sample, [x_t])
+
+
+def _planted_circuit(heads) -> pd.DataFrame:
+    """A ``circuit`` trace per dataset keeping every other head (3 of 6 removed, so that random
+    sets of 3 other heads exist), whatever a search on a random model would keep."""
+    rows = [{"dataset": name, "timestep": 600, "step": k, "removed_layer": layer, "removed_head": h,
+             "kept": k % 2 == 0, "degradation": 0.0} for name in ("synthetic", "natural")
+            for k, (layer, h) in enumerate(heads)]
+    return pd.DataFrame(rows)
+
+
+def test_mean_ablated_circuit_is_evaluated_with_the_selection_splits_means(circuit_experiment):
+    """Under --circuit-ablation mean the search removes heads with the selection images' own means
+    (in sample), and the held-out rows hold the loss of the removed heads (and of each random set)
+    replaced by their mean output over the *selection* images at the same timestep, recomputed
+    here; the held-out images' own means give losses this check tells apart."""
+    from diffcirc.analysis.circuit import random_head_sets, split_images, summarise_circuits
+    from diffcirc.processor import Mean, Session
+
+    ctx = circuit_experiment
+    exp, given = ctx.exp, ctx.exp.c
+    session = Session(ctx.unet)
+    heads = session.heads()
+    planted = _planted_circuit(heads)
+    exp.c = dataclasses.replace(given, circuit_ablation="mean")
+    try:
+        exp.circuit()
+        trace = exp.tables["circuit"]
+        ev = exp.circuit_evaluation(planted, exp.circuit_splits())
+    finally:
+        exp.c = given
+    assert set(ev["mode"]) == {"mean"} and set(ev.timestep) == {300, 600}
+    assert set(exp.tables["circuit_eval"]["mode"]) == {"mean"}
+    assert summarise_circuits(planted, ev, n_resamples=0)["ablation"] == "mean"
+    removed = [h for k, h in enumerate(heads) if k % 2 == 1]
+    checked, rtol = {"circuit": 0, "random": 0}, 1e-6  # the rows agree exactly here; batching may round
+    for index, name in enumerate(("synthetic", "natural")):
+        selection, heldout = split_images(range(4), 0.5, seed=0, dataset=index)
+        # the search, in sample: its first step removes one head with the selection images' means
+        x_sel, eps_sel = _direct(ctx, name, selection, 600)
+        first = trace[trace.dataset == name].sort_values("step").iloc[0]
+        clean = _direct_losses(ctx, session, x_sel, eps_sel, 600, []).mean()
+        one = _direct_losses(ctx, session, x_sel, eps_sel, 600, [Mean(first.removed_layer, int(first.removed_head),
+                                                                      means=_direct_means(ctx, session, x_sel, 600))])
+        assert first.degradation == pytest.approx(float(100 * (one.mean() - clean) / clean), abs=1e-6)
+        sets = [[heads[i] for i in s] for s in random_head_sets(len(heads), len(removed), 2, seed=0, dataset=index)]
+        for t in (300, 600):
+            x_sel, _ = _direct(ctx, name, selection, t)
+            x_held, eps_held = _direct(ctx, name, heldout, t)
+            reference = _direct_means(ctx, session, x_sel, t)
+            own = _direct_means(ctx, session, x_held, t)  # what an in-sample evaluation would use
+            assert max(float((reference[k] - own[k]).abs().max()) for k in reference) > 1e-3
+            rows = ev[(ev.dataset == name) & (ev.split == "heldout") & (ev.timestep == t)]
+            for condition, rep, chosen in [("circuit", 0, removed), *[("random", k, s) for k, s in enumerate(sets)]]:
+                got = rows[(rows.condition == condition) & (rows.rep == rep)].sort_values("image")
+                assert got["image"].tolist() == heldout, (name, t, condition, rep)
+                got = torch.tensor(got["loss_ablated"].to_numpy())
+                want = _direct_losses(ctx, session, x_held, eps_held, t,
+                                      [Mean(layer, h, means=reference) for layer, h in chosen])
+                torch.testing.assert_close(got, want, rtol=rtol, atol=0, msg=f"{name} t={t} {condition} {rep}")
+                leak = _direct_losses(ctx, session, x_held, eps_held, t,
+                                      [Mean(layer, h, means=own) for layer, h in chosen])
+                assert float(((leak - want).abs() / want).max()) > 50 * rtol, (name, t, condition, rep)
+                checked[condition] += 1
+    assert checked == {"circuit": 4, "random": 8}
+
+
+def test_circuit_zero_ablation_stays_the_default_and_zeroes_the_removed_heads(circuit_experiment):
+    from diffcirc.analysis.circuit import split_images, summarise_circuits
+    from diffcirc.processor import Session, Zero
+
+    ctx = circuit_experiment
+    assert AnalysisConfig().circuit_ablation == "zero" and ctx.exp.c.circuit_ablation == "zero"
+    session = Session(ctx.unet)
+    heads = session.heads()
+    planted = _planted_circuit(heads)
+    ev = ctx.exp.circuit_evaluation(planted, ctx.exp.circuit_splits())
+    assert set(ev["mode"]) == {"zero"} and summarise_circuits(planted, ev, n_resamples=0)["ablation"] == "zero"
+    _, heldout = split_images(range(4), 0.5, seed=0, dataset=1)
+    x_held, eps_held = _direct(ctx, "natural", heldout, 300)
+    got = ev.query("dataset == 'natural' and split == 'heldout' and timestep == 300 and condition == 'circuit'")
+    want = _direct_losses(ctx, session, x_held, eps_held, 300, [Zero(layer, h) for k, (layer, h) in enumerate(heads)
+                                                                if k % 2 == 1])
+    torch.testing.assert_close(torch.tensor(got.sort_values("image")["loss_ablated"].to_numpy()), want, rtol=1e-6,
+                               atol=0)

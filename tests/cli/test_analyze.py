@@ -31,6 +31,17 @@ def test_options_set_their_fields(tmp_path):
         batch_size=4, max_batch=8, max_memory=1024, seed=7, wait=True)
 
 
+def test_circuit_ablation_option_sets_its_field_and_refuses_other_modes(tmp_path, capsys):
+    assert config_of("--out", str(tmp_path)).circuit_ablation == "zero"
+    assert config_of("--out", str(tmp_path), "--circuit-ablation", "mean").circuit_ablation == "mean"
+    with pytest.raises(SystemExit) as exit_:
+        config_of("--out", str(tmp_path), "--circuit-ablation", "resample")
+    assert exit_.value.code == 2 and "--circuit-ablation" in capsys.readouterr().err
+    # a folder made under one mode is not resumed under the other
+    assert config_of("--out", str(tmp_path), "--circuit-ablation", "mean").settings() != \
+        config_of("--out", str(tmp_path)).settings()
+
+
 @pytest.mark.parametrize("argv, controls", [([], ("framing", "spectrum", "seen")), (["--controls", "none"], ()),
                                             (["--controls", "seen", "framing", "seen"], ("seen", "framing"))])
 def test_controls_option_names_the_control_sets(tmp_path, argv, controls):

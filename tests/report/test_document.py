@@ -191,3 +191,21 @@ def test_controls_section_shows_each_control_beside_the_ratio(tmp_path, hand_sum
     assert rows["natural (estimated from its mean image)"][1:] == ["0.432", "0.543", "0.272", "0.399", "0.329"]
     hand_summary["controls"] = None
     assert "Matched-stimulus controls" not in render(tmp_path, hand_summary)["md"].read_text()
+
+
+@pytest.mark.parametrize("mode", ["zero", "mean"])
+def test_circuit_section_says_how_the_removed_heads_were_ablated(tmp_path, hand_summary, mode):
+    row = {"dataset": "natural", "timestep": 900, "selected": True, "n_removed": 1, "n_selection": 3,
+           "n_heldout": 3, "selection_percent": 4.4, "heldout_percent": 6.1, "ci_low": 2.0, "ci_high": 9.0,
+           "random_n": 0, "random_median": None, "random_q05": None, "random_q95": None, "rank": None,
+           "p_value": None}
+    hand_summary["circuit"].update(ablation=mode, evaluation=[row])
+    circuit = md_section(render(tmp_path, hand_summary)["md"].read_text(), "Minimal circuits")
+    if mode == "zero":
+        assert "removed heads zero-ablated" in circuit and "heads outside each circuit zero-ablated" in circuit
+        assert "mean-ablated" not in circuit
+    else:
+        assert "zero-ablated" not in circuit
+        assert "removed heads mean-ablated" in circuit and "(in sample: the search runs on those images)" in circuit
+        assert "heads outside each circuit mean-ablated" in circuit
+        assert "a held-out reference for the held-out images and the random sets" in circuit

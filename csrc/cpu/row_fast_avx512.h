@@ -21,10 +21,12 @@
 
 #include <cmath>
 
+#include "vec_exp.h"
+
 namespace {
 
-constexpr float kLog2e = 1.44269504088896341f;
-constexpr float kLn2 = 0.69314718055994531f;
+using vec_exp::kLn2;
+using vec_exp::kLog2e;
 // A row's reference max is moved only when a block's max exceeds it by more than this (nats).
 constexpr float kLazyMaxGap = 8.0f;
 // Rows whose reference max is larger in magnitude take the two-pass kernel: m log2 e and the folded
@@ -35,32 +37,21 @@ constexpr float kMaxReference = 1e6f;
 // the row's reference max, which may trail its true max).
 constexpr float kExp2Underflow = diffcirc::kExpUnderflow * kLog2e;
 
-// 2^x, minimax polynomials of 2^f on [-1/2, 1/2] (relative error in float32: degree 5 2.3e-7,
-// degree 4 2.7e-6) times 2^round(x) by VSCALEFPS; exactly 0 below kExp2Underflow, NaN for a NaN x.
+// 2^x for x = clamp_z2(z2), exactly 0 outside keep (the lanes whose z2 is at least kExp2Underflow,
+// or NaN), NaN for a NaN x: the polynomial of vec_exp.h times 2^round(x) by VSCALEFPS.
 template <int DEGREE>
-DC_TARGET inline __m512 exp2_poly(__m512 x) {
-  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExp2Underflow), _CMP_NLT_UQ);
-  x = _mm512_max_ps(_mm512_set1_ps(kExp2Underflow - 1.f), x);  // -inf -> finite; NaN stays (2nd operand)
+DC_TARGET inline __m512 exp2_poly(__m512 x, __mmask16 keep) {
+  static_assert(DEGREE == 4 || DEGREE == 5);
+  const float* poly = DEGREE == 5 ? vec_exp::kExp2Poly5 : vec_exp::kExp2Poly4;
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, n);
-  __m512 y;
-  if constexpr (DEGREE == 5) {
-    y = _mm512_set1_ps(1.327644451521337e-3f);
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(9.67553723603487e-3f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.550713464617729e-2f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.4022120237350464e-1f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.931469440460205e-1f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.0000001192092896f));
-  } else {
-    static_assert(DEGREE == 4);
-    y = _mm512_set1_ps(9.570068679749966e-3f);
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.5917806923389435e-2f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.40247443318367e-1f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.931218504905701e-1f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(9.999992847442627e-1f));
-  }
+  __m512 y = _mm512_set1_ps(poly[0]);
+  for (int i = 1; i <= DEGREE; ++i) y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(poly[i]));
   return _mm512_maskz_scalef_ps(keep, y, n);
 }
+
+// z2 with -inf raised to a finite value below kExp2Underflow (NaN stays: MAXPS returns its second operand).
+DC_TARGET inline __m512 clamp_z2(__m512 z2) { return _mm512_max_ps(_mm512_set1_ps(kExp2Underflow - 1.f), z2); }
 
 // The lanes of a row's last, partial vector.
 DC_TARGET inline __mmask16 tail_lanes(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
@@ -104,10 +95,12 @@ DC_TARGET inline void exp_step(const float* s, int64_t j, __mmask16 lanes, const
   const __m512 x = FULL ? _mm512_loadu_ps(s + j) : _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), lanes, s + j);
   const __m512 z2 = _mm512_fmadd_ps(x, in.c, in.neg_m2);
   acc.max_z2 = _mm512_max_ps(z2, acc.max_z2);
-  const __m512 p = exp2_poly<kDegree>(z2);  // 0 in a partial vector's missing lanes (logit -inf)
+  const __m512 zc = clamp_z2(z2);
+  const __mmask16 keep = _mm512_cmp_ps_mask(z2, _mm512_set1_ps(kExp2Underflow), _CMP_NLT_UQ);
+  const __m512 p = exp2_poly<kDegree>(zc, keep);  // 0 in a partial vector's missing lanes (logit -inf)
   acc.p = _mm512_add_ps(acc.p, p);
-  // z2 clamped as exp2_poly clamps it: a -inf logit adds p * z2 = 0, not NaN
-  if constexpr (ENTROPY) acc.pz2 = _mm512_fmadd_ps(p, _mm512_max_ps(_mm512_set1_ps(kExp2Underflow - 1.f), z2), acc.pz2);
+  // the clamped z2: a -inf logit adds p * z2 = 0, not NaN
+  if constexpr (ENTROPY) acc.pz2 = _mm512_fmadd_ps(p, zc, acc.pz2);
   if constexpr (DIST) {
     const __m512 kx = FULL ? _mm512_loadu_ps(in.kx + j) : _mm512_maskz_loadu_ps(lanes, in.kx + j);
     const __m512 ky = FULL ? _mm512_loadu_ps(in.ky + j) : _mm512_maskz_loadu_ps(lanes, in.ky + j);

@@ -269,6 +269,8 @@ def run_op_command(args) -> int:
     repeats = args.repeats or (op.QUICK_REPEATS if args.quick or args.scaling else op.REPEATS)
     budget = args.mem_budget_gib * 2**30 if args.device == "cpu" else None
     _start(args, op.HEADER)
+    with_peak = args.device == "cpu" and not args.scaling
+    peak_before = op.gemm_peak(dtypes, max(repeats, op.PEAK_REPEATS)) if with_peak else None
     try:
         rows = op.run_op(shapes, dtypes, impls, args.device, repeats, budget, unavailable)
     except IncorrectImplementation as e:
@@ -276,8 +278,8 @@ def run_op_command(args) -> int:
     for line in op.cost_lines(rows):
         print(line)
     extra = {}
-    if args.device == "cpu" and not args.scaling:
-        extra["gemm_peak_gflops"] = op.gemm_peak(dtypes, repeats)
+    if with_peak:
+        extra["gemm_peak_gflops"] = op.gemm_peak(dtypes, max(repeats, op.PEAK_REPEATS), best_of=peak_before)
         for line in op.peak_lines(rows, extra["gemm_peak_gflops"]):
             print(line)
     if args.scaling:

@@ -119,3 +119,9 @@ def test_gemm_peak_and_each_rows_share_of_it():
     assert "gemm_peak_pct" not in rows[2]
     assert lines[0].startswith("f32   GEMM peak (torch.mm 64^3") and "200 GFLOP/s" in lines[0]
     assert sum("of the GEMM peak" in line for line in lines) == 2
+
+
+def test_gemm_peak_keeps_the_higher_of_two_measurements():
+    assert op.gemm_peak(["f32"], repeats=1, n=64, best_of={"f32": 1e9})["f32"] == 1e9
+    assert op.gemm_peak(["f32"], repeats=1, n=64, best_of={"f32": 1e-9})["f32"] > 1e-9
+    assert op.gemm_peak(["f32"], repeats=1, n=64, best_of={"bf16": 1e9})["f32"] < 1e9

@@ -615,6 +615,34 @@ class Experiment:
             return [Zero(layer, int(h)) for layer, h in heads]
         return [Mean(layer, int(h), means=means) for layer, h in heads]
 
+    def circuit_removed_sets(self, circuit: pd.DataFrame) -> tuple:
+        """({dataset: the (layer, head)s outside its circuit, sorted}, {dataset: its random sets of
+        as many heads, ``random_head_sets`` index lists into ``self.heads``, drawn from (seed,
+        dataset index)}) of a ``circuit`` trace table; no random set when the circuit removes no
+        head or every head (no set of that size differs from the circuit's own)."""
+        removed, randoms = {}, {}
+        for index, name in enumerate(DATASETS):
+            removed[name] = sorted(set(self.heads) - kept_heads(circuit[circuit.dataset == name]))
+            n = len(removed[name])
+            randoms[name] = random_head_sets(len(self.heads), n, self.c.circuit_random_sets, self.c.seed, index) \
+                if 0 < n < len(self.heads) else []
+        return removed, randoms
+
+    def circuit_eval_conditions(self, name: str, split: int, t: int, removed: list, randoms: list,
+                                splits: dict) -> tuple:
+        """(conditions, tags) of one ``circuit_eval`` step of dataset name at t: the clean pass (tag
+        None), the circuit's removed heads (("circuit", 0)) and, on the held-out split (split 1),
+        each random set (("random", rep)), removed as ``circuit_removal`` says with the selection
+        split's means (``splits``: ``circuit_splits``). removed, randoms: the dataset's
+        ``circuit_removed_sets``."""
+        means = self.circuit_reference_means(name, t, splits[name][0])
+        conditions = [[], self.circuit_removal(removed, means)]
+        tags = [None, ("circuit", 0)]
+        if split == 1:
+            conditions += [self.circuit_removal([self.heads[i] for i in pick], means) for pick in randoms]
+            tags += [("random", rep) for rep in range(len(randoms))]
+        return conditions, tags
+
     def circuit_evaluation(self, circuit: pd.DataFrame, splits: dict) -> pd.DataFrame:
         """``circuit_eval`` rows: each dataset's circuit (its removed heads ablated as
         ``circuit_ablation`` says, mean ablation with the selection split's means at that timestep)
@@ -623,20 +651,10 @@ class Experiment:
         ablated with the same means."""
         steps = [(index, name, split, t) for index, name in enumerate(DATASETS) for split in (0, 1)
                  for t in self.c.resolved_ablation_timesteps()]
-        removed, randoms = {}, {}
-        for index, name in enumerate(DATASETS):
-            removed[name] = sorted(set(self.heads) - kept_heads(circuit[circuit.dataset == name]))
-            n = len(removed[name])
-            randoms[name] = random_head_sets(len(self.heads), n, self.c.circuit_random_sets, self.c.seed, index) \
-                if 0 < n < len(self.heads) else []  # no set of that size differs from the circuit's own
+        removed, randoms = self.circuit_removed_sets(circuit)
         rows = []
         for step, (index, name, split, t) in enumerate(self.progress(iterable=steps, desc="circuit eval", unit="step")):
-            means = self.circuit_reference_means(name, t, splits[name][0])
-            conditions = [[], self.circuit_removal(removed[name], means)]
-            tags = [None, ("circuit", 0)]
-            if split == 1:
-                conditions += [self.circuit_removal([self.heads[i] for i in pick], means) for pick in randoms[name]]
-                tags += [("random", rep) for rep in range(len(randoms[name]))]
+            conditions, tags = self.circuit_eval_conditions(name, split, t, removed[name], randoms[name], splits)
             d, ids = self.data[name], splits[name][split]
             x_t, eps = self.noisy(d, ids, d.x0[ids], t)
             mine, eps_hat = self.run_share(conditions, x_t, t)

@@ -194,17 +194,23 @@ def writable_folder(text):
 EXIT_INPUT_ERROR = 1
 
 
-def reports_input_errors(run):
+def reports_input_errors(run=None, *, exit_code: int = EXIT_INPUT_ERROR):
     """Decorate a command's ``run(args)``: a broken input found only while working (corrupt or
     mismatched weights, a hub repo that cannot be read, a folder without a readable image, a missing
     file, an output folder or a training checkpoint of another configuration) prints its message and
     exits with EXIT_INPUT_ERROR instead of a traceback. These errors name the file and what to do;
-    anything else is a bug and keeps its traceback."""
+    anything else is a bug and keeps its traceback.
+
+    ``@reports_input_errors(exit_code=2)``: another exit status, for a command whose exit 1 already
+    means something else (``recompute``: a row that differs)."""
+    if run is None:
+        return functools.partial(reports_input_errors, exit_code=exit_code)
+
     @functools.wraps(run)
     def wrapper(args) -> int:
         try:
             return run(args)
         except (InputError, FileNotFoundError) as e:
             print(f"diffcirc {args.command}: error: {e}", file=sys.stderr)
-            return EXIT_INPUT_ERROR
+            return exit_code
     return wrapper

@@ -1,35 +1,41 @@
-"""``diffcirc recompute DIR --row K``: rerun one row of a finished run from its seeds and print it
-as stored beside as recomputed (exit 0 when they agree, 1 when they do not)."""
+"""``diffcirc recompute DIR --table T --row K``: rerun rows of a finished run's ablations or
+circuit_eval table from its seeds and print each as stored beside as recomputed (exit 0 when they
+agree, 1 when one differs, 2 when a row cannot be recomputed)."""
 
 from __future__ import annotations
 
 from ._checks import non_negative, reports_input_errors
 
+EXIT_DIFFERS = 1
+EXIT_CANNOT_RECOMPUTE = 2  # not 1: a script must tell a row that differs from a request that was refused
+
 
 def register(subparsers):
-    p = subparsers.add_parser("recompute", help="rerun one row of a run's table and compare it with the stored one",
+    p = subparsers.add_parser("recompute", help="rerun rows of a run's table and compare them with the stored ones",
                               description=__doc__.splitlines()[0])
     p.add_argument("folder", help="output folder of `diffcirc analyze`")
-    p.add_argument("--table", default="ablations", help="the table (default %(default)s, the only one so far: "
-                                                         "role and circuit rows are not yet recomputable)")
+    # the tables of analysis.recompute.TABLES, named here rather than imported: that module loads
+    # the model stack, which no other command's parser pays for (another table is refused, exit 2)
+    p.add_argument("--table", default="ablations", help="the table: ablations (the default) or circuit_eval "
+                                                        "(role_ablations rows are not yet recomputable)")
     p.add_argument("--row", type=non_negative(int), nargs="+", required=True,
                    help="0-based row numbers of the table (several: the model is loaded once)")
     p.set_defaults(func=run)
     return p
 
 
-@reports_input_errors
+@reports_input_errors(exit_code=EXIT_CANNOT_RECOMPUTE)
 def run(args) -> int:
     from ..analysis.phases import Experiment
-    from ..analysis.recompute import config_of, recompute_ablation, stored_row
+    from ..analysis.recompute import check_row, config_of, recompute
 
     config = config_of(args.folder)
     for row in args.row:  # every row checked before the model loads
-        stored_row(args.folder, args.table, row)
+        check_row(args.folder, args.table, row)
     exp = Experiment(config)
     disagree = 0
     for row in args.row:
-        r = recompute_ablation(args.folder, row, experiment=exp)
+        r = recompute(args.folder, args.table, row, experiment=exp)
         key = ", ".join(f"{k} {v}" for k, v in r.key.items())
         print(f"{r.table} row {row}: {key}")
         for name, stored in r.stored.items():
@@ -37,4 +43,4 @@ def run(args) -> int:
         verdict = "agrees" if r.agrees else "DIFFERS"
         print(f"  {verdict}: largest relative difference {r.max_relative_difference:.2e} (tolerance {r.rtol:g})")
         disagree += not r.agrees
-    return 1 if disagree else 0
+    return EXIT_DIFFERS if disagree else 0

@@ -489,13 +489,7 @@ class Experiment:
             chunk = max(1, _ROLE_CHUNK_BYTES // (3 * x_t.numel() * 4))
             for start in range(0, len(conditions), chunk):
                 mine, eps_hat = self.run_share([[], *conditions[start:start + chunk]], x_t, t)
-                n = len(mine)
-                x0_hat = self.x0_from_prediction(x_t[None], eps_hat, t)
-                rep = lambda z: z.repeat(n, *([1] * (z.dim() - 1)))  # noqa: E731  every condition's copy of the batch
-                # every condition of the chunk scored in one batched call, (n, B) per error
-                errors = {e: v.reshape(n, len(ids)) for e, v in self.errors(
-                    eps_hat.flatten(0, 1), rep(eps), x0_hat.flatten(0, 1), rep(x0), rep(labels),
-                    latent=self.pipe.is_latent).items()}
+                errors = self.condition_errors(x_t, eps_hat, eps, x0, labels, t)
                 frames.append(((step, start), _role_rows(name, t, ids, [tags[start + c - 1] for c in mine[1:]],
                                                          [start + c for c in mine[1:]], errors, step)))
         order = ["_step", "_condition", "_error", "_b"]
@@ -506,6 +500,16 @@ class Experiment:
         # the order one process makes: step, condition, error, image (ranks interleave conditions)
         table = pd.concat(gathered, ignore_index=True).sort_values(order, kind="stable", ignore_index=True)
         self.tables["role_ablations"] = table.drop(columns=order)
+
+    def condition_errors(self, x_t, prediction, target, x0, labels, t) -> dict:
+        """{error name: (n, B)}: ``errors`` of n conditions' predictions (n, B, C, H, W) of one batch
+        at t (x_t, target, x0 (B, C, H, W), labels (B, S, S)), scored in one batched call."""
+        n, b = prediction.shape[:2]
+        x0_hat = self.x0_from_prediction(x_t[None], prediction, t)
+        rep = lambda z: z.repeat(n, *([1] * (z.dim() - 1)))  # noqa: E731  every condition's copy of the batch
+        return {e: v.reshape(n, b) for e, v in self.errors(
+            prediction.flatten(0, 1), rep(target), x0_hat.flatten(0, 1), rep(x0), rep(labels),
+            latent=self.pipe.is_latent).items()}
 
     @staticmethod
     def errors(prediction, target, x0_hat, x0, labels, latent: bool = False) -> dict:

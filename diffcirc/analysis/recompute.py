@@ -9,12 +9,14 @@ the image's noise by (seed, dataset, image, timestep) (``config.noise_for``). An
 mean ablation takes its reference from the row's own ablation batch. A ``circuit_eval`` row removes
 the heads outside its dataset's circuit (``circuit.parquet``) or, for condition "random", the rep-th
 random set of as many heads (from the seed and the dataset), zeroed or replaced by their means over
-the dataset's selection split at the row's timestep, as ``Experiment.circuit_evaluation`` does.
+the dataset's selection split at the row's timestep, as ``Experiment.circuit_evaluation`` does. A
+``role_ablations`` row zero-ablates its role's heads or its layer-matched random set, the roles
+assigned again from the folder's trace and feature tables, and scores the row's error.
 The row is rerun on its image alone, outside the batched, stage-reused passes that wrote it, so
 agreement checks those passes as well as the seeds. Floating-point sums in another batch size differ
 in their last bits: the comparison is relative, at ``RTOL[dtype]`` of the run's denoiser (float32
 rows agree to about 2e-7 on the CPU, well inside 1e-5, while single-head effects on small models are
-1e-4 and more). Role-ablation rows are not recomputable yet.
+1e-4 and more).
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ from .phases import Experiment
 
 # losses of one image alone vs the same image inside a batch of conditions, by the denoiser's dtype
 RTOL = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 5e-3}
-TABLES = ("ablations", "circuit_eval")
+TABLES = ("ablations", "circuit_eval", "role_ablations")
 SPLITS = ("selection", "heldout")  # circuit_eval's split column, by circuit_splits' index
+ROLE_INPUTS = ("aggregates", "layers")  # the tables roles are assigned from (and features_maps where written)
 
 
 class RecomputeError(InputError):
@@ -106,22 +109,37 @@ def check_row(folder, table: str, row: int) -> pd.Series:
             raise RecomputeError(f"row {row}: mode {r['mode']!r} is not the run's circuit ablation {run_mode!r}")
         if not (Path(folder) / "circuit.parquet").is_file():
             raise RecomputeError(f"{folder} has no circuit.parquet: circuit_eval rows need the circuit they evaluate")
+    if table == "role_ablations":
+        if r["dataset"] not in DATASETS or r["control"] not in ("role", "random"):
+            raise RecomputeError(f"row {row}: dataset {r['dataset']!r}, control {r['control']!r}: not a row the role "
+                                 "ablations write")
+        missing = [name for name in ROLE_INPUTS if not (Path(folder) / f"{name}.parquet").is_file()]
+        if missing:
+            raise RecomputeError(f"{folder} has no {', '.join(f'{m}.parquet' for m in missing)}: role_ablations rows "
+                                 "need the tables their roles are assigned from")
     return r
+
+
+def _predictions_alone(exp: Experiment, x_t, t: int, interventions: list) -> tuple:
+    """(clean, ablated): the model's predictions (1, C, H, W) for one image's x_t (1, C, H, W), clean
+    and with these interventions, in one pass each."""
+    with torch.no_grad():
+        clean = exp.forward(exp.unet, x_t, t)
+        with exp.session.intervene(interventions):
+            return clean, exp.forward(exp.unet, x_t, t)
 
 
 def _losses_alone(exp: Experiment, x_t, target, t: int, interventions: list) -> dict:
     """{loss_clean, loss_ablated}: the MSE of one image's prediction (x_t (1, C, H, W)) against its
-    target, clean and with these interventions, in one pass each."""
+    target, clean and with these interventions (``_predictions_alone``)."""
     want = target.float()
-    with torch.no_grad():
-        clean = exp.forward(exp.unet, x_t, t)
-        with exp.session.intervene(interventions):
-            ablated = exp.forward(exp.unet, x_t, t)
+    clean, ablated = _predictions_alone(exp, x_t, t, interventions)
     return {"loss_clean": float((clean - want).square().mean()),
             "loss_ablated": float((ablated - want).square().mean())}
 
 
 def _result(table: str, row: int, r: pd.Series, columns: tuple, recomputed: dict, exp: Experiment) -> Recomputed:
+    """The ``Recomputed`` of stored row r: its key columns, and its columns of ``recomputed``."""
     key = {k: (r[k].item() if hasattr(r[k], "item") else r[k]) for k in columns}
     return Recomputed(table, row, key, {k: float(r[k]) for k in recomputed}, recomputed, RTOL[exp.c.dtype])
 
@@ -179,7 +197,39 @@ def recompute_circuit_eval(folder, row: int, experiment: Experiment | None = Non
                    recomputed, exp)
 
 
-RECOMPUTE = {"ablations": recompute_ablation, "circuit_eval": recompute_circuit_eval}
+def recompute_role_ablation(folder, row: int, experiment: Experiment | None = None) -> Recomputed:
+    """Row ``row`` (0-based) of ``folder/role_ablations.parquet`` rerun on its image alone: the
+    row's error of the clean prediction and of the prediction with the row's role heads, or its
+    rep-th layer-matched random set, zero-ablated (``Experiment.role_conditions``, roles assigned
+    from the folder's trace and feature tables as the run assigned them), scored by
+    ``Experiment.condition_errors``. experiment: as for ``recompute_ablation``."""
+    folder = Path(folder)
+    r = check_row(folder, "role_ablations", row)
+    exp = experiment or Experiment(config_of(folder))
+    inputs = [*ROLE_INPUTS, *(["features_maps"] if (folder / "features_maps.parquet").is_file() else [])]
+    exp.tables.update({name: pd.read_parquet(folder / f"{name}.parquet") for name in inputs})
+    conditions, tags = exp.role_conditions()
+    tag = (str(r["role"]), str(r["control"]), int(r["rep"]))
+    if tag not in tags:
+        raise RecomputeError(f"row {row}: role {tag[0]!r}, control {tag[1]!r}, rep {tag[2]}: not a condition of the "
+                             "run's role assignment")
+    t, image = int(r["timestep"]), int(r["image"])
+    ids, x0, labels, x_t, target = exp.ablation_batch(str(r["dataset"]), t)
+    if image not in ids:
+        raise RecomputeError(f"row {row}: image {image} is not in the {r['dataset']} ablation batch")
+    one = slice(ids.index(image), ids.index(image) + 1)
+    predictions = torch.stack(_predictions_alone(exp, x_t[one], t, conditions[tags.index(tag)]))  # (2, 1, C, H, W)
+    errors = exp.condition_errors(x_t[one], predictions, target[one], x0[one], labels[one], t)
+    if r["error_name"] not in errors:
+        raise RecomputeError(f"row {row}: unknown error {r['error_name']!r} (the run scores {', '.join(errors)})")
+    e = errors[r["error_name"]]  # (2, 1): clean, ablated
+    recomputed = {"err_clean": float(e[0, 0]), "err_ablated": float(e[1, 0])}
+    return _result("role_ablations", row, r, ("dataset", "timestep", "role", "control", "rep", "image", "error_name"),
+                   recomputed, exp)
+
+
+RECOMPUTE = {"ablations": recompute_ablation, "circuit_eval": recompute_circuit_eval,
+             "role_ablations": recompute_role_ablation}
 
 
 def recompute(folder, table: str, row: int, experiment: Experiment | None = None) -> Recomputed:
@@ -191,4 +241,4 @@ def recompute(folder, table: str, row: int, experiment: Experiment | None = None
 
 
 __all__ = ["RTOL", "SPLITS", "TABLES", "RecomputeError", "Recomputed", "check_row", "config_of", "recompute",
-           "recompute_ablation", "recompute_circuit_eval", "stored_row"]
+           "recompute_ablation", "recompute_circuit_eval", "recompute_role_ablation", "stored_row"]

@@ -1,6 +1,7 @@
-"""``diffcirc recompute DIR --table T --row K``: rerun rows of a finished run's ablations or
-circuit_eval table from its seeds and print each as stored beside as recomputed (exit 0 when they
-agree, 1 when one differs, 2 when a row cannot be recomputed)."""
+"""``diffcirc recompute DIR --table T --row K``: rerun rows of a finished run from its seeds.
+
+Rows of its ablations, circuit_eval or role_ablations table, each printed as stored beside as
+recomputed (exit 0 when they agree, 1 when one differs, 2 when a row cannot be recomputed)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ def register(subparsers):
     p.add_argument("folder", help="output folder of `diffcirc analyze`")
     # the tables of analysis.recompute.TABLES, named here rather than imported: that module loads
     # the model stack, which no other command's parser pays for (another table is refused, exit 2)
-    p.add_argument("--table", default="ablations", help="the table: ablations (the default) or circuit_eval "
-                                                        "(role_ablations rows are not yet recomputable)")
+    p.add_argument("--table", default="ablations", help="the table: ablations (the default), circuit_eval or "
+                                                        "role_ablations")
     p.add_argument("--row", type=non_negative(int), nargs="+", required=True,
                    help="0-based row numbers of the table (several: the model is loaded once)")
     p.set_defaults(func=run)

@@ -124,8 +124,8 @@ def test_a_circuit_eval_row_with_a_changed_loss_or_rep_differs(run, tmp_path, ca
 @pytest.mark.parametrize("extra, message", [
     (["--row", "100000"], "--row 100000: ablations.parquet has rows 0 to"),
     (["--row", "100000", "--table", "circuit_eval"], "--row 100000: circuit_eval.parquet has rows 0 to"),
-    (["--row", "0", "--table", "role_ablations"], "--table 'role_ablations': rows of ablations, circuit_eval can be "
-                                                  "recomputed"),
+    (["--row", "0", "--table", "circuit"], "--table 'circuit': rows of ablations, circuit_eval, role_ablations can be "
+                                            "recomputed"),
 ])
 def test_requests_that_cannot_be_recomputed_exit_2(run, capsys, extra, message):
     assert cli(["recompute", str(run), *extra]) == 2
@@ -167,3 +167,36 @@ def test_the_help_names_every_recomputable_table(capsys):
 def test_a_folder_without_a_finished_run_exits_2(tmp_path, capsys):
     assert cli(["recompute", str(tmp_path), "--row", "0"]) == 2
     assert "no finished run's meta.json" in capsys.readouterr().err
+
+
+def _role_rows(run) -> pd.DataFrame:
+    """Per error, the role_ablations row of image 2 (not the first of its batch) of the natural
+    dataset whose ablation moves the error most."""
+    roles = pd.read_parquet(run / "role_ablations.parquet")
+    roles = roles[(roles.dataset == "natural") & (roles.image == 2)]
+    roles = roles.assign(effect=lambda f: (f.err_ablated / f.err_clean - 1).abs())
+    return roles.loc[roles.groupby("error_name")["effect"].idxmax()]
+
+
+def test_role_ablation_rows_rerun_alone_agree_with_the_batched_run(run):
+    rows = _role_rows(run)
+    assert set(rows.error_name) == {"eps_mse", "edge", "high_freq", "part"}
+    for k, stored in rows.iterrows():
+        r = recompute(run, "role_ablations", int(k))
+        assert r.key == {c: stored[c] for c in ("dataset", "timestep", "role", "control", "rep", "image", "error_name")}
+        assert r.recomputed["err_clean"] == pytest.approx(stored["err_clean"], rel=TOLERANCE)
+        assert r.recomputed["err_ablated"] == pytest.approx(stored["err_ablated"], rel=TOLERANCE)
+        assert r.agrees and stored["effect"] > 10 * TOLERANCE
+
+
+def test_a_changed_role_ablation_row_differs_and_an_unknown_role_exits_2(run, tmp_path, capsys):
+    k = int(_role_rows(run).index[0])
+    changed = shutil.copytree(run, tmp_path / "changed")
+    roles = pd.read_parquet(run / "role_ablations.parquet")
+    roles.loc[k, "err_ablated"] *= 1.01
+    roles.loc[k + 1, "role"] = "no_such_role"
+    roles.to_parquet(changed / "role_ablations.parquet")
+    assert cli(["recompute", str(changed), "--table", "role_ablations", "--row", str(k)]) == 1
+    assert "DIFFERS" in capsys.readouterr().out
+    assert cli(["recompute", str(changed), "--table", "role_ablations", "--row", str(k + 1)]) == 2
+    assert "role 'no_such_role', control 'role', rep 0: not a condition" in capsys.readouterr().err
